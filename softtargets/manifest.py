@@ -1,0 +1,186 @@
+"""The manifest: what a target store holds, as a dataclass <-> ``manifest.json``.
+
+The JSON form is defined by ``schemas/manifest.schema.json`` (``format_version`` 1) and
+validated with :mod:`jsonschema` on every read and write. A store is complete only
+when its ``manifest.json`` exists; writers write it last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import platform
+import sys
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SCHEMA_NAME = "manifest.schema.json"
+CONTENTS = ("per_teacher", "geometric", "arithmetic")
+DTYPES = ("float32", "float16", "bfloat16")
+LAYOUTS = ("zarr", "wds")
+
+
+class ManifestError(ValueError):
+    """A manifest is missing, unreadable, schema-invalid or of an unknown format version."""
+
+
+@dataclass
+class FileRecord:
+    """One data file of a store: path relative to the root, size in bytes, sha256 hex."""
+
+    path: str
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class ShardRecord:
+    """One shard: rows ``[start, start + rows)`` and the files that hold them."""
+
+    id: int
+    start: int
+    rows: int
+    files: list[FileRecord]
+    labeled: int = 0
+    clipped: int = 0
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.rows
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ShardRecord:
+        return cls(**{**d, "files": [FileRecord(**f) for f in d["files"]]})
+
+
+@dataclass
+class Manifest:
+    """Everything a reader needs to interpret a store; see the JSON schema for field meanings.
+
+    ``logits`` are ``[num_samples, num_teachers, num_classes]`` for ``per_teacher``
+    content, else ``[num_samples, num_classes]``.
+    """
+
+    layout: str
+    num_samples: int
+    num_classes: int
+    content: str
+    num_teachers: int
+    dtype: str
+    shard_rows: int
+    block_rows: int
+    teachers: list[dict[str, Any]] = field(default_factory=list)
+    temperature: float | None = None
+    normalization: str = "zero_mean"
+    overflow: str = "error"
+    clipped_values: int = 0
+    has_labels: bool = False
+    sample_layout: str | None = None
+    inputs: dict[str, str] | None = None
+    class_names: list[str] | None = None
+    transfer_set: dict[str, str] | None = None
+    shards: list[ShardRecord] = field(default_factory=list)
+    created: str = ""
+    softtargets_version: str = ""
+    provenance: dict[str, Any] = field(default_factory=dict)
+    lineage: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def per_teacher(self) -> bool:
+        return self.content == "per_teacher"
+
+    @property
+    def logits_shape(self) -> tuple[int, ...]:
+        """Shape of the whole logits array: ``(N, K, C)`` or ``(N, C)``."""
+        if self.per_teacher:
+            return (self.num_samples, self.num_teachers, self.num_classes)
+        return (self.num_samples, self.num_classes)
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_samples // self.shard_rows)
+
+    def shard_range(self, shard_id: int) -> tuple[int, int]:
+        """Rows ``[start, stop)`` that shard ``shard_id`` holds."""
+        start = shard_id * self.shard_rows
+        return start, min(start + self.shard_rows, self.num_samples)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all data files listed in the manifest."""
+        return sum(f.bytes for s in self.shards for f in s.files)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        d = self.to_dict()
+        validate(d)
+        return json.dumps(d, indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "manifest") -> Manifest:
+        validate(d, source)
+        kw = dict(d)
+        kw["shards"] = [ShardRecord.from_dict(s) for s in d["shards"]]
+        return cls(**kw)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, source: str = "manifest") -> Manifest:
+        try:
+            d = json.loads(text)
+        except ValueError as e:
+            raise ManifestError(f"{source}: not valid JSON ({e})") from None
+        return cls.from_dict(d, source)
+
+
+@cache
+def schema() -> dict[str, Any]:
+    """The manifest JSON schema (installed package data, else the repo's ``schemas/``)."""
+    packaged = resources.files("softtargets") / "schemas" / SCHEMA_NAME
+    if packaged.is_file():
+        return json.loads(packaged.read_text())
+    return json.loads((Path(__file__).resolve().parents[1] / "schemas" / SCHEMA_NAME).read_text())
+
+
+def validate(d: Any, source: str = "manifest") -> None:
+    """Raise :class:`ManifestError` naming ``source`` unless ``d`` is a valid format-1 manifest."""
+    if not isinstance(d, dict):
+        raise ManifestError(f"{source}: a manifest is a JSON object, got {type(d).__name__}")
+    version = d.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ManifestError(
+            f"{source}: unknown format_version {version!r}; this softtargets reads format_version "
+            f"{FORMAT_VERSION} (a newer softtargets may read it)"
+        )
+    try:
+        jsonschema.validate(d, schema())
+    except jsonschema.ValidationError as e:
+        where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
+        raise ManifestError(f"{source}: schema-invalid at {where}: {e.message}") from None
+    if d["content"] == "arithmetic" and d.get("temperature") is None:
+        raise ManifestError(f"{source}: an arithmetic store must record its temperature T0")
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def provenance() -> dict[str, Any]:
+    """Command line and library versions of the running process, for the manifest."""
+    versions: dict[str, str] = {"python": platform.python_version()}
+    for name in ("torch", "numpy", "zarr", "webdataset", "numcodecs", "dask"):
+        mod = sys.modules.get(name)
+        if mod is not None and hasattr(mod, "__version__"):
+            versions[name] = str(mod.__version__)
+    return {"command": list(sys.argv), "versions": versions, "platform": platform.platform()}

@@ -1,0 +1,181 @@
+"""Target stores: one writer/reader interface, two layouts (``zarr``, ``wds``).
+
+A new layout is one module here plus one entry in :data:`LAYOUTS`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from ..manifest import CONTENTS, DTYPES, Manifest
+from .base import (
+    PENDING_NAME,
+    ChecksumError,
+    StoreError,
+    TargetStore,
+    TargetWriter,
+    check_rule,
+    read_manifest,
+)
+from .files import join, url_to_fs
+from .wds_layout import WdsStore, WdsWriter
+from .zarr_layout import COMPRESSORS, ZarrStore, ZarrWriter
+
+LAYOUTS: dict[str, tuple[type[TargetWriter], type[TargetStore]]] = {
+    "zarr": (ZarrWriter, ZarrStore),
+    "wds": (WdsWriter, WdsStore),
+}
+BYTES_PER_DTYPE = {"float32": 4, "float16": 2, "bfloat16": 2}
+# Default read unit ~4 MiB and shard ~128 MiB: big sequential reads, few files at 10^8 rows.
+BLOCK_BYTES = 4 << 20
+SHARD_BYTES = 128 << 20
+
+
+def _pow2_floor(x: float) -> int:
+    return 1 << max(0, int(x).bit_length() - 1)
+
+
+def default_rows(row_bytes: int, sample_layout: str = "block") -> tuple[int, int]:
+    """``(block_rows, shard_rows)`` for rows of ``row_bytes`` bytes: powers of two, shard = whole blocks."""
+    block = min(16384, max(64, _pow2_floor(BLOCK_BYTES / row_bytes)))
+    if sample_layout == "sample":
+        return 1, min(65536, max(256, _pow2_floor(SHARD_BYTES / row_bytes)))
+    return block, block * min(256, max(1, _pow2_floor(SHARD_BYTES / (block * row_bytes))))
+
+
+def infer_layout(url: str) -> str:
+    """``wds`` for URLs ending in ``.wds``/``.tar`` or a folder of ``.tar`` shards, else ``zarr``."""
+    return "wds" if str(url).rstrip("/").endswith((".wds", ".tar")) else "zarr"
+
+
+def create_targets(
+    url: str | os.PathLike[str],
+    *,
+    num_classes: int,
+    content: str = "per_teacher",
+    teachers: Sequence[Any] | None = None,
+    num_teachers: int | None = None,
+    layout: str | None = None,
+    dtype: str = "float16",
+    temperature: float | None = None,
+    normalization: str = "zero_mean",
+    overflow: str = "error",
+    num_samples: int | None = None,
+    shard_rows: int | None = None,
+    block_rows: int | None = None,
+    sample_layout: str = "block",
+    inputs: dict[str, str] | None = None,
+    class_names: Sequence[str] | None = None,
+    transfer_set: dict[str, str] | None = None,
+    compressor: str = "none",
+    lineage: list[dict[str, Any]] | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    storage_options: dict | None = None,
+) -> TargetWriter:
+    """Begin a target store at ``url`` (a path or fsspec URL) and return its writer.
+
+    Args:
+        num_classes: C, the length of each logit vector.
+        content: ``per_teacher`` (write ``[B, K, C]``), ``geometric`` (mean logits ``[B, C]``) or
+            ``arithmetic`` (``log mean_k softmax(v_k / T0)`` ``[B, C]``, with ``temperature=T0``).
+        teachers: K teacher descriptions (dicts with ``name``, ``sha256``, ``num_params``, or
+            objects with an ``info()`` method, or names). Gives ``num_teachers`` when that is omitted.
+        layout: ``zarr`` or ``wds``; inferred from the URL's suffix (``.wds``/``.tar`` -> wds).
+        dtype: ``float32``, ``float16`` or ``bfloat16`` storage.
+        normalization: ``zero_mean`` (subtract each row's mean; softmax is shift invariant) or ``none``.
+        overflow: float16 values beyond +-65504: ``error`` (default) or ``clip``.
+        num_samples: N when known (parallel writers need it); else the store grows as rows arrive.
+        shard_rows, block_rows: rows per shard file / per read unit; defaults aim at ~128 MiB / ~4 MiB.
+        sample_layout: wds only: ``block`` (many rows per tar sample) or ``sample`` (one row each).
+        inputs: wds ``sample`` layout: tar member extensions of inputs packed beside targets -> description.
+        compressor: zarr only: ``none`` (default; logits barely compress), ``zstd`` or ``blosc``.
+        overwrite: replace an existing store. resume: continue an unfinished one.
+    """
+    layout = layout or infer_layout(str(url))
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {tuple(LAYOUTS)}")
+    if content not in CONTENTS:
+        raise ValueError(f"unknown content {content!r}; expected one of {CONTENTS}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {DTYPES}")
+    if overflow not in ("error", "clip"):
+        raise ValueError(f"unknown overflow policy {overflow!r}; expected 'error' or 'clip'")
+    if compressor not in COMPRESSORS:
+        raise ValueError(f"unknown compressor {compressor!r}; expected one of {tuple(COMPRESSORS)}")
+    if content == "arithmetic" and temperature is None:
+        raise ValueError("an arithmetic store needs temperature=T0, the temperature its targets were averaged at")
+    if content != "arithmetic" and temperature is not None:
+        raise ValueError(f"temperature is recorded only for arithmetic stores, not {content}")
+    infos = [_teacher_info(t, i) for i, t in enumerate(teachers or ())]
+    k = num_teachers or len(infos) or 1
+    if infos and len(infos) != k:
+        raise ValueError(f"num_teachers={k} but {len(infos)} teachers described")
+    if int(num_classes) < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+    row_bytes = BYTES_PER_DTYPE[dtype] * num_classes * (k if content == "per_teacher" else 1)
+    auto_block, auto_shard = default_rows(row_bytes, sample_layout if layout == "wds" else "block")
+    block_rows = int(block_rows or (1 if layout == "wds" and sample_layout == "sample" else auto_block))
+    shard_rows = int(shard_rows or max(auto_shard // block_rows, 1) * block_rows)
+    if shard_rows % block_rows:
+        raise ValueError(f"shard_rows={shard_rows} must be a multiple of block_rows={block_rows}")
+    spec = Manifest(
+        layout=layout, num_samples=int(num_samples or 0), num_classes=int(num_classes), content=content,
+        num_teachers=k, dtype=dtype, shard_rows=shard_rows, block_rows=block_rows, teachers=infos,
+        temperature=None if temperature is None else float(temperature), normalization=normalization,
+        overflow=overflow, sample_layout=sample_layout if layout == "wds" else None,
+        inputs=dict(inputs) if inputs else None, class_names=list(class_names) if class_names else None,
+        transfer_set=transfer_set, lineage=list(lineage or []),
+        extra={"compressor": compressor} if layout == "zarr" else {},
+    )
+    mode = "overwrite" if overwrite else "resume" if resume else "create"
+    writer_cls = LAYOUTS[layout][0]
+    return writer_cls(str(url), spec, mode=mode, fixed_rows=num_samples is not None, storage_options=storage_options)
+
+
+def _teacher_info(t: Any, i: int) -> dict[str, Any]:
+    if hasattr(t, "info"):
+        t = t.info()
+    if isinstance(t, str):
+        return {"name": t, "sha256": None, "num_params": None}
+    if isinstance(t, dict) and "name" in t:
+        return {"name": str(t["name"]), "sha256": t.get("sha256"), "num_params": t.get("num_params")}
+    raise TypeError(f"teacher {i}: expected a name, a dict with 'name', or an object with info(); got {t!r}")
+
+
+def attach_writer(url: str, storage_options: dict | None = None) -> TargetWriter:
+    """A writer for the unfinished store at ``url`` (created elsewhere): for shard tasks."""
+    fs, root = url_to_fs(url, **(storage_options or {}))
+    try:
+        layout = json.loads(fs.cat_file(join(root, PENDING_NAME)))["layout"]
+    except FileNotFoundError:
+        raise StoreError(f"{url}: no unfinished store to attach to ({PENDING_NAME} missing)") from None
+    return LAYOUTS[layout][0].attach(url, storage_options)
+
+
+def open_targets(
+    url: str | os.PathLike[str], *, verify: str = "lazy", storage_options: dict | None = None
+) -> TargetStore:
+    """Open a finished store read-only: a local path or fsspec URL (``file://``, ``memory://``,
+    ``http(s)://``, ``s3://`` with s3fs).
+
+    The manifest must exist, match the schema and a known ``format_version``; every listed
+    file must exist at its recorded size (checked at open where the filesystem can list),
+    and match its sha256 (``verify``: ``lazy`` = on first read of each shard, ``full`` = now,
+    ``none`` = never).
+    """
+    url = os.fspath(url)
+    fs, root = url_to_fs(url, **(storage_options or {}))
+    manifest = read_manifest(url, fs, root)
+    return LAYOUTS[manifest.layout][1](url, manifest, fs, root, verify)
+
+
+__all__ = [
+    "LAYOUTS", "ChecksumError", "StoreError", "TargetStore", "TargetWriter", "attach_writer", "check_rule",
+    "create_targets", "default_rows", "open_targets",
+]

@@ -1,0 +1,614 @@
+"""One writer and one reader interface over every layout.
+
+Writers take ``(keys, logits, labels)`` in batches, cut them into shards of
+``shard_rows`` rows and write each shard whole (the unit of atomicity and of
+parallel work), then write ``manifest.json`` last. While a store is being written,
+``.softtargets-pending.json`` holds its spec and ``.softtargets-shards/`` one marker
+per finished shard, so a crashed run can be resumed and a shard task can run in any
+process (:meth:`TargetWriter.attach`).
+
+Readers check the manifest and the files' sizes when opened, and each file's sha256
+the first time this process reads it (``verify="lazy"``), or all at open
+(``"full"``), or never (``"none"``).
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar
+
+import fsspec
+import numpy as np
+import torch
+
+from .. import __version__
+from ..manifest import MANIFEST_NAME, FileRecord, Manifest, ManifestError, ShardRecord, provenance, utc_now
+from ..temperature import Rule, ensemble_log_probs
+from .encoding import FLOAT16_MAX, NUMPY_STORAGE, decode_logits, encode_keys, encode_labels, encode_logits
+from .files import atomic_write, is_local, join, sha256_hex, url_to_fs
+
+PENDING_NAME = ".softtargets-pending.json"
+MARKER_DIR = ".softtargets-shards"
+CARD_NAME = "README.md"
+# Manifest fields that must agree between a pending store and a run that resumes it.
+SPEC_FIELDS = (
+    "layout", "num_samples", "num_classes", "content", "num_teachers", "teachers", "temperature", "dtype",
+    "normalization", "overflow", "shard_rows", "block_rows", "sample_layout", "inputs", "transfer_set",
+)
+
+
+class StoreError(ValueError):
+    """A store is incomplete, inconsistent or corrupt; the message names the file."""
+
+
+class ChecksumError(StoreError):
+    """A data file's bytes do not match the sha256 its manifest records."""
+
+
+def _marker(shard_id: int) -> str:
+    return f"{MARKER_DIR}/{shard_id:06d}.json"
+
+
+class TargetWriter(ABC):
+    """Writes one store. Use :func:`softtargets.create_targets` to make one.
+
+    ``write()`` appends rows in batches; ``close()`` flushes the last shard and writes
+    the manifest. For parallel writing, a coordinator creates the store with
+    ``num_samples`` set and each task calls :meth:`write_shard` for whole shards (in
+    any process, after :meth:`attach`); the coordinator then calls :meth:`finalize`.
+    """
+
+    layout: ClassVar[str]
+
+    def __init__(
+        self, url: str, spec: Manifest, *, mode: str = "create", fixed_rows: bool = True,
+        storage_options: dict | None = None,
+    ):
+        self.url = str(url)
+        self.fixed_rows = fixed_rows or mode in ("attach", "resume")
+        self.fs, self.root = url_to_fs(self.url, **(storage_options or {}))
+        self.spec = spec
+        self._buffer: list[tuple[np.ndarray, np.ndarray, np.ndarray, list[dict] | None]] = []
+        self._buffered = 0
+        self._next_shard = 0
+        self._seen_keys: set[str] = set()
+        self._records: dict[int, ShardRecord] = {}
+        self._closed = False
+        if mode == "attach":
+            self._open_layout()
+            return
+        if mode not in ("create", "overwrite", "resume"):
+            raise ValueError(f"unknown mode {mode!r}; expected create, overwrite or resume")
+        self._prepare(mode)
+
+    # -- life cycle -------------------------------------------------------------------------------
+
+    def _path(self, rel: str) -> str:
+        return join(self.root, rel)
+
+    def _prepare(self, mode: str) -> None:
+        fs, root = self.fs, self.root
+        exists = fs.exists(root) and (not fs.isdir(root) or bool(fs.ls(root)))
+        has_manifest = fs.exists(self._path(MANIFEST_NAME))
+        has_pending = fs.exists(self._path(PENDING_NAME))
+        if mode == "resume" and has_pending and not has_manifest:
+            self._resume_spec()
+            self._open_layout()
+            return
+        if exists and mode != "overwrite":
+            if has_manifest:
+                raise FileExistsError(f"{self.url} is a finished store; pass overwrite=True to replace it")
+            if has_pending:
+                raise FileExistsError(
+                    f"{self.url} holds an unfinished store (a crashed run?); resume it or pass overwrite=True"
+                )
+            raise FileExistsError(f"{self.url} exists; choose a new path or pass overwrite=True")
+        if exists:
+            if not (has_manifest or has_pending):
+                raise FileExistsError(f"{self.url} exists and is not a softtargets store; refusing to delete it")
+            fs.rm(root, recursive=True)
+        fs.makedirs(root, exist_ok=True)
+        self.spec.created = self.spec.created or utc_now()
+        self.spec.softtargets_version = __version__
+        self.spec.provenance = {**provenance(), **self.spec.provenance}
+        self._create_layout()
+        atomic_write(fs, self._path(PENDING_NAME), json.dumps(self.spec.to_dict(), indent=1).encode())
+
+    def _resume_spec(self) -> None:
+        pending = json.loads(self.fs.cat_file(self._path(PENDING_NAME)))
+        new = self.spec.to_dict()
+        diff = [f for f in SPEC_FIELDS if pending.get(f) != new.get(f)]
+        if diff:
+            detail = "; ".join(f"{f}: stored {pending.get(f)!r}, now {new.get(f)!r}" for f in diff)
+            raise ValueError(f"cannot resume {self.url}: the run differs from the unfinished store ({detail})")
+        self.spec.created = pending["created"]
+        self.spec.softtargets_version = pending["softtargets_version"]
+        self.spec.provenance = pending["provenance"]
+
+    @classmethod
+    def attach(cls, url: str, storage_options: dict | None = None) -> TargetWriter:
+        """A writer for an unfinished store created elsewhere (for shard tasks in other processes)."""
+        fs, root = url_to_fs(url, **(storage_options or {}))
+        try:
+            spec = Manifest.from_dict({**json.loads(fs.cat_file(join(root, PENDING_NAME))), "shards": []})
+        except FileNotFoundError:
+            raise StoreError(f"{url}: no unfinished store to attach to ({PENDING_NAME} missing)") from None
+        return cls(url, spec, mode="attach", storage_options=storage_options)
+
+    @abstractmethod
+    def _create_layout(self) -> None:
+        """Create the layout's empty structure (arrays at their final shape where known)."""
+
+    def _open_layout(self) -> None:
+        """Re-open an existing layout for writing (resume, attach)."""
+
+    @abstractmethod
+    def _shard_files(self, shard_id: int) -> list[str]:
+        """Paths (relative to the root) of the files that hold shard ``shard_id``."""
+
+    @abstractmethod
+    def _write_shard_files(
+        self, shard_id: int, start: int, keys: np.ndarray, logits: np.ndarray, labels: np.ndarray,
+        inputs: list[dict] | None,
+    ) -> list[FileRecord]:
+        """Write one whole shard's files and return their records."""
+
+    def _finish_layout(self) -> None:
+        """Last layout step before the manifest is written."""
+
+    # -- appending --------------------------------------------------------------------------------
+
+    def write(self, keys: Sequence[Any], logits: Any, labels: Any = None, inputs: list[dict] | None = None) -> None:
+        """Append a batch of rows.
+
+        Args:
+            keys: ``B`` unique, non-empty sample keys (str-able).
+            logits: ``[B, C]``, or ``[B, K, C]`` for a ``per_teacher`` store; torch or numpy, any float dtype.
+            labels: ``[B]`` integer class labels, ``-1`` = unlabeled; ``None`` = all unlabeled.
+            inputs: wds ``sample`` layout only: ``B`` dicts of extension -> bytes or numpy array.
+        """
+        self._check_open()
+        stored, keys_arr, labels_arr = self._encode(keys, logits, labels, inputs)
+        fresh = set(keys_arr.tolist())
+        if len(fresh) != len(keys_arr) or not self._seen_keys.isdisjoint(fresh):
+            dup = sorted(k for k in fresh if k in self._seen_keys) or _duplicates(keys_arr)
+            raise ValueError(f"duplicate sample keys: {dup[:5]}")
+        self._seen_keys |= fresh
+        self._buffer.append((keys_arr, stored, labels_arr, inputs))
+        self._buffered += len(keys_arr)
+        if self.fixed_rows and self._next_shard * self.spec.shard_rows + self._buffered > self.spec.num_samples:
+            raise ValueError(f"more rows written than the store's num_samples={self.spec.num_samples}")
+        while self._buffered >= self.spec.shard_rows:
+            self._flush(self.spec.shard_rows)
+
+    def _encode(self, keys: Any, logits: Any, labels: Any, inputs: list[dict] | None) -> tuple[np.ndarray, ...]:
+        spec = self.spec
+        stored, _ = encode_logits(logits, spec.dtype, spec.normalization, spec.overflow)
+        if spec.per_teacher and stored.ndim == 2 and spec.num_teachers == 1:
+            stored = stored[:, None, :]
+        want = spec.logits_shape[1:]
+        if stored.shape[1:] != want:
+            raise ValueError(
+                f"logits of shape {tuple(stored.shape)} do not fit this {spec.content} store, which takes "
+                f"[B, {', '.join(map(str, want))}]"
+            )
+        rows = stored.shape[0]
+        if inputs is not None and len(inputs) != rows:
+            raise ValueError(f"got {len(inputs)} inputs for {rows} logit rows")
+        if inputs is not None and not spec.inputs:
+            raise ValueError("this store was created without inputs; pass inputs={ext: description} at creation")
+        labels_arr = encode_labels(labels, rows)
+        if ((labels_arr < -1) | (labels_arr >= spec.num_classes)).any():
+            raise ValueError(f"labels must lie in [0, {spec.num_classes}) or be -1 (unlabeled)")
+        return stored, encode_keys(keys, rows), labels_arr
+
+    def _flush(self, rows: int) -> None:
+        """Write the first ``rows`` buffered rows as the next shard."""
+        parts = list(zip(*self._buffer, strict=True))
+        keys, stored, labels = (np.concatenate(p) for p in parts[:3])
+        inputs = None if parts[3][0] is None else [x for chunk in parts[3] for x in chunk]
+        self._buffer = []
+        if rows < len(keys):
+            tail_inputs = None if inputs is None else inputs[rows:]
+            self._buffer = [(keys[rows:], stored[rows:], labels[rows:], tail_inputs)]
+        self._buffered = len(keys) - rows
+        shard_id = self._next_shard
+        if not self.fixed_rows:
+            self.spec.num_samples = shard_id * self.spec.shard_rows + rows
+        self.write_shard(
+            shard_id, keys[:rows], stored[:rows], labels[:rows], None if inputs is None else inputs[:rows],
+            encoded=True,
+        )
+        self._next_shard += 1
+
+    def close(self) -> Manifest:
+        """Flush the last (partial) shard and write the manifest. Returns it."""
+        self._check_open()
+        if self._buffered:
+            self._flush(self._buffered)
+        return self.finalize()
+
+    def __enter__(self) -> TargetWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is None and not self._closed:
+            self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"writer for {self.url} is closed")
+
+    # -- shards (the unit of parallel work) -------------------------------------------------------
+
+    def write_shard(
+        self, shard_id: int, keys: Any, logits: Any, labels: Any = None, inputs: list[dict] | None = None,
+        *, encoded: bool = False,
+    ) -> ShardRecord:
+        """Write shard ``shard_id`` whole, idempotently, and mark it done. Returns its record.
+
+        The rows must be exactly the shard's range ``[shard_id * shard_rows, ...)``. Re-writing a
+        shard replaces it; a marker file makes it count as done only once its files are complete.
+        """
+        spec = self.spec
+        if encoded:
+            stored, keys_arr, labels_arr = logits, keys, labels
+        else:
+            stored, keys_arr, labels_arr = self._encode(keys, logits, labels, inputs)
+        start, stop = spec.shard_range(shard_id)
+        if len(keys_arr) != stop - start:
+            raise ValueError(f"shard {shard_id} holds rows [{start}, {stop}); got {len(keys_arr)} rows")
+        if len(set(keys_arr.tolist())) != len(keys_arr):
+            raise ValueError(f"duplicate sample keys in shard {shard_id}: {_duplicates(keys_arr)[:5]}")
+        # Values at float16's limit: what overflow="clip" produced (the error policy lets none through).
+        clipped = int((np.abs(stored) == FLOAT16_MAX).sum()) if spec.dtype == "float16" else 0
+        marker = self._path(_marker(shard_id))
+        if self.fs.exists(marker):
+            self.fs.rm(marker)
+        for rel in self._shard_files(shard_id):
+            if self.fs.exists(self._path(rel)):
+                self.fs.rm(self._path(rel))
+        files = self._write_shard_files(shard_id, start, keys_arr, stored, labels_arr, inputs)
+        rec = ShardRecord(
+            id=shard_id, start=start, rows=stop - start, files=files,
+            labeled=int((labels_arr >= 0).sum()), clipped=clipped,
+        )
+        atomic_write(self.fs, marker, json.dumps(_record_dict(rec)).encode())
+        self._records[shard_id] = rec
+        return rec
+
+    def completed_shards(self, verify: bool = True) -> dict[int, ShardRecord]:
+        """Shards an earlier (possibly crashed) run finished, with files checked against their markers."""
+        done: dict[int, ShardRecord] = {}
+        marker_dir = self._path(MARKER_DIR)
+        if not self.fs.exists(marker_dir):
+            return done
+        for path in sorted(self.fs.ls(marker_dir, detail=False)):
+            if not path.endswith(".json"):
+                continue
+            try:
+                rec = ShardRecord.from_dict(json.loads(self.fs.cat_file(path)))
+            except (ValueError, KeyError, TypeError):
+                continue
+            if not verify or all(_file_matches(self.fs, self.root, f) for f in rec.files):
+                done[rec.id] = rec
+        return done
+
+    def finalize(self, records: Sequence[ShardRecord] | None = None) -> Manifest:
+        """Check that every shard is done, then write the card and, last, ``manifest.json``."""
+        spec = self.spec
+        by_id = {**self.completed_shards(verify=False), **self._records}
+        for rec in records or ():
+            by_id[rec.id] = rec
+        missing = [i for i in range(spec.num_shards) if i not in by_id]
+        if missing:
+            raise StoreError(f"{self.url}: shards {missing[:10]} of {spec.num_shards} were never written")
+        spec.shards = [by_id[i] for i in range(spec.num_shards)]
+        total = sum(s.rows for s in spec.shards)
+        if total != spec.num_samples:
+            raise StoreError(f"{self.url}: shards hold {total} rows, expected {spec.num_samples}")
+        spec.has_labels = any(s.labeled for s in spec.shards)
+        spec.clipped_values = sum(s.clipped for s in spec.shards)
+        self._finish_layout()
+        from ..card import dataset_card
+
+        atomic_write(self.fs, self._path(CARD_NAME), dataset_card(spec, self.url).encode())
+        atomic_write(self.fs, self._path(MANIFEST_NAME), spec.to_json().encode())
+        for rel in (PENDING_NAME, MARKER_DIR):
+            if self.fs.exists(self._path(rel)):
+                self.fs.rm(self._path(rel), recursive=True)
+        self._closed = True
+        return spec
+
+
+def _duplicates(keys: np.ndarray) -> list[str]:
+    uniq, counts = np.unique(keys, return_counts=True)
+    return uniq[counts > 1].tolist()
+
+
+def _record_dict(rec: ShardRecord) -> dict[str, Any]:
+    return {
+        "id": rec.id, "start": rec.start, "rows": rec.rows, "labeled": rec.labeled, "clipped": rec.clipped,
+        "files": [vars(f) for f in rec.files],
+    }
+
+
+def _file_matches(fs: fsspec.AbstractFileSystem, root: str, rec: FileRecord) -> bool:
+    try:
+        data = fs.cat_file(join(root, rec.path))
+    except FileNotFoundError:
+        return False
+    return len(data) == rec.bytes and sha256_hex(data) == rec.sha256
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading
+
+
+class TargetStore(ABC):
+    """A finished store, opened read-only. Use :func:`softtargets.open_targets`.
+
+    Indexing gives dicts: ``store[i]`` -> ``{"index": int, "key": str, "logits": [C] or [K, C],
+    "label": int}``; ``store[a:b]``, ``store[[i, j, ...]]`` -> ``{"index": int64 [B], "key":
+    list[str], "logits": [B, C] or [B, K, C] in the stored dtype, "label": int64 [B]}``;
+    ``store["key"]`` looks a sample up by key.
+    """
+
+    def __init__(
+        self, url: str, manifest: Manifest, fs: fsspec.AbstractFileSystem, root: str, verify: str = "lazy"
+    ):
+        if verify not in ("lazy", "full", "none"):
+            raise ValueError(f"unknown verify mode {verify!r}; expected lazy, full or none")
+        self.url, self.manifest, self.fs, self.root, self.verify_mode = url, manifest, fs, root, verify
+        self._verified: set[int] = set()
+        self._key_index: dict[str, int] | None = None
+        self._starts = np.array([s.start for s in manifest.shards], dtype=np.int64)
+        self._check_sizes()
+        if verify == "full":
+            for s in manifest.shards:
+                self.check_shard(s.id)
+
+    # -- integrity --------------------------------------------------------------------------------
+
+    def _file_url(self, rel: str) -> str:
+        return posixpath.join(self.url.rstrip("/"), rel)
+
+    def _check_sizes(self) -> None:
+        """Every file the manifest lists exists with its recorded size (listable filesystems only)."""
+        if not (is_local(self.fs) or self.fs.protocol in ("memory", ("memory",))):
+            return
+        found = self.fs.find(self.root, detail=True)
+        prefix = self.fs._strip_protocol(self.root).rstrip("/") + "/"
+        sizes = {self.fs._strip_protocol(p)[len(prefix):]: info["size"] for p, info in found.items()}
+        for shard in self.manifest.shards:
+            for f in shard.files:
+                if f.path not in sizes:
+                    raise StoreError(f"{self._file_url(f.path)}: missing (listed in the manifest, shard {shard.id})")
+                if sizes[f.path] != f.bytes:
+                    raise StoreError(
+                        f"{self._file_url(f.path)}: {sizes[f.path]} bytes, the manifest says {f.bytes} "
+                        f"(truncated or replaced)"
+                    )
+
+    def check_shard(self, shard_id: int, data: dict[str, bytes] | None = None) -> None:
+        """Check shard ``shard_id``'s files against the manifest's sha256 (once per process)."""
+        if shard_id in self._verified or self.verify_mode == "none":
+            return
+        for f in self.manifest.shards[shard_id].files:
+            blob = (data or {}).get(f.path)
+            if blob is None:
+                try:
+                    blob = self.fs.cat_file(join(self.root, f.path))
+                except FileNotFoundError:
+                    raise StoreError(f"{self._file_url(f.path)}: missing (shard {shard_id})") from None
+            if len(blob) != f.bytes:
+                raise StoreError(f"{self._file_url(f.path)}: {len(blob)} bytes, the manifest says {f.bytes}")
+            if sha256_hex(blob) != f.sha256:
+                raise ChecksumError(
+                    f"{self._file_url(f.path)}: sha256 does not match the manifest (corrupt or altered file)"
+                )
+        self._verified.add(shard_id)
+
+    # -- layout hooks -----------------------------------------------------------------------------
+
+    @abstractmethod
+    def _read(self, shard_id: int, lo: int, hi: int) -> dict[str, np.ndarray]:
+        """Rows ``[lo, hi)`` of shard ``shard_id`` (offsets within the shard) as numpy:
+        ``{"key": str [n], "logits": stored [n, ...], "label": int64 [n]}``; checks the shard first."""
+
+    def read_inputs(self, index: int) -> dict[str, Any]:
+        """Inputs packed beside the targets of row ``index`` (wds ``sample`` layout only)."""
+        raise StoreError(f"{self.url}: this store holds no inputs")
+
+    # -- access -----------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self.manifest.num_samples
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (f"<{type(self).__name__} {self.url!r}: {m.num_samples} samples x {m.num_classes} classes, "
+                f"{m.content}, K={m.num_teachers}, {m.dtype}>")
+
+    @property
+    def shards(self) -> list[ShardRecord]:
+        return self.manifest.shards
+
+    def _pack(self, index: np.ndarray, parts: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+        if not parts:
+            parts = [self._empty()]
+        keys = np.concatenate([p["key"] for p in parts])
+        logits = np.concatenate([p["logits"] for p in parts])
+        labels = np.concatenate([p["label"] for p in parts])
+        return {
+            "index": torch.from_numpy(index.astype(np.int64)),
+            "key": keys.tolist(),
+            "logits": decode_logits(logits, self.manifest.dtype),
+            "label": torch.from_numpy(labels.astype(np.int64)),
+        }
+
+    def _empty(self) -> dict[str, np.ndarray]:
+        return {
+            "key": np.zeros(0, dtype=str),
+            "logits": np.zeros((0, *self.manifest.logits_shape[1:]), NUMPY_STORAGE[self.manifest.dtype]),
+            "label": np.zeros(0, dtype=np.int64),
+        }
+
+    def shard_of(self, index: int) -> int:
+        return int(np.searchsorted(self._starts, index, side="right") - 1)
+
+    def rows(self, start: int, stop: int) -> dict[str, Any]:
+        """Contiguous rows ``[start, stop)``, read shard by shard (no per-row reads)."""
+        n = len(self)
+        start, stop = max(0, start), min(stop, n)
+        parts = []
+        pos = start
+        while pos < stop:
+            sid = self.shard_of(pos)
+            shard = self.manifest.shards[sid]
+            hi = min(stop, shard.stop)
+            parts.append(self._read(sid, pos - shard.start, hi - shard.start))
+            pos = hi
+        return self._pack(np.arange(start, max(start, stop)), parts)
+
+    def take(self, indices: Any) -> dict[str, Any]:
+        """Rows at ``indices`` (any order, repeats allowed), grouped into one read per shard."""
+        idx = np.asarray(torch.as_tensor(indices).cpu(), dtype=np.int64).reshape(-1)
+        n = len(self)
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"index out of range for a store of {n} samples")
+        idx = np.where(idx < 0, idx + n, idx)
+        order = np.argsort(idx, kind="stable")
+        sorted_idx = idx[order]
+        parts = []
+        shard_ids = np.searchsorted(self._starts, sorted_idx, side="right") - 1
+        for sid in np.unique(shard_ids):
+            sel = sorted_idx[shard_ids == sid]
+            start = self.manifest.shards[sid].start
+            lo, hi = int(sel[0]) - start, int(sel[-1]) - start + 1
+            block = self._read(int(sid), lo, hi)
+            parts.append({k: v[sel - start - lo] for k, v in block.items()})
+        packed = self._pack(sorted_idx, parts)
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        inv = torch.from_numpy(inverse)
+        return {
+            "index": packed["index"][inv], "key": [packed["key"][i] for i in inverse],
+            "logits": packed["logits"][inv], "label": packed["label"][inv],
+        }
+
+    def __getitem__(self, item: Any) -> dict[str, Any]:
+        if isinstance(item, str):
+            return self[self.index_of(item)]
+        if isinstance(item, (int, np.integer)) or (isinstance(item, torch.Tensor) and item.dim() == 0):
+            i = int(item)
+            if not -len(self) <= i < len(self):
+                raise IndexError(f"index {i} out of range for a store of {len(self)} samples")
+            row = self.rows(i % len(self), i % len(self) + 1)
+            return {"index": int(row["index"][0]), "key": row["key"][0], "logits": row["logits"][0],
+                    "label": int(row["label"][0])}
+        if isinstance(item, slice):
+            start, stop, step = item.indices(len(self))
+            if step == 1:
+                return self.rows(start, stop)
+            return self.take(np.arange(start, stop, step))
+        return self.take(item)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Shard by shard: one dict of rows (as :meth:`rows`) per shard, in order."""
+        for s in self.manifest.shards:
+            yield self.rows(s.start, s.stop)
+
+    def keys(self) -> list[str]:
+        """All sample keys in row order (reads every shard's keys)."""
+        return [k for s in self.manifest.shards for k in self._read_keys(s.id)]
+
+    def _read_keys(self, shard_id: int) -> list[str]:
+        s = self.manifest.shards[shard_id]
+        return self._read(shard_id, 0, s.rows)["key"].tolist()
+
+    def index_of(self, key: str) -> int:
+        """Row index of a sample key (builds a key -> row table on first use: O(N) memory)."""
+        if self._key_index is None:
+            self._key_index = {k: i for i, k in enumerate(self.keys())}
+        try:
+            return self._key_index[str(key)]
+        except KeyError:
+            raise KeyError(f"no sample with key {key!r} in {self.url}") from None
+
+    # -- targets at a temperature -----------------------------------------------------------------
+
+    def log_probs(
+        self, indices: Any, temperature: float = 1.0, rule: Rule = "geometric", *, approximate: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """Ensemble log-probabilities ``[B, C]`` (``dtype``) of rows ``indices`` at temperature T.
+
+        Exact where the store's content allows it; see :func:`check_rule` for the refusals.
+        """
+        m = self.manifest
+        check_rule(m, temperature, rule, approximate)
+        logits = self.take(indices)["logits"].to(torch.float64)
+        if m.content == "arithmetic":
+            # Stored: log mean_k softmax(v_k / T0). Re-tempered as if they were logits at T=1 x T0.
+            out = torch.log_softmax(logits * (m.temperature / float(temperature)), dim=-1)
+        else:
+            out = ensemble_log_probs(logits, temperature, rule, per_teacher=m.per_teacher)
+        return out.to(dtype)
+
+    def probs(
+        self, indices: Any, temperature: float = 1.0, rule: Rule = "geometric", *, approximate: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """Ensemble probabilities ``[B, C]``: ``exp`` of :meth:`log_probs`."""
+        return self.log_probs(indices, temperature, rule, approximate=approximate, dtype=torch.float64).exp().to(dtype)
+
+
+def check_rule(m: Manifest, temperature: float, rule: str, approximate: bool = False) -> None:
+    """Refuse ensemble requests the store's content cannot serve exactly.
+
+    * geometric: from per_teacher or geometric stores, any T;
+    * arithmetic: from per_teacher stores, any T; from an arithmetic store only at its T0,
+      unless ``approximate=True`` (then re-tempered, with an error of order 1e-2 nats);
+    * geometric from an arithmetic store, arithmetic from a geometric one: refused
+      (unless the store has a single teacher, for which the rules coincide).
+    """
+    if rule not in ("geometric", "arithmetic"):
+        raise ValueError(f"unknown ensemble rule {rule!r}; expected 'geometric' or 'arithmetic'")
+    if float(temperature) <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if m.per_teacher or m.num_teachers == 1:
+        return
+    if m.content == "geometric" and rule == "arithmetic":
+        raise ValueError(
+            "this store holds geometric-mean logits; arithmetic-mean targets need per-teacher logits "
+            "(or an arithmetic store) and cannot be derived from it"
+        )
+    if m.content == "arithmetic":
+        if rule == "geometric":
+            raise ValueError(
+                f"this store holds arithmetic-mean log-probabilities at T0={m.temperature}; geometric targets "
+                "need per-teacher or geometric-mean logits and cannot be derived from it"
+            )
+        if abs(float(temperature) - m.temperature) > 1e-12 * m.temperature and not approximate:
+            raise ValueError(
+                f"this store holds arithmetic targets exact only at T0={m.temperature}; T={temperature} would be "
+                "an approximation (re-tempering errs by ~1e-2 nats): pass approximate=True to accept it, or "
+                "store per-teacher logits"
+            )
+
+
+def read_manifest(url: str, fs: fsspec.AbstractFileSystem, root: str) -> Manifest:
+    """The manifest of the store at ``url``; clear errors when missing or invalid."""
+    path = join(root, MANIFEST_NAME)
+    where = posixpath.join(url.rstrip("/"), MANIFEST_NAME)
+    try:
+        text = fs.cat_file(path)
+    except FileNotFoundError:
+        pending = fs.exists(join(root, PENDING_NAME))
+        why = "the store is unfinished (its writer never closed, or crashed)" if pending else "not a softtargets store?"
+        raise ManifestError(f"{where}: missing; {why}") from None
+    return Manifest.from_json(text, source=where)

@@ -1,0 +1,92 @@
+"""Logits between torch/numpy and their stored bits: zero-meaning, overflow policy, dtype.
+
+Stored forms are numpy arrays: ``float32``, ``float16``, or for ``bfloat16`` the raw
+``uint16`` bits (numpy has no bfloat16). Readers get torch tensors of the stored dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..temperature import zero_mean
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+NUMPY_STORAGE = {"float32": np.dtype("float32"), "float16": np.dtype("float16"), "bfloat16": np.dtype("uint16")}
+FLOAT16_MAX = 65504.0
+
+
+def as_tensor(x: Any) -> torch.Tensor:
+    """A CPU tensor from a tensor, numpy array or nested sequence (no copy where possible)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    return torch.as_tensor(np.asarray(x))
+
+
+def encode_logits(
+    logits: Any, dtype: str, normalization: str = "zero_mean", overflow: str = "error"
+) -> tuple[np.ndarray, int]:
+    """Logits ``[B, C]`` or ``[B, K, C]`` (any float dtype) -> (stored numpy array, values clipped).
+
+    Non-finite input is always refused. ``float16`` values beyond +-65504 (after
+    zero-meaning) are refused (``overflow="error"``) or clipped (``"clip"``), never inf.
+    """
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"unknown storage dtype {dtype!r}; expected one of {tuple(TORCH_DTYPES)}")
+    t = as_tensor(logits)
+    if not t.is_floating_point():
+        raise TypeError(f"logits must be floating point, got {t.dtype}")
+    work = t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+    if not torch.isfinite(work).all():
+        bad = (~torch.isfinite(work)).reshape(work.shape[0], -1).any(dim=1).nonzero().flatten()
+        raise ValueError(f"logits contain NaN or Inf in rows {bad[:10].tolist()} of this batch")
+    if normalization == "zero_mean":
+        work = zero_mean(work)
+    elif normalization != "none":
+        raise ValueError(f"unknown normalization {normalization!r}; expected 'zero_mean' or 'none'")
+    clipped = 0
+    if dtype == "float16":
+        over = work.abs() > FLOAT16_MAX
+        if over.any():
+            clipped = int(over.sum())
+            if overflow != "clip":
+                raise OverflowError(
+                    f"{clipped} logit values exceed float16's range (|x| > {FLOAT16_MAX:g}, largest "
+                    f"{work.abs().max().item():.4g}); store as float32/bfloat16 or pass overflow='clip'"
+                )
+            work = work.clamp(-FLOAT16_MAX, FLOAT16_MAX)
+    stored = work.to(TORCH_DTYPES[dtype])
+    if not torch.isfinite(stored).all():
+        raise OverflowError(f"logits overflow {dtype} after the cast")
+    if dtype == "bfloat16":
+        return stored.view(torch.uint16).numpy(), clipped
+    return stored.numpy(), clipped
+
+
+def decode_logits(stored: np.ndarray, dtype: str) -> torch.Tensor:
+    """Stored numpy array -> tensor of the stored dtype (bitwise; bfloat16 from its uint16 bits)."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(stored).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(stored))
+
+
+def encode_labels(labels: Any, rows: int) -> np.ndarray:
+    """Labels ``[B]`` -> int64 numpy, ``-1`` for unlabeled; ``None`` means all unlabeled."""
+    if labels is None:
+        return np.full(rows, -1, dtype=np.int64)
+    out = as_tensor(labels).to(torch.int64).numpy().reshape(-1)
+    if out.shape[0] != rows:
+        raise ValueError(f"got {out.shape[0]} labels for {rows} logit rows")
+    return out
+
+
+def encode_keys(keys: Any, rows: int) -> np.ndarray:
+    """Sample keys ``[B]`` -> numpy unicode array; refuses empty keys and a wrong count."""
+    arr = np.asarray([str(k) for k in keys], dtype=str)
+    if arr.shape != (rows,):
+        raise ValueError(f"got {arr.size} keys for {rows} logit rows")
+    if rows and (np.char.str_len(arr) == 0).any():
+        raise ValueError("sample keys must be non-empty strings")
+    return arr

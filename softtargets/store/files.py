@@ -1,0 +1,60 @@
+"""Where a store lives: fsspec URLs to (filesystem, root), hashing, atomic writes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from ..manifest import FileRecord
+
+
+def url_to_fs(url: str | os.PathLike[str], **storage_options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``(filesystem, root path)`` for a local path or any fsspec URL (``memory://``, ``http://``...)."""
+    fs, root = fsspec.core.url_to_fs(os.fspath(url), **storage_options)
+    return fs, root.rstrip("/")
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def join(root: str, rel: str) -> str:
+    return f"{root}/{rel}" if root else rel
+
+
+def sha256_hex(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_record(fs: fsspec.AbstractFileSystem, root: str, rel: str, data: bytes | None = None) -> FileRecord:
+    """Size and sha256 of ``root/rel`` (hashing ``data`` when the caller has the bytes already)."""
+    if data is None:
+        data = fs.cat_file(join(root, rel))
+    return FileRecord(path=rel, bytes=len(data), sha256=sha256_hex(data))
+
+
+def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so a reader never sees it half written.
+
+    Local files go to a temporary name in the same folder, are fsynced, then renamed;
+    object stores and memory filesystems put whole objects already.
+    """
+    if not is_local(fs):
+        fs.pipe_file(path, data)
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,191 @@
+"""The WebDataset layout: POSIX tar shards that plain ``webdataset.WebDataset`` reads.
+
+```
+store.wds/
+  shard-000000.tar ...   one per shard_rows rows; written to a temporary name, then renamed
+  manifest.json          written last
+  README.md              the dataset card
+```
+
+Two sample layouts (the manifest's ``sample_layout``):
+
+* ``block`` (default, for target-only stores): each tar sample holds ``block_rows``
+  consecutive rows as ``logits.npy`` ``[b, C]``/``[b, K, C]``, ``labels.npy`` int64 ``[b]``,
+  ``keys.npy`` unicode ``[b]`` and ``index.npy`` int64 ``[b]`` (global row numbers).
+  Measured here ~30-50x faster to read than one row per member.
+* ``sample``: one tar sample per row, ``__key__`` = the zero-padded row number, with
+  ``logits.npy`` ``[C]``/``[K, C]``, ``label.cls`` (text int, -1 = unlabeled), ``key.txt`` and the
+  inputs packed beside the targets (``input.png``, ``input.npy``, ...).
+
+Every ``.npy`` is written and read with ``allow_pickle=False``; tar headers carry
+``mtime=0`` so equal data gives equal bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+
+from ..manifest import FileRecord, Manifest
+from .base import StoreError, TargetStore, TargetWriter
+from .files import atomic_write, file_record, join
+
+
+def shard_name(shard_id: int) -> str:
+    return f"shard-{shard_id:06d}.tar"
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def npy_load(data: bytes) -> np.ndarray:
+    return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+
+
+def _input_bytes(ext: str, value: Any) -> bytes:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode()
+    if ext.endswith("npy"):
+        return npy_bytes(np.asarray(value))
+    raise TypeError(f"input {ext!r}: give bytes, str, or an array for a '.npy' member; got {type(value).__name__}")
+
+
+class WdsWriter(TargetWriter):
+    layout = "wds"
+
+    def _create_layout(self) -> None:
+        if self.spec.sample_layout not in ("block", "sample"):
+            raise ValueError(f"unknown sample_layout {self.spec.sample_layout!r}; expected 'block' or 'sample'")
+        if self.spec.inputs and self.spec.sample_layout != "sample":
+            raise ValueError("inputs are packed one row per tar sample: use sample_layout='sample'")
+
+    def _shard_files(self, shard_id: int) -> list[str]:
+        return [shard_name(shard_id)]
+
+    def _write_shard_files(
+        self, shard_id: int, start: int, keys: np.ndarray, logits: np.ndarray, labels: np.ndarray,
+        inputs: list[dict] | None,
+    ) -> list[FileRecord]:
+        buf = io.BytesIO()
+        with wds.TarWriter(buf, encoder=False, mtime=0.0) as sink:
+            for sample in self._samples(start, keys, logits, labels, inputs):
+                sink.write(sample)
+        data = buf.getvalue()
+        rel = shard_name(shard_id)
+        atomic_write(self.fs, join(self.root, rel), data)
+        return [file_record(self.fs, self.root, rel, data)]
+
+    def _samples(
+        self, start: int, keys: np.ndarray, logits: np.ndarray, labels: np.ndarray, inputs: list[dict] | None
+    ) -> Any:
+        if self.spec.sample_layout == "block":
+            step = self.spec.block_rows
+            for lo in range(0, len(keys), step):
+                hi = min(lo + step, len(keys))
+                yield {
+                    "__key__": f"{start + lo:012d}",
+                    "logits.npy": npy_bytes(logits[lo:hi]),
+                    "labels.npy": npy_bytes(labels[lo:hi]),
+                    "keys.npy": npy_bytes(keys[lo:hi]),
+                    "index.npy": npy_bytes(np.arange(start + lo, start + hi, dtype=np.int64)),
+                }
+            return
+        for i in range(len(keys)):
+            sample = {
+                "__key__": f"{start + i:012d}",
+                "logits.npy": npy_bytes(logits[i]),
+                "label.cls": str(int(labels[i])).encode(),
+                "key.txt": str(keys[i]).encode(),
+            }
+            for ext, value in (inputs[i] if inputs is not None else {}).items():
+                if ext not in self.spec.inputs:
+                    raise ValueError(f"input member {ext!r} is not among the store's inputs {list(self.spec.inputs)}")
+                sample[ext] = _input_bytes(ext, value)
+            yield sample
+
+
+class WdsStore(TargetStore):
+    """A finished WebDataset store: each shard is read whole, checked, and decoded once."""
+
+    cache_shards = 2
+
+    def __init__(self, url: str, manifest: Manifest, fs: Any, root: str, verify: str = "lazy"):
+        super().__init__(url, manifest, fs, root, verify)
+        self._cache: OrderedDict[int, dict[str, Any]] = OrderedDict()
+
+    @property
+    def shard_urls(self) -> list[str]:
+        """URLs of the tar shards in order (what plain ``webdataset.WebDataset`` takes)."""
+        return [self._file_url(shard_name(s.id)) for s in self.manifest.shards]
+
+    def read_shard(self, shard_id: int) -> dict[str, Any]:
+        """The whole shard decoded: numpy ``key``, ``logits`` (stored), ``label``; ``inputs`` (list of dicts)."""
+        if shard_id in self._cache:
+            self._cache.move_to_end(shard_id)
+            return self._cache[shard_id]
+        rel = shard_name(shard_id)
+        try:
+            data = self.fs.cat_file(join(self.root, rel))
+        except FileNotFoundError:
+            raise StoreError(f"{self._file_url(rel)}: missing (shard {shard_id})") from None
+        self.check_shard(shard_id, {rel: data})
+        try:
+            decoded = self._decode(data, self.manifest.shards[shard_id].rows)
+        except (tarfile.TarError, ValueError, KeyError, EOFError) as e:
+            raise StoreError(f"{self._file_url(rel)}: cannot decode ({e})") from None
+        self._cache[shard_id] = decoded
+        while len(self._cache) > self.cache_shards:
+            self._cache.popitem(last=False)
+        return decoded
+
+    def _decode(self, data: bytes, rows: int) -> dict[str, Any]:
+        members: OrderedDict[str, dict[str, bytes]] = OrderedDict()
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                key, _, ext = info.name.partition(".")
+                members.setdefault(key, {})[ext] = tar.extractfile(info).read()
+        if self.manifest.sample_layout == "block":
+            parts = list(members.values())
+            out = {
+                "key": np.concatenate([npy_load(p["keys.npy"]) for p in parts]).astype(str),
+                "logits": np.concatenate([npy_load(p["logits.npy"]) for p in parts]),
+                "label": np.concatenate([npy_load(p["labels.npy"]) for p in parts]),
+                "inputs": None,
+            }
+        else:
+            samples = list(members.values())
+            wanted = set(self.manifest.inputs or ())
+            out = {
+                "key": np.array([s["key.txt"].decode() for s in samples], dtype=str),
+                "logits": np.stack([npy_load(s["logits.npy"]) for s in samples]) if samples else
+                np.zeros((0, *self.manifest.logits_shape[1:])),
+                "label": np.array([int(s["label.cls"]) for s in samples], dtype=np.int64),
+                "inputs": [{ext: v for ext, v in s.items() if ext in wanted} for s in samples],
+            }
+        if len(out["key"]) != rows:
+            raise ValueError(f"holds {len(out['key'])} rows, the manifest says {rows}")
+        return out
+
+    def _read(self, shard_id: int, lo: int, hi: int) -> dict[str, np.ndarray]:
+        shard = self.read_shard(shard_id)
+        return {k: shard[k][lo:hi] for k in ("key", "logits", "label")}
+
+    def read_inputs(self, index: int) -> dict[str, Any]:
+        """Inputs packed beside row ``index``: member extension -> bytes (``.npy`` decoded to arrays)."""
+        if not self.manifest.inputs:
+            return super().read_inputs(index)
+        sid = self.shard_of(index)
+        raw = self.read_shard(sid)["inputs"][index - self.manifest.shards[sid].start]
+        return {ext: npy_load(v) if ext.endswith("npy") else v for ext, v in raw.items()}

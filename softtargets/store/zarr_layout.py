@@ -1,0 +1,143 @@
+"""The Zarr v3 layout: one group, three arrays, sharded along samples.
+
+```
+store.zarr/
+  zarr.json            group; attrs["softtargets"] says what the logits mean
+  logits/              [N, C] or [N, K, C]; float32 | float16 | uint16 (bfloat16 bits)
+  labels/              [N] int64, -1 = unlabeled
+  keys/                [N] str
+  manifest.json        written last
+  README.md            the dataset card
+```
+
+Every array is chunked along samples (``block_rows`` rows per inner chunk) inside
+shards of ``shard_rows`` rows, so 10^8 rows stay ~10^3 files per array. A shard is
+written whole by one writer: zarr loses rows when writers share a shard.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import zarr
+import zarr.storage
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from ..manifest import FileRecord, Manifest
+from .base import TargetStore, TargetWriter
+from .encoding import NUMPY_STORAGE
+from .files import file_record, is_local
+
+ARRAYS = ("logits", "labels", "keys")
+COMPRESSORS = {
+    "none": None,
+    "zstd": ZstdCodec(level=3),
+    "blosc": BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),
+}
+# Write and read every chunk, including those equal to the fill value, so each shard is one file.
+ARRAY_CONFIG = {"write_empty_chunks": True}
+
+
+def _zarr_store(fs: Any, root: str, read_only: bool) -> Any:
+    if is_local(fs):
+        return zarr.storage.LocalStore(root, read_only=read_only)
+    return zarr.storage.FsspecStore.from_url(f"{fs.unstrip_protocol(root)}", read_only=read_only)
+
+
+class ZarrWriter(TargetWriter):
+    layout = "zarr"
+
+    def _group(self, mode: str) -> zarr.Group:
+        return zarr.open_group(_zarr_store(self.fs, self.root, read_only=False), mode=mode)
+
+    def _create_layout(self) -> None:
+        spec = self.spec
+        compressor = COMPRESSORS[spec.extra.get("compressor", "none")]
+        group = self._group("w")
+        group.attrs["softtargets"] = {
+            "format_version": spec.format_version, "content": spec.content, "dtype": spec.dtype,
+            "temperature": spec.temperature, "num_teachers": spec.num_teachers,
+            "note": "see manifest.json; bfloat16 logits are stored as their uint16 bits",
+        }
+        n = spec.num_samples if self.fixed_rows else 0
+        trailing = spec.logits_shape[1:]
+        rows = (spec.block_rows,)
+        shards = (spec.shard_rows,)
+        group.create_array(
+            "logits", shape=(n, *trailing), dtype=NUMPY_STORAGE[spec.dtype], chunks=rows + trailing,
+            shards=shards + trailing, compressors=compressor, fill_value=0, config=ARRAY_CONFIG,
+            dimension_names=("sample", "teacher", "class")[-len(spec.logits_shape):] if spec.per_teacher
+            else ("sample", "class"),
+            attributes={"dtype": spec.dtype},
+        )
+        group.create_array(
+            "labels", shape=(n,), dtype="int64", chunks=rows, shards=shards, fill_value=-1, config=ARRAY_CONFIG,
+            dimension_names=("sample",),
+        )
+        group.create_array(
+            "keys", shape=(n,), dtype=str, chunks=rows, shards=shards, config=ARRAY_CONFIG,
+            dimension_names=("sample",),
+        )
+        self._arrays = {name: group[name] for name in ARRAYS}
+
+    def _open_layout(self) -> None:
+        group = self._group("r+")
+        self._arrays = {name: zarr.open_array(group.store_path / name, mode="r+", config=ARRAY_CONFIG)
+                        for name in ARRAYS}
+
+    def _shard_files(self, shard_id: int) -> list[str]:
+        out = []
+        for name in ARRAYS:
+            arr = self._arrays[name]
+            coords = (shard_id,) + (0,) * (arr.ndim - 1)
+            out.append(f"{name}/{arr.metadata.encode_chunk_key(coords)}")
+        return out
+
+    def _write_shard_files(
+        self, shard_id: int, start: int, keys: np.ndarray, logits: np.ndarray, labels: np.ndarray,
+        inputs: list[dict] | None,
+    ) -> list[FileRecord]:
+        if inputs is not None:
+            raise ValueError("the zarr layout stores targets only; pack inputs with layout='wds'")
+        stop = start + len(keys)
+        for name, data in zip(ARRAYS, (logits, labels, keys), strict=True):
+            arr = self._arrays[name]
+            if arr.shape[0] < stop:  # appending without a known size: one process grows the arrays
+                arr.resize((stop, *arr.shape[1:]))
+            arr[start:stop] = data
+        return [file_record(self.fs, self.root, rel) for rel in self._shard_files(shard_id)]
+
+    def _finish_layout(self) -> None:
+        for arr in self._arrays.values():
+            if arr.shape[0] != self.spec.num_samples:
+                arr.resize((self.spec.num_samples, *arr.shape[1:]))
+
+
+class ZarrStore(TargetStore):
+    """A finished Zarr store, read through zarr (local files, or any fsspec URL)."""
+
+    def __init__(self, url: str, manifest: Manifest, fs: Any, root: str, verify: str = "lazy"):
+        super().__init__(url, manifest, fs, root, verify)
+        group = zarr.open_group(_zarr_store(fs, root, read_only=True), mode="r")
+        self.arrays = {name: group[name] for name in ARRAYS}
+        if self.arrays["logits"].shape != manifest.logits_shape:
+            raise ValueError(
+                f"{url}: logits array has shape {self.arrays['logits'].shape}, the manifest says "
+                f"{manifest.logits_shape}"
+            )
+
+    def _read(self, shard_id: int, lo: int, hi: int) -> dict[str, np.ndarray]:
+        self.check_shard(shard_id)
+        start = self.manifest.shards[shard_id].start
+        a, b = start + lo, start + hi
+        return {
+            "key": self.arrays["keys"][a:b].astype(object),
+            "logits": self.arrays["logits"][a:b],
+            "label": self.arrays["labels"][a:b],
+        }
+
+    def _read_keys(self, shard_id: int) -> list[str]:
+        self.check_shard(shard_id)
+        s = self.manifest.shards[shard_id]
+        return self.arrays["keys"][s.start:s.stop].tolist()
