@@ -1,0 +1,1 @@
+"""Subcommands of the ``softtargets`` CLI, one module each (see :mod:`softtargets.cli`)."""
