@@ -7,6 +7,7 @@ training, where the student's loss applies any temperature and ensemble rule.
 
 __version__ = "0.1.0"
 
+from .losses import DistillationLoss, distillation_loss, kd_loss, logit_matching_loss  # noqa: E402
 from .manifest import FORMAT_VERSION, Manifest, ManifestError  # noqa: E402
 from .store import (  # noqa: E402
     ChecksumError,
@@ -22,12 +23,32 @@ from .temperature import (  # noqa: E402
     ensemble_log_probs,
     ensemble_probs,
     geometric_log_probs,
+    reduce_teachers,
     tempered_log_softmax,
     tempered_softmax,
 )
 
 __all__ = [
-    "FORMAT_VERSION", "ChecksumError", "Manifest", "ManifestError", "StoreError", "TargetStore", "TargetWriter",
-    "__version__", "arithmetic_log_probs", "attach_writer", "create_targets", "ensemble_log_probs",
-    "ensemble_probs", "geometric_log_probs", "open_targets", "tempered_log_softmax", "tempered_softmax",
+    "FORMAT_VERSION",
+    "ChecksumError",
+    "DistillationLoss",
+    "Manifest",
+    "ManifestError",
+    "StoreError",
+    "TargetStore",
+    "TargetWriter",
+    "__version__",
+    "arithmetic_log_probs",
+    "attach_writer",
+    "create_targets",
+    "distillation_loss",
+    "ensemble_log_probs",
+    "ensemble_probs",
+    "geometric_log_probs",
+    "kd_loss",
+    "logit_matching_loss",
+    "open_targets",
+    "reduce_teachers",
+    "tempered_log_softmax",
+    "tempered_softmax",
 ]

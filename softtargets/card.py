@@ -1,6 +1,14 @@
-"""The dataset card: a human-readable ``README.md`` written beside every manifest."""
+"""The dataset card: a human-readable ``README.md`` written beside every manifest.
+
+It says what the store is, how it was made (command, versions, lineage), how to check
+it, and how to read it with softtargets and without it (plain zarr, ``dask.array``,
+plain webdataset, and numpy for targets at a temperature). The recipes are tested by
+running the card's code blocks against real stores.
+"""
 
 from __future__ import annotations
+
+import json
 
 from .manifest import Manifest
 
@@ -13,55 +21,166 @@ _MEANING = {
     "the recorded T0",
 }
 
+_SAMPLES = {"block": " (blocks of rows per tar sample)", "sample": " (one row per tar sample)"}
+_SOFTMAX = '''def softmax(z, T=1.0):
+    z = z / T
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+'''
+
+
+def _shape(m: Manifest, rows: str = "n") -> str:
+    return f"[{rows}, {m.num_teachers}, {m.num_classes}]" if m.per_teacher else f"[{rows}, {m.num_classes}]"
+
+
+def _row_shape(m: Manifest) -> str:
+    return f"[{m.num_teachers}, {m.num_classes}]" if m.per_teacher else f"[{m.num_classes}]"
+
+
+def _as_float(m: Manifest, expr: str) -> str:
+    """numpy expression turning stored logits ``expr`` into float32 (bfloat16 is stored as uint16 bits)."""
+    if m.dtype == "bfloat16":
+        return f"({expr}.astype(np.uint32) << 16).view(np.float32)"
+    return f"{expr}.astype(np.float32)"
+
+
+def targets_recipe(m: Manifest) -> str:
+    """numpy lines computing ``targets`` ``[n, C]`` at temperature ``T`` from float32 ``x``."""
+    if m.content == "per_teacher":
+        return (_SOFTMAX + "T = 4.0\n"
+                "targets = softmax(x.mean(axis=1), T)         # geometric-mean ensemble at T\n"
+                "arithmetic = softmax(x, T).mean(axis=1)      # arithmetic-mean ensemble at T\n")
+    if m.content == "geometric":
+        return _SOFTMAX + "T = 4.0\ntargets = softmax(x, T)                      # geometric-mean ensemble at T\n"
+    return (_SOFTMAX + f"T0 = {m.temperature!r}\n"
+            "targets = softmax(x)                         # arithmetic-mean ensemble, exact at T0 only\n")
+
+
+def zarr_recipe(m: Manifest, url: str) -> str:
+    stored = m.dtype if m.dtype != "bfloat16" else "uint16 bits of bfloat16"
+    return f'''```python
+import numpy as np
+import zarr
+
+URL = "{url}"  # where the store lives now: a path, or an http(s):// / s3:// URL
+g = zarr.open_group(URL, mode="r")
+logits = g["logits"][:1000]    # {stored} {_shape(m)}
+labels = g["labels"][:1000]    # int64 [n], -1 = unlabeled
+keys = g["keys"][:1000]        # str [n]
+x = {_as_float(m, "logits")}
+
+{targets_recipe(m)}```'''
+
+
+def dask_recipe(m: Manifest, url: str) -> str:
+    convert = ("\\\n    .map_blocks(lambda b: (b.astype(np.uint32) << 16).view(np.float32), dtype=np.float32)"
+               if m.dtype == "bfloat16" else ".astype(np.float32)")
+    return f'''```python
+import dask.array as da
+import numpy as np
+
+URL = "{url}"
+logits = da.from_zarr(URL, component="logits"){convert}  # lazy {_shape(m, "N")}
+labels = da.from_zarr(URL, component="labels")           # lazy int64 [N]
+mean_logits = logits.mean(axis=0).compute()              # e.g. a statistic over the whole store
+```'''
+
+
+def wds_recipe(m: Manifest, url: str) -> str:
+    last = f"{max(len(m.shards) - 1, 0):06d}"
+    stored = m.dtype if m.dtype != "bfloat16" else "uint16 bits of bfloat16"
+    head = f'''```python
+import numpy as np
+import webdataset as wds
+
+URL = "{url}"
+shards = URL + "/shard-{{000000..{last}}}.tar"
+'''
+    if m.sample_layout == "block":
+        body = f'''for block in wds.WebDataset(shards, shardshuffle=False).decode():
+    logits = block["logits.npy"]   # {stored} {_shape(m, "b")}, b <= {m.block_rows}
+    labels = block["labels.npy"]   # int64 [b], -1 = unlabeled
+    keys = block["keys.npy"]       # str [b]
+    index = block["index.npy"]     # int64 [b]: the rows' numbers in the store
+    x = {_as_float(m, "logits")}
+'''
+    else:
+        body = f'''for sample in wds.WebDataset(shards, shardshuffle=False).decode():
+    logits = sample["logits.npy"]  # {stored} {_row_shape(m)}
+    label = sample["label.cls"]    # int, -1 = unlabeled
+    key = sample["key.txt"]        # str
+    index = int(sample["__key__"]) # the row's number in the store
+    x = {_as_float(m, "logits")}
+'''
+    return head + body + "```"
+
 
 def dataset_card(m: Manifest, url: str) -> str:
     """Markdown describing store ``m`` at ``url``: what it is, how it was made, how to read it."""
     teachers = "\n".join(
-        f"| {t['name']} | `{(t.get('sha256') or '-')[:16]}` | {t.get('num_params') or '-'} |" for t in m.teachers
+        f"| {t['name']} | `{t.get('sha256') or '-'}` | {t.get('num_params') or '-'} |" for t in m.teachers
     ) or "| (not recorded) | | |"
     t0 = f" at T0 = {m.temperature}" if m.content == "arithmetic" else ""
     ts = m.transfer_set or {}
     bf16 = " (stored as the raw uint16 bits of bfloat16)" if m.dtype == "bfloat16" else ""
-    if m.layout == "zarr":
-        plain = (
-            "```python\nimport zarr\ng = zarr.open_group(URL, mode='r')\n"
-            "logits, labels, keys = g['logits'][:1000], g['labels'][:1000], g['keys'][:1000]\n```"
-        )
-    else:
-        plain = (
-            "```python\nimport webdataset as wds\n"
-            "for sample in wds.WebDataset(SHARD_URLS, shardshuffle=False).decode():\n"
-            + ("    logits, labels, keys = sample['logits.npy'], sample['labels.npy'], sample['keys.npy']\n```"
-               if m.sample_layout == "block" else
-               "    logits, label, key = sample['logits.npy'], sample['label.cls'], sample['key.txt']\n```")
-        )
-    return f"""# Soft-target store
+    names = m.class_names
+    classes = f" ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names else ""
+    prov = m.provenance or {}
+    command = " ".join(map(str, prov.get("command") or [])) or "(not recorded)"
+    versions = ", ".join(f"{k} {v}" for k, v in (prov.get("versions") or {}).items()) or "(not recorded)"
+    lineage = "\n".join(
+        f"- {e.get('operation')} of " + ", ".join(f"`{s.get('url')}` (manifest sha256 `{s.get('manifest_sha256')}`)"
+                                                 for s in e.get("sources", []))
+        + f" on {e.get('time')}: `{json.dumps(e.get('parameters'), sort_keys=True)}`"
+        for e in m.lineage
+    ) or "- made directly from the teachers (no earlier store)"
+    inputs = (f"\n- Inputs packed beside the targets (tar members): "
+              f"{', '.join(f'`{k}` ({v})' for k, v in m.inputs.items())}." if m.inputs else "")
+    probs = ("store.probs([0, 1], temperature=4.0, rule=\"geometric\")" if m.content != "arithmetic" else
+             f"store.probs([0, 1], temperature={m.temperature!r}, rule=\"arithmetic\")  # exact at T0 only")
+    plain = [f"### Plain zarr\n\n{zarr_recipe(m, url)}", f"### dask.array\n\n{dask_recipe(m, url)}"] \
+        if m.layout == "zarr" else [f"### Plain webdataset\n\n{wds_recipe(m, url)}"]
+    return f"""# Soft-target store{': ' + ts['name'] if ts.get('name') else ''}
 
-Made by softtargets {m.softtargets_version} on {m.created}. Layout: **{m.layout}**
-{f"({m.sample_layout} samples)" if m.sample_layout else ""}; format version {m.format_version}.
+Teacher outputs precomputed once, for knowledge distillation: a student trains on these
+targets at any temperature without running the teachers.
 
-- **{m.num_samples}** samples, **{m.num_classes}** classes, K = {m.num_teachers} teachers.
-- Content: **{m.content}**{t0} — {_MEANING[m.content]}.
-- Stored as {m.dtype}{bf16}; rows {"zero-meaned" if m.normalization == "zero_mean" else "as given"};
-  labels {"present (-1 = unlabeled)" if m.has_labels else "absent (all -1)"}.
+## What it holds
+
+- **{m.num_samples}** samples, **{m.num_classes}** classes{classes}, K = {m.num_teachers} teachers.
+- Content: **{m.content}**{t0}: {_MEANING[m.content]}.
+- Stored as {m.dtype}{bf16}; rows {"zero-meaned" if m.normalization == "zero_mean" else "as given"}
+  (softmax is shift invariant); labels {"present (-1 = unlabeled)" if m.has_labels else "absent (all -1)"}.
+- Layout: **{m.layout}**{_SAMPLES.get(m.sample_layout, "")}, format version
+  {m.format_version}; {len(m.shards)} shards of up to {m.shard_rows} rows, read in units of {m.block_rows} rows;
+  {m.nbytes} bytes of data.{inputs}
 - Transfer set: {ts.get("name", "(not recorded)")} (fingerprint `{ts.get("fingerprint", "-")}`).
-- {len(m.shards)} shards of up to {m.shard_rows} rows; {m.nbytes} bytes of data; every file's sha256 is in
-  `manifest.json`.
 
-| teacher | sha256 (prefix) | parameters |
+| teacher | weights sha256 | parameters |
 |---|---|---|
 {teachers}
+
+## How it was made
+
+Begun {m.created} by softtargets {m.softtargets_version}.
+
+- Command: `{command}`
+- Versions: {versions}
+{lineage}
+
+Every data file's size and sha256 are in `manifest.json`. Check them all with
+`softtargets verify {url}`.
 
 ## Read it with softtargets
 
 ```python
 import softtargets as st
 store = st.open_targets("{url}")
-store[0:10]                                  # keys, logits, labels
-store.probs([0, 1], temperature=4.0, rule="geometric")
+rows = store[0:10]              # {{"index", "key", "logits", "label"}}
+{probs}
 ```
 
 ## Read it without softtargets
 
-{plain}
-"""
+{chr(10).join(p + chr(10) for p in plain)}"""

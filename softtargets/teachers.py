@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -79,12 +80,12 @@ class Teacher:
 # ---------------------------------------------------------------------------- fingerprint
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
-    """Raw little-endian bytes of ``tensor`` (any dtype, contiguous, on CPU)."""
+def _tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """The raw bytes of ``tensor`` (any dtype) as a flat uint8 array; no copy for contiguous CPU tensors."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     if flat.dtype != torch.uint8:
         flat = flat.view(torch.uint8)
-    return flat.numpy().tobytes()
+    return flat.numpy()
 
 
 def fingerprint(module: nn.Module) -> str:
@@ -102,7 +103,7 @@ def fingerprint(module: nn.Module) -> str:
         if isinstance(value, torch.Tensor):
             if value.is_meta:
                 raise ValueError(f"cannot fingerprint {key!r}: it is a meta tensor with no data")
-            payload = _tensor_bytes(value)
+            payload: np.ndarray | bytes = _tensor_bytes(value)
             header = f"{key}\0{value.dtype}\0{tuple(value.shape)}\0{len(payload)}\n"
         else:
             payload = repr(value).encode()

@@ -272,9 +272,9 @@ class TransferSet(Dataset):
                 self._fingerprint = keys_fingerprint(self.all_keys(), self._length)
         return self._fingerprint
 
-    def info(self) -> dict[str, Any]:
-        """What the manifest records: ``{"name", "fingerprint", "num_samples"}``."""
-        return {"name": self.name, "fingerprint": self.fingerprint, "num_samples": self._length}
+    def info(self) -> dict[str, str]:
+        """The manifest's ``transfer_set`` entry: ``{"name", "fingerprint"}``."""
+        return {"name": self.name, "fingerprint": self.fingerprint}
 
     def __getitem__(self, i: int) -> Sample:
         i = self._check_index(i)
@@ -358,6 +358,7 @@ def _index_shard(url: str, shard: int) -> list[_Entry]:
         plain = _is_plain_tar(f)
         with tarfile.open(fileobj=f, mode="r|" if plain else "r|*") as tar:
             for info in tar:
+                tar.members = []  # stream mode would otherwise keep every TarInfo
                 if not info.isreg() or _META.match(info.name):
                     continue
                 match = _KEY_EXT.match(info.name)

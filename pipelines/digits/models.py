@@ -43,6 +43,7 @@ DEFAULTS: dict[str, Any] = {
         "dropout_in": 0.2,
         "dropout_hidden": 0.5,
         "jitter": 1,
+        "jitter_prob": 1.0,
         "epochs": 150,
         "batch_size": 64,
         "lr": 1e-3,
@@ -125,12 +126,18 @@ def load_split(seed: int = 0, fractions: tuple[float, float, float] = (0.6, 0.2,
     return DigitsSplit(xtr, ytr, xva, yva, xte, yte, idx_train, idx_val, idx_test, seed, tuple(fractions))
 
 
-def jitter(x: torch.Tensor, max_shift: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+def jitter(
+    x: torch.Tensor,
+    max_shift: int = 1,
+    generator: torch.Generator | None = None,
+    prob: float = 1.0,
+) -> torch.Tensor:
     """Shift each 8x8 image by a random (dy, dx) in ``[-max_shift, max_shift]^2``, zero fill.
 
-    ``x``: ``float32 [N, 64]`` -> same shape. Each row draws its own shift.
+    ``x``: ``float32 [N, 64]`` -> same shape. Each row draws its own shift; with ``prob < 1``
+    a row is left unshifted with probability ``1 - prob``.
     """
-    if max_shift <= 0:
+    if max_shift <= 0 or prob <= 0:
         return x
     n = x.shape[0]
     m = max_shift
@@ -138,6 +145,10 @@ def jitter(x: torch.Tensor, max_shift: int = 1, generator: torch.Generator | Non
     padded = torch.nn.functional.pad(img, (m, m, m, m))
     dy = torch.randint(0, 2 * m + 1, (n,), generator=generator)
     dx = torch.randint(0, 2 * m + 1, (n,), generator=generator)
+    if prob < 1:
+        keep = torch.rand(n, generator=generator) >= prob
+        dy[keep] = m
+        dx[keep] = m
     rows = (dy[:, None] + torch.arange(SIDE)[None, :])[:, :, None]  # [N, 8, 1]
     cols = (dx[:, None] + torch.arange(SIDE)[None, :])[:, None, :]  # [N, 1, 8]
     out = padded[torch.arange(n)[:, None, None], rows, cols]
@@ -321,7 +332,7 @@ def fit(
         opt.step()
         steps += 1
     model.eval()
-    return {"steps": steps, "seconds": time.perf_counter() - t0, "last_loss": float(loss)}
+    return {"steps": steps, "seconds": time.perf_counter() - t0, "last_loss": float(loss.detach())}
 
 
 # --------------------------------------------------------------------------- train functions
@@ -344,9 +355,9 @@ def train_teacher(
     torch.manual_seed(seed)
     model = make_teacher(cfg["hidden"], cfg["dropout_in"], cfg["dropout_hidden"])
     if batches is None:
-        shift = int(cfg["jitter"])
+        shift, prob = int(cfg["jitter"]), float(cfg["jitter_prob"])
         batches = tensor_batches(
-            (x, y), cfg["batch_size"], cfg["epochs"], seed, transform=lambda b, g: jitter(b, shift, g)
+            (x, y), cfg["batch_size"], cfg["epochs"], seed, transform=lambda b, g: jitter(b, shift, g, prob)
         )
     stats = fit(model, batches, hard_step, cfg["lr"], cfg["weight_decay"])
     return model, stats

@@ -77,7 +77,8 @@ class WdsWriter(TargetWriter):
         inputs: list[dict] | None,
     ) -> list[FileRecord]:
         buf = io.BytesIO()
-        with wds.TarWriter(buf, encoder=False, mtime=0.0) as sink:
+        # mtime=0 as an int: a float mtime makes tarfile add a 1 KiB PAX header to every member.
+        with wds.TarWriter(buf, encoder=False, mtime=0) as sink:
             for sample in self._samples(start, keys, logits, labels, inputs):
                 sink.write(sample)
         data = buf.getvalue()

@@ -25,7 +25,7 @@ import zarr.storage
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from ..manifest import FileRecord, Manifest
-from .base import TargetStore, TargetWriter
+from .base import StoreError, TargetStore, TargetWriter
 from .encoding import NUMPY_STORAGE
 from .files import file_record, is_local
 
@@ -79,12 +79,12 @@ class ZarrWriter(TargetWriter):
             "keys", shape=(n,), dtype=str, chunks=rows, shards=shards, config=ARRAY_CONFIG,
             dimension_names=("sample",),
         )
-        self._arrays = {name: group[name] for name in ARRAYS}
+        self._open_layout()  # group[name] would drop ARRAY_CONFIG (write_empty_chunks)
 
     def _open_layout(self) -> None:
         group = self._group("r+")
-        self._arrays = {name: zarr.open_array(group.store_path / name, mode="r+", config=ARRAY_CONFIG)
-                        for name in ARRAYS}
+        # open_array ignores config=; with_config keeps write_empty_chunks (one file per shard, always).
+        self._arrays = {name: group[name].with_config(ARRAY_CONFIG) for name in ARRAYS}
 
     def _shard_files(self, shard_id: int) -> list[str]:
         out = []
@@ -122,7 +122,7 @@ class ZarrStore(TargetStore):
         group = zarr.open_group(_zarr_store(fs, root, read_only=True), mode="r")
         self.arrays = {name: group[name] for name in ARRAYS}
         if self.arrays["logits"].shape != manifest.logits_shape:
-            raise ValueError(
+            raise StoreError(
                 f"{url}: logits array has shape {self.arrays['logits'].shape}, the manifest says "
                 f"{manifest.logits_shape}"
             )

@@ -1,0 +1,249 @@
+"""Merge stores over disjoint parts of a transfer set, and cut a subset out of one store.
+
+Both stream shard by shard through :class:`softtargets.convert.ShardSink` and copy the
+stored bits exactly. ``merge`` first checks, in bounded memory, that no key is in two
+stores (:mod:`softtargets.unique_keys`); ``subset`` by keys first finds the rows, so each
+writes only once it knows the destination's size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .convert import ShardSink, carry_spec, derive, encode_rows, lineage_entry, plan_layout, same_location
+from .manifest import Manifest
+from .store import TargetStore, open_targets
+from .unique_keys import KeyChecker, str_array
+
+# Fields that must agree between merged stores (teachers are compared by name and sha256).
+MERGE_FIELDS = ("num_classes", "class_names", "content", "temperature", "dtype", "normalization", "num_teachers")
+
+
+def _teachers(m: Manifest) -> list[tuple[str, str | None]]:
+    return [(t["name"], t.get("sha256")) for t in m.teachers]
+
+
+def check_compatible(stores: Sequence[TargetStore]) -> None:
+    """Refuse stores that differ in teachers, classes, content, dtype, temperature or normalisation.
+
+    The error names every differing field and the stores that differ from the first.
+    """
+    first = stores[0]
+    problems = []
+    for field in (*MERGE_FIELDS, "teachers"):
+        get = _teachers if field == "teachers" else (lambda m, f=field: getattr(m, f))
+        want = get(first.manifest)
+        for s in stores[1:]:
+            got = get(s.manifest)
+            if got != want:
+                problems.append(f"{field}: {first.url} has {want!r}, {s.url} has {got!r}")
+    if problems:
+        raise ValueError("cannot merge stores that differ in " + "; ".join(problems))
+
+
+def merged_transfer_set(manifests: Sequence[Manifest], num_samples: int) -> dict[str, Any] | None:
+    """The transfer set of merged stores: the common one when all agree, else one naming its parts.
+
+    For differing parts the fingerprint is sha256 over ``"merge:"`` and the parts' fingerprints in order.
+    """
+    sets = [m.transfer_set for m in manifests]
+    if all(s is None for s in sets):
+        return None
+    if all(s == sets[0] for s in sets):
+        return sets[0]
+    parts = [s or {"name": "(not recorded)", "fingerprint": ""} for s in sets]
+    digest = hashlib.sha256(("merge:" + "\n".join(p["fingerprint"] for p in parts)).encode()).hexdigest()
+    names = list(dict.fromkeys(p["name"] for p in parts))
+    return {"name": " + ".join(names), "fingerprint": digest, "num_samples": num_samples, "parts": parts}
+
+
+def _shard_keys(store: TargetStore, shard_id: int) -> np.ndarray:
+    return str_array(store._read_keys(shard_id))
+
+
+def check_disjoint(stores: Sequence[TargetStore], *, tmpdir: str | None = None, progress: bool | None = None) -> None:
+    """Refuse stores any two of which share a key (also catches a key repeated within one store)."""
+    offsets = np.cumsum([0] + [len(s) for s in stores])
+    with KeyChecker(int(offsets[-1]), tmpdir=tmpdir) as checker:
+        for i, s in enumerate(stores):
+            for shard in tqdm(s.shards, desc=f"keys {i + 1}/{len(stores)}", unit="shard",
+                              disable=None if progress is None else not progress):
+                checker.add(_shard_keys(s, shard.id), int(offsets[i]) + shard.start)
+
+        def where(row: int) -> tuple[TargetStore, int]:
+            i = int(np.searchsorted(offsets, row, side="right") - 1)
+            return stores[i], row - int(offsets[i])
+
+        def read_keys(rows: np.ndarray) -> list[str]:
+            cache: dict[tuple[int, int], np.ndarray] = {}
+            out = []
+            for r in rows.tolist():
+                store, local = where(r)
+                sid = store.shard_of(local)
+                if (id(store), sid) not in cache:
+                    cache[id(store), sid] = _shard_keys(store, sid)
+                out.append(cache[id(store), sid][local - store.shards[sid].start])
+            return out
+
+        dups = checker.duplicates(read_keys, limit=100)
+    if dups:
+        examples = []
+        for key, rows in list(dups.groups.items())[:5]:
+            examples.append(f"{key!r} in " + " and ".join(f"{where(r)[0].url} (row {where(r)[1]})" for r in rows[:3]))
+        n = len(dups.groups) + dups.unconfirmed
+        raise ValueError(f"cannot merge: {n}{'+' if dups.unconfirmed else ''} keys appear more than once, e.g. "
+                         + "; ".join(examples))
+
+
+def merge_stores(
+    srcs: Sequence[str | os.PathLike[str]], dst: str | os.PathLike[str], *, layout: str | None = None,
+    sample_layout: str | None = None, shard_rows: int | None = None, block_rows: int | None = None,
+    compressor: str | None = None, drop_inputs: bool = False, overwrite: bool = False, tmpdir: str | None = None,
+    progress: bool | None = None,
+) -> Manifest:
+    """Concatenate stores ``srcs`` (rows in the order given) into a new store at ``dst``.
+
+    The stores must hold disjoint keys and agree in teachers (names and sha256), classes,
+    content, dtype, temperature and normalisation. Layout arguments default to the first
+    source's (see :func:`softtargets.convert.plan_layout`). Returns the new manifest.
+    """
+    urls = [os.fspath(u) for u in srcs]
+    dst = os.fspath(dst)
+    if len(urls) < 2:
+        raise ValueError("merge needs at least two stores")
+    for u in urls:
+        if same_location(u, dst):
+            raise ValueError(f"{dst}: the destination is one of the sources; merge into a new store")
+    stores = [open_targets(u) for u in urls]
+    check_compatible(stores)
+    ms = [s.manifest for s in stores]
+    first = ms[0]
+    plan = plan_layout(first, dst, layout, sample_layout, shard_rows, block_rows, compressor)
+    carry_inputs = plan["sample_layout"] == "sample" and all(m.inputs and m.inputs == first.inputs for m in ms)
+    if any(m.inputs for m in ms) and not carry_inputs and not drop_inputs:
+        raise ValueError("some stores pack inputs beside their targets; merge them into a wds store with "
+                         "sample_layout='sample' (all with the same inputs), or pass drop_inputs=True")
+    check_disjoint(stores, tmpdir=tmpdir, progress=progress)
+    total = sum(len(s) for s in stores)
+    entry = lineage_entry("merge", stores, {**plan, "inputs": "carried" if carry_inputs else None})
+    for src_entry, m in zip(entry["sources"], ms, strict=True):
+        if m.lineage:
+            src_entry["lineage"] = m.lineage
+    args = {
+        **carry_spec(first), **plan, "content": first.content, "dtype": first.dtype, "temperature": first.temperature,
+        "overflow": first.overflow, "num_samples": total, "inputs": first.inputs if carry_inputs else None,
+        "transfer_set": merged_transfer_set(ms, total), "lineage": [entry],
+    }
+
+    def fill(sink: ShardSink) -> None:
+        for i, store in enumerate(stores):
+            for shard in tqdm(store.shards, desc=f"merge {i + 1}/{len(stores)}", unit="shard",
+                              disable=None if progress is None else not progress):
+                _copy_rows(sink, store, shard.id, None, carry_inputs)
+
+    return derive(args, fill, dst, overwrite)
+
+
+def _copy_rows(sink: ShardSink, store: TargetStore, shard_id: int, local: np.ndarray | None, inputs: bool) -> None:
+    """Append rows ``local`` (offsets within the shard; None = all) of one source shard, bits unchanged."""
+    m = store.manifest
+    shard = m.shards[shard_id]
+    rows = store.rows(shard.start, shard.stop)
+    keys, logits, labels = str_array(rows["key"]), rows["logits"], rows["label"].numpy()
+    packed = store.read_shard(shard_id)["inputs"] if inputs else None
+    if local is not None:
+        keys, logits, labels = keys[local], logits[local], labels[local]
+        packed = None if packed is None else [packed[i] for i in local.tolist()]
+    sink.add(keys, encode_rows(logits, m, m.content, m.dtype, m.overflow, m.temperature), labels, packed)
+
+
+def parse_range(text: str, n: int) -> tuple[int, int]:
+    """``"A:B"`` (either end may be omitted) -> rows ``[A, B)`` within ``[0, n]``; refuses anything else."""
+    a, sep, b = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        lo, hi = int(a) if a.strip() else 0, int(b) if b.strip() else n
+    except ValueError:
+        raise ValueError(f"--range takes A:B (rows A to B-1), got {text!r}") from None
+    if not 0 <= lo <= hi <= n:
+        raise ValueError(f"range {lo}:{hi} is not within the store's {n} rows (0 <= A <= B <= {n})")
+    return lo, hi
+
+
+def read_keys_file(path: str | os.PathLike[str]) -> list[str]:
+    """Keys from a text file, one per line (surrounding whitespace and blank lines ignored)."""
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def subset_store(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], *, keys: Iterable[str] | None = None,
+    row_range: tuple[int, int] | str | None = None, layout: str | None = None, sample_layout: str | None = None,
+    shard_rows: int | None = None, block_rows: int | None = None, compressor: str | None = None,
+    drop_inputs: bool = False, overwrite: bool = False, progress: bool | None = None,
+    keys_source: str | None = None,
+) -> Manifest:
+    """Write rows of ``src`` chosen by ``keys`` (any order; rows keep the source's order) or by
+    ``row_range`` ``(A, B)`` / ``"A:B"`` to a new store at ``dst``. Every key must exist.
+
+    ``keys_source`` (e.g. the keys file's path) is recorded in the lineage. Returns the new manifest.
+    """
+    src, dst = os.fspath(src), os.fspath(dst)
+    if (keys is None) == (row_range is None):
+        raise ValueError("subset needs exactly one of keys or row_range")
+    if same_location(src, dst):
+        raise ValueError(f"{dst}: the destination is the source; write the subset elsewhere")
+    store = open_targets(src)
+    m = store.manifest
+    if row_range is not None:
+        lo, hi = parse_range(row_range, len(store)) if isinstance(row_range, str) else parse_range(
+            f"{row_range[0]}:{row_range[1]}", len(store))
+        picks = {s.id: np.arange(max(lo, s.start), min(hi, s.stop)) - s.start for s in m.shards
+                 if max(lo, s.start) < min(hi, s.stop)}
+        params: dict[str, Any] = {"range": [lo, hi]}
+    else:
+        wanted = np.unique(str_array(list(keys)))
+        picks = _find_keys(store, wanted, progress)
+        digest = hashlib.sha256("\n".join(wanted.tolist()).encode()).hexdigest()
+        params = {"keys": int(wanted.size), "keys_sha256": digest, "keys_source": keys_source}
+    n = int(sum(len(p) for p in picks.values()))
+    plan = plan_layout(m, dst, layout, sample_layout, shard_rows, block_rows, compressor)
+    carry_inputs = bool(m.inputs) and plan["sample_layout"] == "sample"
+    if m.inputs and not carry_inputs and not drop_inputs:
+        raise ValueError(f"{src} packs inputs {sorted(m.inputs)} beside its targets; only a wds store with "
+                         "sample_layout='sample' can hold them: choose that, or pass drop_inputs=True")
+    args = {
+        **carry_spec(m), **plan, "content": m.content, "dtype": m.dtype, "temperature": m.temperature,
+        "overflow": m.overflow, "num_samples": n, "inputs": m.inputs if carry_inputs else None,
+        "lineage": [*m.lineage, lineage_entry("subset", [store], {**params, **plan})],
+    }
+
+    def fill(sink: ShardSink) -> None:
+        for sid in tqdm(sorted(picks), desc="subset", unit="shard", disable=None if progress is None else not progress):
+            _copy_rows(sink, store, sid, picks[sid], carry_inputs)
+
+    return derive(args, fill, dst, overwrite)
+
+
+def _find_keys(store: TargetStore, wanted: np.ndarray, progress: bool | None) -> dict[int, np.ndarray]:
+    """Shard id -> offsets of the rows whose keys are in sorted ``wanted``; refuses keys not found."""
+    hit = np.zeros(wanted.size, dtype=bool)
+    picks = {}
+    for shard in tqdm(store.shards, desc="find keys", unit="shard", disable=None if progress is None else not progress):
+        keys = _shard_keys(store, shard.id)
+        mask = np.isin(keys, wanted)
+        if mask.any():
+            picks[shard.id] = np.flatnonzero(mask)
+            hit[np.searchsorted(wanted, keys[mask])] = True
+    if not hit.all():
+        missing = wanted[~hit]
+        raise ValueError(f"{int(missing.size)} of {wanted.size} keys are not in {store.url}, e.g. "
+                         f"{missing[:5].tolist()}")
+    return picks

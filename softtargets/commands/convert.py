@@ -1,0 +1,57 @@
+"""``softtargets convert SRC DST``: another layout, dtype, or a reduction of per-teacher logits."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..convert import convert_store
+from ..manifest import CONTENTS, DTYPES, LAYOUTS
+
+
+def add_layout_args(p: argparse.ArgumentParser) -> None:
+    """Destination layout options shared by convert, merge and subset."""
+    p.add_argument("--layout", choices=LAYOUTS, help="destination layout (default: from DST suffix: .wds/.tar -> wds)")
+    p.add_argument("--sample-layout", choices=("block", "sample"), help="wds: rows per tar sample (default: source's)")
+    p.add_argument("--shard-rows", type=int, help="rows per shard (default: the source's)")
+    p.add_argument("--block-rows", type=int, help="rows per read unit (default: the source's)")
+    p.add_argument("--compressor", choices=("none", "zstd", "blosc"), help="zarr codec (default: the source's)")
+    p.add_argument("--drop-inputs", action="store_true", help="drop inputs packed beside the targets")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store at DST")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def progress(args: argparse.Namespace) -> bool | None:
+    return False if args.no_progress else None
+
+
+def layout_kwargs(args: argparse.Namespace) -> dict:
+    return {"layout": args.layout, "sample_layout": args.sample_layout, "shard_rows": args.shard_rows,
+            "block_rows": args.block_rows, "compressor": args.compressor, "drop_inputs": args.drop_inputs,
+            "overwrite": args.overwrite, "progress": progress(args)}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "convert", help="copy a store to another layout/dtype, or reduce its teachers",
+        description="Copy store SRC to DST shard by shard (memory does not grow with the store): change the layout "
+        "(zarr <-> wds), the dtype, or reduce per-teacher logits to geometric-mean logits or arithmetic-mean "
+        "log-probabilities at T0. Keys, labels, teachers, class names and the transfer set carry over; DST's "
+        "manifest records the source and its manifest's sha256 in 'lineage'.",
+    )
+    p.add_argument("src", help="source store (path or fsspec URL)")
+    p.add_argument("dst", help="new store (path or fsspec URL)")
+    p.add_argument("--dtype", choices=DTYPES, help="storage dtype (default: the source's)")
+    p.add_argument("--content", choices=CONTENTS, help="reduce per_teacher logits to geometric or arithmetic")
+    p.add_argument("--temperature", type=float, help="T0 of an arithmetic reduction")
+    p.add_argument("--overflow", choices=("error", "clip"), help="float16 values beyond +-65504 (default: source's)")
+    add_layout_args(p)
+    p.set_defaults(run=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    m = convert_store(args.src, args.dst, dtype=args.dtype, content=args.content, temperature=args.temperature,
+                      overflow=args.overflow, **layout_kwargs(args))
+    print(f"wrote {args.dst}: {m.num_samples} samples, {m.layout}, {m.content}, {m.dtype}, {len(m.shards)} shards, "
+          f"{m.nbytes} bytes")
+    return 0

@@ -1,0 +1,180 @@
+"""``softtargets precompute CONFIG.toml``: stage one from a TOML config.
+
+Config (relative paths are relative to the config file; its folder is appended to
+``sys.path`` so factories next to it import)::
+
+    batch_size = 256            # optional run settings (these are the defaults)
+    num_workers = 2             # DataLoader workers per shard runner
+    device = "auto"             # "auto" | "cpu" | "cuda" | "cuda:1"
+    autocast = "none"           # "none" | "bf16" | "fp16" (CUDA only)
+    nonfinite = "error"         # "error" | "uniform"
+
+    [output]                    # url required; the rest as in create_targets
+    url = "targets.zarr"
+    content = "per_teacher"     # "per_teacher" | "geometric" | "arithmetic" (needs temperature = T0)
+    dtype = "float16"
+    shard_rows = 65536          # optional; also the unit of work and of resume
+    # layout, temperature, block_rows, compressor, overflow, class_names, pack_inputs
+
+    [transfer_set]              # one of factory (returns a map-style dataset) or webdataset (URLs)
+    factory = "my_data:make_dataset"
+    kwargs = { split = "train" }
+    # webdataset = "shards/train-{000000..000099}.tar"
+
+    [cluster]                   # optional: default a dask LocalCluster, one worker per GPU
+    scheduler = "tcp://10.0.0.1:8786"   # or "local": in this process, no dask
+    workers = 2
+    retries = 3
+
+    [[teachers]]                # one table per teacher: specs of softtargets.teachers.load_teacher
+    name = "resnet50_a"
+    factory = "my_models:resnet50"
+    kwargs = { num_classes = 1000 }
+    weights = "weights/resnet50_a.safetensors"
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+RUN_KEYS = {"batch_size", "num_workers", "device", "autocast", "nonfinite"}
+OUTPUT_KEYS = {"url", "layout", "content", "dtype", "temperature", "shard_rows", "block_rows", "compressor",
+               "overflow", "class_names", "pack_inputs"}
+CLUSTER_KEYS = {"scheduler", "workers", "retries"}
+TABLES = {"output", "transfer_set", "cluster", "teachers"}
+TEACHER_PATHS = ("weights", "torchscript", "exported")
+
+
+def _toml(path: Path) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise ImportError("reading TOML configs on Python 3.10 needs tomli: pip install tomli") from None
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML ({e})") from None
+
+
+def _local(value: str, base: Path) -> str:
+    """``value`` relative to ``base`` unless it is absolute or a URL."""
+    if "://" in value or value.startswith("pipe:") or os.path.isabs(value):
+        return value
+    return str(base / value)
+
+
+def _check_keys(where: str, table: Any, allowed: set[str], path: Path) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: [{where}] must be a table")
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown} in {where}; allowed: {sorted(allowed)}")
+    return table
+
+
+def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Keyword arguments of :func:`softtargets.precompute.precompute` from a TOML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config {path} not found")
+    raw = _toml(path)
+    base = path.resolve().parent
+    top = _check_keys("the top level", raw, RUN_KEYS | TABLES, path)
+    for table in ("output", "transfer_set", "teachers"):
+        if table not in top:
+            raise ValueError(f"{path}: missing [{table}]" if table != "teachers" else f"{path}: no [[teachers]]")
+    output = dict(_check_keys("[output]", top["output"], OUTPUT_KEYS, path))
+    if "url" not in output:
+        raise ValueError(f"{path}: [output] needs url")
+    cluster = _check_keys("[cluster]", top.get("cluster", {}), CLUSTER_KEYS, path)
+    transfer = dict(_check_keys("[transfer_set]", top["transfer_set"], {"factory", "kwargs", "webdataset", "name"},
+                                path))
+    if "webdataset" in transfer:
+        urls = transfer["webdataset"]
+        transfer["webdataset"] = _local(urls, base) if isinstance(urls, str) else [_local(u, base) for u in urls]
+    teachers = top["teachers"]
+    if not isinstance(teachers, list) or not teachers:
+        raise ValueError(f"{path}: [[teachers]] must list at least one teacher")
+    specs = []
+    for i, t in enumerate(teachers):
+        if not isinstance(t, dict):
+            raise ValueError(f"{path}: teachers[{i}] must be a table")
+        spec = dict(t)
+        for key in TEACHER_PATHS:
+            if isinstance(spec.get(key), str):
+                spec[key] = _local(spec[key], base)
+        specs.append(spec)
+    kwargs: dict[str, Any] = {k: top[k] for k in RUN_KEYS if k in top}
+    if kwargs.get("autocast") in ("none", ""):
+        kwargs["autocast"] = None
+    kwargs.update({k: v for k, v in output.items() if k != "url"})
+    kwargs.update(cluster)
+    kwargs.update(teachers=specs, dataset=transfer, out=_local(output["url"], base))
+    if str(base) not in sys.path:
+        sys.path.append(str(base))
+    return kwargs
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if nbytes < 1024 or unit == "TiB":
+            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{nbytes} B"
+        nbytes /= 1024
+    return ""
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..precompute import precompute
+
+    logger = logging.getLogger("softtargets")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    kwargs = load_config(args.config)
+    if args.scheduler is not None:
+        kwargs["scheduler"] = args.scheduler
+    if args.workers is not None:
+        kwargs["workers"] = args.workers
+    if kwargs.get("scheduler") == "":
+        kwargs["scheduler"] = None
+    started = time.perf_counter()
+    try:
+        manifest = precompute(**kwargs, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    except FileExistsError as e:
+        raise FileExistsError(f"{e} (command line: --resume or --overwrite)") from None
+    seconds = time.perf_counter() - started
+    m = manifest
+    shape = "x".join(map(str, m.logits_shape))
+    print(f"precompute: {m.num_samples} samples in {m.num_shards} shards, {seconds:.1f} s "
+          f"({m.num_samples / seconds:,.0f} samples/s); {_size(m.nbytes)} at {kwargs['out']} "
+          f"({m.layout}, {m.content} logits {shape} {m.dtype})")
+    return 0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "precompute", help="run a teacher ensemble over a transfer set and write a target store",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", help="TOML config file (format above)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue an unfinished store; keep verified shards")
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    parser.add_argument("--scheduler", help="dask scheduler address tcp://HOST:PORT, or 'local' for no dask "
+                                            "(default: the config's, else a LocalCluster)")
+    parser.add_argument("--workers", type=int, help="LocalCluster workers (default: one per GPU, one on CPU)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or messages, only the summary")
+    parser.set_defaults(run=run)
+    return parser

@@ -1,0 +1,151 @@
+"""``softtargets train CONFIG.toml``: distil a student from a target store.
+
+Config (relative paths are relative to the config file; its folder is appended to
+``sys.path`` so factories next to it import)::
+
+    [student]
+    factory = "models:make_student"       # import path of a function returning an nn.Module
+    kwargs = { hidden = [64] }
+
+    [data]
+    store = "data/targets.wds"            # store URL or path
+    inputs = "packed"                     # "packed" (inputs in the store) | "dataset" (joined)
+    input_key = "input"                   # packed: the batch key the student reads
+    # dataset = "data:transfer_set"       # inputs = "dataset": factory of a map-style dataset
+    # dataset_kwargs = {}
+    # by = "key"                          # "index" | "key"
+    # buffer_size = 16384                 # rows shuffled together (default ~64 MiB of logits)
+
+    [loss]
+    kind = "hinton"                       # "hinton" | "logit_matching"
+    temperature = 4.0                     # or { start = 8.0, end = 2.0, schedule = "linear" } or "module:fn"
+    alpha = 0.9                           # weight of the soft term
+    rule = "geometric"                    # "geometric" | "arithmetic" (per-teacher stores)
+
+    [train]
+    epochs = 10
+    batch_size = 64
+    lr = 1e-3
+    weight_decay = 0.0
+    seed = 0
+    num_workers = 0
+    device = "cpu"
+    out = "runs/student"                  # student.pt, metrics.json, checkpoint.pt
+    checkpoint_every = 0                  # also checkpoint every N steps (0: epoch ends only)
+
+    [eval]                                # optional: accuracy on a map-style dataset of (x, y)
+    dataset = "data:test_set"
+    kwargs = {}
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+SECTIONS: dict[str, dict[str, str]] = {
+    # section -> {toml key: TrainConfig field}
+    "student": {"factory": "student", "kwargs": "student_kwargs"},
+    "data": {"store": "store", "inputs": "inputs", "input_key": "input_key", "dataset": "dataset",
+             "dataset_kwargs": "dataset_kwargs", "by": "by", "buffer_size": "buffer_size"},
+    "loss": {"kind": "loss", "temperature": "temperature", "alpha": "alpha", "rule": "rule"},
+    "train": {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "weight_decay": "weight_decay",
+              "seed": "seed", "num_workers": "num_workers", "device": "device", "out": "out",
+              "checkpoint_every": "checkpoint_every"},
+    "eval": {"dataset": "eval_dataset", "kwargs": "eval_kwargs"},
+}
+REQUIRED = {("student", "factory"), ("data", "store")}
+
+
+def _toml(path: Path) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise ImportError("reading TOML configs on Python 3.10 needs tomli: pip install tomli") from None
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML ({e})") from None
+
+
+def _local(value: str, base: Path) -> str:
+    """``value`` relative to ``base`` unless it is absolute or a URL."""
+    if "://" in value or os.path.isabs(value):
+        return value
+    return str(base / value)
+
+
+def load_config(path: str | os.PathLike[str], **overrides: Any):
+    """A :class:`softtargets.train.TrainConfig` from a TOML file; ``overrides`` (not None) replace fields."""
+    from ..train import TrainConfig
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config {path} not found")
+    raw = _toml(path)
+    base = path.resolve().parent
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"{path}: unknown section(s) {unknown}; allowed: {sorted(SECTIONS)}")
+    fields: dict[str, Any] = {}
+    for section, keys in SECTIONS.items():
+        table = raw.get(section, {})
+        if not isinstance(table, dict):
+            raise ValueError(f"{path}: [{section}] must be a table")
+        bad = sorted(set(table) - set(keys))
+        if bad:
+            raise ValueError(f"{path}: unknown key(s) {bad} in [{section}]; allowed: {sorted(keys)}")
+        fields.update({keys[k]: v for k, v in table.items()})
+    for section, key in sorted(REQUIRED):
+        if SECTIONS[section][key] not in fields:
+            raise ValueError(f"{path}: [{section}] needs {key}")
+    fields["store"] = _local(str(fields["store"]), base)
+    fields["out"] = _local(str(fields.get("out", "runs/student")), base)
+    fields.update({k: v for k, v in overrides.items() if v is not None})  # command-line values: as given
+    if str(base) not in sys.path:
+        sys.path.append(str(base))
+    try:
+        return TrainConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train import train
+
+    cfg = load_config(args.config, store=args.store, out=args.out, epochs=args.epochs, device=args.device,
+                      num_workers=args.num_workers)
+    metrics = train(cfg, resume=args.resume, progress=not args.quiet)
+    last = metrics["epochs"][-1]
+    acc = last["accuracy_labelled"]
+    line = f"train: {len(metrics['epochs'])} epochs, final loss {last['loss']:.4f}"
+    if acc is not None:
+        line += f", accuracy on labelled rows {acc:.3f}"
+    if "eval_accuracy" in last:
+        line += f", eval accuracy {last['eval_accuracy']:.3f}"
+    print(f"{line}; {last['samples_per_s']:,.0f} samples/s; student -> {metrics['student']}")
+    return 0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "train", help="train a student from a target store (TOML config)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", help="TOML config file (format above)")
+    parser.add_argument("--store", help="override [data] store")
+    parser.add_argument("--out", help="override [train] out")
+    parser.add_argument("--epochs", type=int, help="override [train] epochs")
+    parser.add_argument("--device", help="override [train] device")
+    parser.add_argument("--num-workers", type=int, help="override [train] num_workers")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    parser.set_defaults(run=run)
+    return parser

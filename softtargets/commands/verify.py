@@ -1,0 +1,31 @@
+"""``softtargets verify URL``: check a store's manifest, every file's checksum, rows and keys."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..verify import format_report, to_json, verify_store
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "verify", help="check a store end to end; exit 1 naming every bad file",
+        description="Check a store's manifest (schema, format version, shard table), every data file's size and "
+        "sha256, every shard's rows, and that keys are unique; lists ALL problems, each with the file at fault. "
+        "Memory stays at about two shards whatever the store's size. Exit status 0 when sound, 1 when not.",
+    )
+    p.add_argument("url", help="store path or fsspec URL (file://, http(s)://, s3://, ...)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--tmpdir", default=None, help="where the key-uniqueness check spills hashes (16 bytes a row)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    report = verify_store(args.url, progress=False if args.no_progress else None, tmpdir=args.tmpdir)
+    print(to_json(report) if args.json else format_report(report))
+    if not report.ok and args.json:
+        print(f"softtargets verify: {len(report.problems)} problems in {len(report.bad_files)} files", file=sys.stderr)
+    return 0 if report.ok else 1

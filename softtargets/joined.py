@@ -1,0 +1,145 @@
+"""A map-style dataset joined with its teacher logits: ``with_targets(dataset, store, by=...)``.
+
+For random access by a ``DataLoader`` sampler. Rows are read a whole unit (zarr inner chunk,
+wds block) at a time into an LRU cache; ``__getitems__`` groups a batch's rows by unit. Random
+access touches a unit per row when the store is larger than the cache, so for big stores prefer
+:func:`softtargets.stream` (sequential unit reads), joined to the dataset there.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .store import TargetStore, open_targets
+from .streaming.inputs import dataset_keys, fetch
+from .streaming.plan import Units, unit_rows_for
+
+
+class TargetJoin(Dataset):
+    """Item ``i`` -> ``(x, y, teacher_logits)``; see :func:`with_targets`."""
+
+    def __init__(
+        self, dataset: Any, store: TargetStore, by: str = "index",
+        keys: Sequence[str] | Callable[[int], str] | None = None, cache_bytes: int = 256 << 20,
+    ):
+        if by not in ("index", "key"):
+            raise ValueError(f"unknown join {by!r}; expected 'index' or 'key'")
+        self.dataset, self.by, self.cache_bytes = dataset, by, int(cache_bytes)
+        self._store: TargetStore | None = store
+        self._reopen = (type(store), store.url, store.manifest, store.fs, store.root, store.verify_mode)
+        m = store.manifest
+        self.rows: np.ndarray | None = None
+        if by == "index":
+            if len(dataset) != len(store):
+                raise ValueError(
+                    f"cannot join by index: the dataset has {len(dataset)} items, {store.url} has {len(store)} rows"
+                )
+        else:
+            wanted = dataset_keys(dataset, keys)
+            table = {k: i for i, k in enumerate(store.keys())}
+            missing = [k for k in wanted if k not in table]
+            if missing:
+                raise KeyError(f"{len(missing)} dataset keys are not in {store.url}, e.g. {missing[:5]}")
+            self.rows = np.array([table[k] for k in wanted], dtype=np.int64)
+        unit_rows = unit_rows_for(m.layout, m.block_rows, m.shard_rows, m.sample_layout)
+        self.units = Units.from_shards([(s.start, s.rows) for s in m.shards], unit_rows, grouped=False)
+        self._cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._cached_bytes = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_store"], state["_cache"], state["_cached_bytes"] = None, OrderedDict(), 0
+        return state
+
+    @property
+    def store(self) -> TargetStore:
+        if self._store is None:
+            cls, *args = self._reopen
+            self._store = cls(*args)
+        return self._store
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def row_of(self, i: int) -> int:
+        """Store row joined to dataset item ``i``."""
+        return int(i) if self.rows is None else int(self.rows[i])
+
+    def _unit(self, u: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits [n, ...] stored dtype, labels int64 [n])`` of unit ``u``, through the LRU cache."""
+        hit = self._cache.get(u)
+        if hit is not None:
+            self._cache.move_to_end(u)
+            return hit
+        r = self.store.rows(int(self.units.starts[u]), int(self.units.stops[u]))
+        entry = (r["logits"], r["label"])
+        self._cache[u] = entry
+        self._cached_bytes += entry[0].nbytes + entry[1].nbytes
+        while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
+            _, (lg, lb) = self._cache.popitem(last=False)
+            self._cached_bytes -= lg.nbytes + lb.nbytes
+        return entry
+
+    def _targets(self, rows: list[int]) -> list[tuple[torch.Tensor, int]]:
+        units = np.searchsorted(self.units.starts, np.asarray(rows, dtype=np.int64), side="right") - 1
+        out: list[tuple[torch.Tensor, int] | None] = [None] * len(rows)
+        for u in np.unique(units).tolist():
+            logits, labels = self._unit(u)
+            base = int(self.units.starts[u])
+            for pos in np.flatnonzero(units == u).tolist():
+                off = rows[pos] - base
+                out[pos] = (logits[off].clone(), int(labels[off]))
+        return out  # type: ignore[return-value]
+
+    @staticmethod
+    def _assemble(item: Any, target: tuple[torch.Tensor, int]) -> tuple[Any, Any, torch.Tensor]:
+        logits, label = target
+        if isinstance(item, (tuple, list)) and len(item) >= 2:
+            return item[0], item[1], logits
+        return (item[0] if isinstance(item, (tuple, list)) else item), label, logits
+
+    def __getitem__(self, i: int) -> tuple[Any, Any, torch.Tensor]:
+        if not -len(self) <= int(i) < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} items")
+        i = int(i) % len(self)
+        return self._assemble(self.dataset[i], self._targets([self.row_of(i)])[0])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[Any, Any, torch.Tensor]]:
+        indices = [int(i) for i in indices]
+        targets = self._targets([self.row_of(i) for i in indices])
+        return [self._assemble(it, t) for it, t in zip(fetch(self.dataset, indices), targets, strict=True)]
+
+
+def with_targets(
+    dataset: Any,
+    store: str | os.PathLike[str] | TargetStore,
+    by: str = "index",
+    *,
+    keys: Sequence[str] | Callable[[int], str] | None = None,
+    cache_bytes: int = 256 << 20,
+    verify: str = "lazy",
+) -> TargetJoin:
+    """A map-style dataset whose item ``i`` is ``(x, y, teacher_logits)``.
+
+    ``x``, ``y`` come from ``dataset[i]`` (an ``(x, y, ...)`` tuple); when the item is not a
+    tuple, ``x`` is the item and ``y`` the store's label (int, -1 = unlabelled).
+    ``teacher_logits`` is the joined store row, ``[C]`` or ``[K, C]`` in the stored dtype
+    (``default_collate`` stacks them to ``[B, C]`` / ``[B, K, C]``).
+
+    Args:
+        by: ``"index"``: item ``i`` <-> store row ``i`` (lengths must match); ``"key"``: item ``i``
+            <-> the row whose key is the item's key (from ``keys``, a sequence aligned with the
+            dataset or a function ``i -> key``, else the dataset's ``keys`` attribute/method).
+            Every item's key must be in the store (checked here, ``KeyError`` naming some missing).
+        cache_bytes: LRU budget for read units (whole zarr chunks / wds blocks).
+    """
+    if not isinstance(store, TargetStore):
+        store = open_targets(store, verify=verify)
+    return TargetJoin(dataset, store, by, keys, cache_bytes)

@@ -1,0 +1,684 @@
+"""Stage one: run a teacher ensemble over a transfer set once and write its logits to a target store.
+
+The transfer set is cut into the store's shards (rows ``[i * shard_rows, (i + 1) * shard_rows)``).
+A shard is the unit of work, of retry and of resume: one :class:`ShardRunner` computes a
+shard's rows batch by batch, starting at the shard's first row (so results do not depend on
+which shards ran before), and writes it whole with ``write_shard`` (atomic, idempotent, marked
+done when complete). The driver, :func:`precompute`, creates the store, runs the shards that
+are not done yet (in this process, or as dask tasks: :mod:`softtargets.cluster`) and writes the
+manifest last.
+
+Per batch, on the device: every teacher's forward pass under ``torch.inference_mode()`` (and
+optional autocast), the logits stacked to ``[B, K, C]`` float32, a per-teacher finiteness mask
+``[B, K]``, and the store's reduction (:func:`softtargets.temperature.reduce_teachers`). A
+background writer thread, fed by a bounded queue, takes the results off the device, checks
+them, and writes finished shards, so the device does not wait on storage.
+
+Non-finite teacher logits (``nonfinite``): ``"error"`` (default) stops the run with
+:class:`NonFiniteError` naming the teacher and the sample keys. ``"uniform"`` replaces the
+offending teacher's row with zeros (a uniform distribution for that teacher: the ensemble
+rules then average it in as such) and lists ``{key: [teacher, ...]}`` in the manifest's
+``extra["nonfinite"]``. Rows cannot be skipped: a store holds every transfer-set sample.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import math
+import multiprocessing
+import os
+import queue
+import threading
+import uuid
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from .cluster import TaskFailure
+from .manifest import Manifest, ShardRecord
+from .store import BYTES_PER_DTYPE, attach_writer, create_targets, default_rows
+from .store.base import MARKER_DIR, TargetWriter
+from .store.files import atomic_write, join, url_to_fs
+from .teachers import Teacher, TeacherSpec, load_teachers, num_classes_of
+from .temperature import reduce_teachers
+from .transfer import Batch, TransferSet, as_transfer_set, check_unique_keys
+
+__all__ = [
+    "AUTOCAST",
+    "NONFINITE",
+    "NonFiniteError",
+    "PrecomputeJob",
+    "RunOptions",
+    "ShardRunner",
+    "load_transfer_set",
+    "precompute",
+    "resolve_device",
+]
+
+log = logging.getLogger("softtargets.precompute")
+
+AUTOCAST: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+NONFINITE = ("error", "uniform")
+SETTINGS_FILE = f"{MARKER_DIR}/precompute-settings"  # run settings, for the resume check
+_NONFINITE_SUFFIX = ".nonfinite"  # per-shard {key: [teachers]} beside the shard markers
+INPUT_MEMBER = "input.npy"
+
+
+class NonFiniteError(ValueError):
+    """A teacher gave NaN or Inf logits; the message names the teacher and the sample keys."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Settings shared by the driver and every shard task
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How shards are computed (the same in every process).
+
+    Attributes:
+        batch_size: rows per forward pass; each shard's batches start at its first row.
+        num_workers: ``DataLoader`` worker processes per shard runner (0 = load in the runner).
+        device: ``"auto"`` (CUDA when present: in a dask worker, GPU ``worker name % GPUs``;
+            else CPU), or a torch device string.
+        autocast: ``None``, ``"bf16"`` or ``"fp16"``. fp16 needs CUDA (refused on CPU); bf16
+            also runs on CPU. Outputs are cast to float32 before the ensemble rule.
+        nonfinite: ``"error"`` or ``"uniform"`` (see the module docstring).
+        pack_inputs: also write each sample's input as ``input.npy`` (wds ``sample`` layout).
+        queue_size: batches in flight between the compute loop and the writer thread.
+    """
+
+    batch_size: int = 256
+    num_workers: int = 2
+    device: str = "auto"
+    autocast: str | None = None
+    nonfinite: str = "error"
+    pack_inputs: bool = False
+    queue_size: int = 8
+
+    def __post_init__(self) -> None:
+        if int(self.batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if int(self.num_workers) < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.autocast not in (None, *AUTOCAST):
+            raise ValueError(f"unknown autocast {self.autocast!r}; expected None, 'bf16' or 'fp16'")
+        if self.nonfinite not in NONFINITE:
+            raise ValueError(f"unknown nonfinite policy {self.nonfinite!r}; expected one of {NONFINITE}")
+        if int(self.queue_size) < 1:
+            raise ValueError(f"queue_size must be >= 1, got {self.queue_size}")
+
+    def settings(self) -> dict[str, Any]:
+        """What changes the stored bits; recorded in the manifest and checked on resume."""
+        return {"batch_size": int(self.batch_size), "autocast": self.autocast, "nonfinite": self.nonfinite}
+
+
+@dataclass
+class PrecomputeJob:
+    """Everything a process needs to compute shards of one store; small and picklable.
+
+    ``teachers`` are specs (``nn.Module`` objects or config mappings, see
+    :mod:`softtargets.teachers`) with the driver's ``fingerprints``: a process that loads a
+    teacher with other weights (a factory without fixed weights or seed) is refused.
+    ``dataset`` is a :class:`TransferSet` or a spec mapping for :func:`load_transfer_set`.
+    """
+
+    url: str
+    teachers: list[TeacherSpec]
+    fingerprints: list[str]
+    dataset: Any
+    num_samples: int
+    dataset_fingerprint: str
+    options: RunOptions
+    storage_options: dict[str, Any] | None = None
+    token: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Transfer sets from config
+
+
+def _import(path: str, what: str) -> Any:
+    module_path, sep, attr_path = str(path).partition(":")
+    if not sep or not module_path or not attr_path:
+        raise ValueError(f"{what}: expected 'package.module:function', got {path!r}")
+    try:
+        obj: Any = importlib.import_module(module_path)
+    except ImportError as exc:
+        raise ImportError(f"{what}: cannot import module {module_path!r} of {path!r}: {exc}") from exc
+    for part in attr_path.split("."):
+        if not hasattr(obj, part):
+            raise ImportError(f"{what}: {path!r} not found ({part!r} missing)")
+        obj = getattr(obj, part)
+    return obj
+
+
+def load_transfer_set(spec: Any) -> TransferSet:
+    """A :class:`TransferSet` from a dataset object, WebDataset URL(s), or a config mapping.
+
+    Mappings: ``{"factory": "pkg.mod:fn", "kwargs": {...}, "name": ...}`` (``fn(**kwargs)``
+    returns a map-style dataset) or ``{"webdataset": "shards-{000..009}.tar", "name": ...}``.
+    """
+    if not isinstance(spec, Mapping):
+        return as_transfer_set(spec)
+    allowed = {"factory", "kwargs", "webdataset", "name"}
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        raise ValueError(f"transfer_set: unknown keys {unknown}; allowed: {sorted(allowed)}")
+    if ("factory" in spec) == ("webdataset" in spec):
+        raise ValueError("transfer_set: give exactly one of 'factory' and 'webdataset'")
+    name = spec.get("name")
+    if "webdataset" in spec:
+        return as_transfer_set(spec["webdataset"], name=name)
+    kwargs = spec.get("kwargs") or {}
+    dataset = _import(spec["factory"], "transfer_set factory")(**kwargs)
+    return as_transfer_set(dataset, name=name or str(spec["factory"]).rpartition(":")[2])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Devices
+
+
+def _worker_ordinal() -> int:
+    """This dask worker's name as an int (LocalCluster names workers 0..n-1); 0 elsewhere."""
+    try:
+        from distributed import get_worker
+
+        return int(get_worker().name)
+    except (ImportError, ValueError, TypeError):
+        return 0
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"``: CUDA when present (GPU ``worker ordinal % count`` in a dask worker), else CPU."""
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", _worker_ordinal() % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def check_autocast(device: torch.device, autocast: str | None) -> None:
+    """Refuse fp16 autocast off CUDA (CPU fp16 matmuls are slow and rarely what anyone wants)."""
+    if autocast == "fp16" and device.type != "cuda":
+        raise ValueError(f"autocast='fp16' needs a CUDA device, this runs on {device}; use autocast='bf16' "
+                         "(supported on CPU) or none")
+
+
+_DEVICE_LOCKS: dict[str, threading.Lock] = {}
+_LOCKS_LOCK = threading.Lock()
+
+
+def _device_lock(device: torch.device) -> threading.Lock:
+    """One compute loop per device per process; a second dask thread meanwhile writes its shard."""
+    with _LOCKS_LOCK:
+        return _DEVICE_LOCKS.setdefault(str(device), threading.Lock())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Computing and writing shards
+
+
+@dataclass
+class _Item:
+    """One computed batch on its way to the writer thread (CPU tensors once ``event`` completes)."""
+
+    shard: int
+    keys: list[str]
+    logits: torch.Tensor  # [B, K, C] or [B, C] float32
+    bad: torch.Tensor  # [B, K] bool: teacher k gave a non-finite row
+    labels: torch.Tensor  # [B] int64
+    x: torch.Tensor | None  # [B, ...] inputs, when packed
+    event: Any = None  # torch.cuda.Event: the device-to-host copies are done
+
+
+@dataclass
+class _Part:
+    items: list[_Item] = field(default_factory=list)
+    rows: int = 0
+    nonfinite: dict[str, list[str]] = field(default_factory=dict)
+
+
+_END = object()
+
+
+class _ShardWriterThread(threading.Thread):
+    """Takes computed batches from a bounded queue and writes each shard once all its rows are in."""
+
+    def __init__(self, runner: ShardRunner, queue_size: int) -> None:
+        super().__init__(name="softtargets-writer", daemon=True)
+        self.runner = runner
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self.parts: dict[int, _Part] = {}
+        self.records: list[ShardRecord] = []
+        self.error: BaseException | None = None
+        self.on_shard: Callable[[ShardRecord], None] | None = None
+
+    def put(self, item: Any) -> None:
+        """Queue ``item``; raises the writer's error if it has failed."""
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.queue.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                if not self.is_alive():
+                    raise RuntimeError("the shard writer thread stopped") from self.error
+
+    def finish(self) -> list[ShardRecord]:
+        """Wait for every queued shard to be written; returns their records in write order."""
+        self.put(_END)
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.records
+
+    def drain(self) -> None:
+        """After a failure upstream: write the shards whose rows are all queued, drop partial ones.
+
+        Nothing computed is thrown away that a resume could keep; errors of the writer itself
+        (if it is the one that failed) are left to the caller's exception.
+        """
+        while self.is_alive() and self.error is None:
+            with contextlib.suppress(queue.Full):
+                self.queue.put(_END, timeout=0.05)
+                break
+        self.join()
+
+    def run(self) -> None:
+        try:
+            with torch.inference_mode():
+                while True:
+                    item = self.queue.get()
+                    if item is _END:
+                        return
+                    self._take(item)
+        except BaseException as exc:  # handed to the compute thread
+            self.error = exc
+
+    def _take(self, item: _Item) -> None:
+        if item.event is not None:
+            item.event.synchronize()
+        part = self.parts.setdefault(item.shard, _Part())
+        if item.bad.any():
+            part.nonfinite.update(self.runner._nonfinite(item))
+        part.items.append(item)
+        part.rows += len(item.keys)
+        start, stop = self.runner.spec.shard_range(item.shard)
+        if part.rows == stop - start:
+            record = self.runner._write(item.shard, self.parts.pop(item.shard))
+            self.records.append(record)
+            if self.on_shard is not None:
+                self.on_shard(record)
+
+
+class ShardRunner:
+    """Computes and writes whole shards of one store on one device.
+
+    Args:
+        teachers: the loaded ensemble (moved to ``device`` here).
+        transfer_set: the inputs; row ``i`` of the store is ``transfer_set[i]``.
+        writer: a writer of the unfinished store (``create_targets`` or ``attach_writer``).
+        options: see :class:`RunOptions`.
+    """
+
+    def __init__(self, teachers: Sequence[Teacher], transfer_set: TransferSet, writer: TargetWriter,
+                 options: RunOptions) -> None:
+        self.options = options
+        self.device = resolve_device(options.device)
+        check_autocast(self.device, options.autocast)
+        self.teachers = list(teachers)
+        for t in self.teachers:
+            t.module.to(self.device)
+        self.transfer_set = transfer_set
+        self.writer = writer
+        self._batches: list[list[int]] = []
+        self._dataloader: DataLoader | None = None
+        self.spec: Manifest = writer.spec
+        if len(transfer_set) != self.spec.num_samples:
+            raise ValueError(f"the transfer set has {len(transfer_set)} samples, the store {writer.url} "
+                             f"expects {self.spec.num_samples}")
+        if options.pack_inputs and not self.spec.inputs:
+            raise ValueError(f"{writer.url}: pack_inputs needs a store created with inputs (wds 'sample' layout)")
+
+    # -- the compute loop -------------------------------------------------------------------------
+
+    def run(self, shard_ids: Sequence[int], on_rows: Callable[[int], None] | None = None,
+            on_shard: Callable[[ShardRecord], None] | None = None) -> list[ShardRecord]:
+        """Compute and write ``shard_ids``; returns their records (in the order they were written).
+
+        ``on_rows(n)`` is called from this thread after each batch's forward pass;
+        ``on_shard(record)`` from the writer thread after each shard is written.
+        """
+        sink = _ShardWriterThread(self, self.options.queue_size)
+        sink.on_shard = on_shard
+        sink.start()
+        try:
+            with _device_lock(self.device):
+                for batch in self._loader(shard_ids):
+                    sink.put(self._forward(batch))
+                    if on_rows is not None:
+                        on_rows(len(batch.keys))
+            return sink.finish()
+        except BaseException:
+            sink.drain()
+            raise
+
+    def _loader(self, shard_ids: Sequence[int]) -> Iterator[Batch]:
+        """Batches of ``batch_size`` rows in shard order; each shard's first batch starts at its first row.
+
+        One DataLoader per runner, with persistent workers: a dask worker process runs many shard
+        tasks, and its DataLoader workers start once (they are spawned there: seconds each).
+        """
+        bs = int(self.options.batch_size)
+        batches = []
+        for sid in shard_ids:
+            start, stop = self.spec.shard_range(sid)
+            batches += [list(range(lo, min(lo + bs, stop))) for lo in range(start, stop, bs)]
+        self._batches[:] = batches  # the loader's batch sampler, read at each iter()
+        if self._dataloader is None:
+            workers = int(self.options.num_workers)
+            if workers and multiprocessing.current_process().daemon:
+                warnings.warn("this process is daemonic (a dask worker with distributed.worker.daemon=True) and "
+                              "cannot start DataLoader workers; loading in the process (num_workers=0)",
+                              stacklevel=2)
+                workers = 0
+            cuda = self.device.type == "cuda"
+            self._dataloader = DataLoader(
+                self.transfer_set, batch_sampler=self._batches, collate_fn=self.transfer_set.collate,
+                num_workers=workers, persistent_workers=workers > 0, pin_memory=cuda,
+                pin_memory_device=str(self.device) if cuda else "",
+            )
+        yield from self._dataloader
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.options.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=AUTOCAST[self.options.autocast])
+
+    def _forward(self, batch: Batch) -> _Item:
+        """All K teachers on one batch; the store's reduction on the device; async copy to the host."""
+        start = self.spec.shard_rows * (int(batch.indices[0]) // self.spec.shard_rows)
+        shard = start // self.spec.shard_rows
+        b, c = len(batch.keys), self.spec.num_classes
+        with torch.inference_mode():
+            x = batch.x.to(self.device, non_blocking=True)
+            outs = []
+            with self._autocast():
+                for t in self.teachers:
+                    out = t.module(x)
+                    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (b, c):
+                        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                        raise ValueError(f"teacher {t.name!r} returned {got} for a batch of {b} "
+                                         f"(shard {shard}); expected logits [{b}, {c}]")
+                    outs.append(out)
+            logits = torch.stack([o.float() for o in outs], dim=1)  # [B, K, C]
+            bad = ~torch.isfinite(logits).all(dim=-1)  # [B, K]
+            logits = torch.where(bad[..., None], torch.zeros((), device=logits.device), logits)
+            reduced = reduce_teachers(logits, self.spec.content, self.spec.temperature or 1.0)
+            x_host = batch.x if self.options.pack_inputs else None
+            if self.device.type != "cuda":
+                return _Item(shard, batch.keys, reduced, bad, batch.labels, x_host)
+            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (reduced, bad)]
+            for dst, src in zip(host, (reduced, bad), strict=True):
+                dst.copy_(src, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            return _Item(shard, batch.keys, host[0], host[1], batch.labels, x_host, event)
+
+    # -- on the writer thread ---------------------------------------------------------------------
+
+    def _nonfinite(self, item: _Item) -> dict[str, list[str]]:
+        """``{key: [teacher names]}`` of the batch's non-finite rows, or :class:`NonFiniteError`."""
+        found: dict[str, list[str]] = {}
+        for row, k in item.bad.nonzero().tolist():
+            found.setdefault(item.keys[row], []).append(self.teachers[k].name)
+        if self.options.nonfinite == "error":
+            by_teacher: dict[str, list[str]] = {}
+            for key, names in found.items():
+                for name in names:
+                    by_teacher.setdefault(name, []).append(key)
+            detail = "; ".join(f"teacher {n!r} on {len(ks)} samples, keys {ks[:8]}" for n, ks in by_teacher.items())
+            raise NonFiniteError(f"NaN/Inf teacher logits in shard {item.shard} of {self.writer.url}: {detail}. "
+                                 "Fix the teacher or drop those samples, or pass nonfinite='uniform' to store a "
+                                 "uniform distribution for them (listed in the manifest)")
+        return found
+
+    def _write(self, shard: int, part: _Part) -> ShardRecord:
+        keys = [k for it in part.items for k in it.keys]
+        logits = torch.cat([it.logits for it in part.items])
+        labels = torch.cat([it.labels for it in part.items])
+        inputs = None
+        if self.options.pack_inputs:
+            inputs = [{INPUT_MEMBER: x.numpy()} for it in part.items for x in it.x]
+        side = join(self.writer.root, f"{MARKER_DIR}/{shard:06d}{_NONFINITE_SUFFIX}")
+        if part.nonfinite:
+            atomic_write(self.writer.fs, side, json.dumps(part.nonfinite, sort_keys=True).encode())
+        elif self.writer.fs.exists(side):
+            self.writer.fs.rm(side)
+        return self.writer.write_shard(shard, keys, logits, labels, inputs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One runner per process per job (dask tasks)
+
+_RUNNERS: dict[str, ShardRunner] = {}
+_RUNNERS_LOCK = threading.Lock()
+
+
+def runner_for(job: PrecomputeJob) -> ShardRunner:
+    """This process's runner for ``job``: teachers loaded once, checked against the driver's fingerprints."""
+    with _RUNNERS_LOCK:
+        runner = _RUNNERS.get(job.token)
+        if runner is None:
+            _RUNNERS.clear()  # one job at a time: free the previous job's teachers
+            runner = _RUNNERS[job.token] = _make_runner(job)
+        return runner
+
+
+def _make_runner(job: PrecomputeJob) -> ShardRunner:
+    teachers = load_teachers(job.teachers)
+    for t, want in zip(teachers, job.fingerprints, strict=True):
+        if t.sha256 != want:
+            raise ValueError(f"teacher {t.name!r} loaded in this process has other weights (sha256 {t.sha256[:12]}) "
+                             f"than on the driver ({want[:12]}): its factory is not deterministic; give it "
+                             "'weights' or seed it")
+    ts = load_transfer_set(job.dataset)
+    if len(ts) != job.num_samples:
+        raise ValueError(f"the transfer set built in this process has {len(ts)} samples, the driver's "
+                         f"{job.num_samples}")
+    if ts.key_source != "item" and ts.fingerprint != job.dataset_fingerprint:
+        raise ValueError("the transfer set built in this process has other keys than the driver's; its factory "
+                         "must be deterministic")
+    return ShardRunner(teachers, ts, attach_writer(job.url, job.storage_options), job.options)
+
+
+_NOT_RETRIED = (NonFiniteError, ValueError, TypeError, OverflowError, ImportError)
+
+
+def run_shard_task(job: PrecomputeJob, shard_id: int) -> ShardRecord | TaskFailure:
+    """Dask task: compute and write shard ``shard_id`` of ``job``'s store.
+
+    Deterministic errors (bad teacher output, NaN/Inf, bad data, import errors) come back as
+    :class:`TaskFailure`; others (I/O, a lost DataLoader worker) raise, and dask retries them.
+    """
+    try:
+        return runner_for(job).run([shard_id])[0]
+    except _NOT_RETRIED as exc:
+        return TaskFailure(exc)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The driver
+
+
+def _refuse_existing(url: str, storage_options: dict | None) -> None:
+    fs, root = url_to_fs(url, **(storage_options or {}))
+    if fs.exists(root) and (not fs.isdir(root) or fs.ls(root)):
+        raise FileExistsError(f"{url} exists; pass resume=True to continue an unfinished run, or overwrite=True "
+                              "to replace it")
+
+
+def _check_settings(writer: TargetWriter, settings: dict[str, Any], resumed: bool) -> None:
+    """Record the run settings beside the shard markers; on resume, refuse different ones."""
+    path = join(writer.root, SETTINGS_FILE)
+    if resumed and writer.fs.exists(path):
+        before = json.loads(writer.fs.cat_file(path))
+        diff = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+        if diff:
+            detail = "; ".join(f"{k}: stored {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"cannot resume {writer.url} with other settings ({detail}): shards would differ; "
+                             "use the original settings or overwrite=True")
+        return
+    atomic_write(writer.fs, path, json.dumps(settings, sort_keys=True).encode())
+
+
+def _collect_nonfinite(writer: TargetWriter) -> dict[str, list[str]]:
+    marker_dir = join(writer.root, MARKER_DIR)
+    found: dict[str, list[str]] = {}
+    if writer.fs.exists(marker_dir):
+        for path in sorted(writer.fs.ls(marker_dir, detail=False)):
+            if path.endswith(_NONFINITE_SUFFIX):
+                found.update(json.loads(writer.fs.cat_file(path)))
+    return found
+
+
+def _example_batch(ts: TransferSet) -> torch.Tensor:
+    return ts.collate([ts[i] for i in range(min(2, len(ts)))]).x
+
+
+def _progress(total: int, enabled: bool, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="sample", unit_scale=True, dynamic_ncols=True, desc=desc,
+                disable=not enabled or None)
+
+
+def precompute(
+    teachers: Sequence[TeacherSpec],
+    dataset: Any,
+    out: str | os.PathLike[str],
+    *,
+    content: str = "per_teacher",
+    temperature: float | None = None,
+    layout: str | None = None,
+    dtype: str = "float16",
+    shard_rows: int | None = None,
+    block_rows: int | None = None,
+    compressor: str = "none",
+    overflow: str = "error",
+    class_names: Sequence[str] | None = None,
+    batch_size: int = 256,
+    num_workers: int = 2,
+    device: str = "auto",
+    autocast: str | None = None,
+    nonfinite: str = "error",
+    pack_inputs: bool = False,
+    scheduler: Any = None,
+    workers: int | None = None,
+    retries: int = 3,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    storage_options: dict[str, Any] | None = None,
+) -> Manifest:
+    """Run ``teachers`` over ``dataset`` once and write their logits to a target store at ``out``.
+
+    Args:
+        teachers: K teacher specs: ``nn.Module`` objects or config mappings (see
+            :func:`softtargets.teachers.load_teacher`). They must agree on C.
+        dataset: a :class:`TransferSet`, a map-style dataset, WebDataset URL(s), or a mapping for
+            :func:`load_transfer_set`. Keys must be unique. Inputs are stacked per batch as given.
+        out: the store's path or fsspec URL.
+        content: ``per_teacher`` (``[N, K, C]``), ``geometric`` (mean logits ``[N, C]``) or
+            ``arithmetic`` (``log mean_k softmax(v_k / T0)`` ``[N, C]``; needs ``temperature=T0``).
+        layout, dtype, shard_rows, block_rows, compressor, overflow, class_names: as in
+            :func:`softtargets.create_targets`. A shard is also the unit of work and of resume.
+        batch_size, num_workers, device, autocast, nonfinite, pack_inputs: see :class:`RunOptions`.
+            ``pack_inputs`` writes a wds ``sample``-layout store with ``input.npy`` beside each row.
+        scheduler: ``None`` (a dask ``LocalCluster``: one worker per visible GPU, one on CPU),
+            ``"local"`` (this process, no dask), a scheduler address ``"tcp://host:port"``, or a
+            ``distributed.Client``.
+        workers: LocalCluster workers (default: one per GPU, one on CPU).
+        retries: dask retries of a failed shard task (a lost worker is recomputed by dask anyway).
+        resume: continue an unfinished store: shards that are complete and verified are kept.
+        overwrite: replace whatever is at ``out``. Without either, an existing ``out`` is refused.
+        progress: a tqdm bar (samples/s, ETA).
+
+    Returns:
+        The written :class:`Manifest`. The store is complete only once this returns; a failed or
+        killed run leaves no manifest (``open_targets`` refuses it) and can be resumed.
+    """
+    if resume and overwrite:
+        raise ValueError("pass resume=True or overwrite=True, not both")
+    options = RunOptions(batch_size=batch_size, num_workers=num_workers, device=device, autocast=autocast,
+                         nonfinite=nonfinite, pack_inputs=pack_inputs)
+    url = os.fspath(out)
+    if not (resume or overwrite):
+        _refuse_existing(url, storage_options)
+    if pack_inputs and (layout or "wds") != "wds":
+        raise ValueError(f"pack_inputs writes inputs into tar samples: it needs layout='wds', not {layout!r}")
+    local = scheduler == "local"
+    if local or scheduler is None:
+        check_autocast(resolve_device(device), autocast)
+
+    loaded = load_teachers(teachers)
+    ts = load_transfer_set(dataset)
+    n = len(ts)
+    if n == 0:
+        raise ValueError("the transfer set is empty")
+    check_unique_keys(ts.all_keys())
+    num_classes = num_classes_of(loaded, _example_batch(ts))
+
+    if shard_rows is not None and block_rows is None:  # a read unit that divides the shard
+        k = len(loaded) if content == "per_teacher" else 1
+        auto_block, _ = default_rows(BYTES_PER_DTYPE.get(dtype, 4) * num_classes * k)
+        block_rows = math.gcd(int(shard_rows), auto_block)
+    writer = create_targets(
+        url, num_classes=num_classes, content=content, teachers=[t.info() for t in loaded], layout=layout or (
+            "wds" if pack_inputs else None), dtype=dtype, temperature=temperature, overflow=overflow, num_samples=n,
+        shard_rows=shard_rows, block_rows=block_rows, sample_layout="sample" if pack_inputs else "block",
+        inputs={INPUT_MEMBER: "the transfer-set input x of this row"} if pack_inputs else None,
+        class_names=class_names, transfer_set={"name": ts.name, "fingerprint": ts.fingerprint},
+        compressor=compressor, overwrite=overwrite, resume=resume, storage_options=storage_options,
+    )
+    spec = writer.spec
+    done = writer.completed_shards(verify=True) if resume else {}
+    _check_settings(writer, options.settings(), resumed=resume)
+    todo = [i for i in range(spec.num_shards) if i not in done]
+    if done:
+        log.info("resuming %s: %d of %d shards already complete, %d to do", url, len(done), spec.num_shards, len(todo))
+    rows_todo = sum(spec.shard_range(i)[1] - spec.shard_range(i)[0] for i in todo)
+
+    with _progress(rows_todo, progress, "precompute") as bar:
+        if not todo:
+            records: list[ShardRecord] = []
+        elif local:
+            runner = ShardRunner(loaded, ts, writer, options)
+            records = runner.run(todo, on_rows=bar.update)
+        else:
+            from .cluster import map_shards
+
+            job = PrecomputeJob(
+                url=url, teachers=list(teachers), fingerprints=[t.sha256 for t in loaded],
+                dataset=dataset if isinstance(dataset, Mapping) else ts, num_samples=n,
+                dataset_fingerprint=ts.fingerprint, options=options, storage_options=storage_options,
+            )
+            records = map_shards(run_shard_task, job, todo, scheduler=scheduler, workers=workers, retries=retries,
+                                 on_result=lambda rec: bar.update(rec.rows), name=f"softtargets-{job.token}")
+    spec.extra["precompute"] = options.settings()
+    nonfinite_rows = _collect_nonfinite(writer)
+    if nonfinite_rows:
+        spec.extra["nonfinite"] = {"policy": options.nonfinite, "rows": nonfinite_rows}
+        log.warning("%d samples had NaN/Inf teacher logits, stored as uniform: see manifest extra['nonfinite']",
+                    len(nonfinite_rows))
+    return writer.finalize([*done.values(), *records])
+

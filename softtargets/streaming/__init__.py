@@ -1,0 +1,80 @@
+"""Stage two: stream a target store into training.
+
+:func:`stream` gives a ``torch.utils.data.IterableDataset`` of whole batches, split across
+DDP ranks and DataLoader workers, shuffled deterministically per ``(seed, epoch)``, and
+resumable mid-epoch. See :mod:`softtargets.streaming.plan` for the splitting rules.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..store import TargetStore, open_targets
+from .dataset import StreamLoader, TargetStream, resolve_rank
+from .inputs import Decoder, default_decode
+from .plan import EpochPlan, SplitConfig
+
+
+def stream(
+    url_or_store: str | os.PathLike[str] | TargetStore,
+    *,
+    batch_size: int,
+    shuffle: bool = True,
+    seed: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+    remainder: str = "pad",
+    drop_last: bool = False,
+    buffer_size: int | None = None,
+    inputs: bool = True,
+    decode: Decoder | None = None,
+    dataset: Any = None,
+    by: str = "index",
+    dataset_keys: Sequence[str] | Callable[[int], str] | None = None,
+    verify: str = "lazy",
+    storage_options: dict | None = None,
+) -> TargetStream:
+    """Stream a target store as batches for one training rank.
+
+    Use ``DataLoader(ds, batch_size=None, num_workers=n)`` or ``ds.loader(num_workers=n)``.
+
+    Args:
+        url_or_store: a store URL/path (opened with ``verify`` and ``storage_options``) or an open store.
+        batch_size: B, rows per batch.
+        shuffle: permute read units and rows within each shuffle buffer, per ``(seed, epoch)``.
+        seed: base seed (>= 0); the same on every rank.
+        rank, world_size: this rank and the number of ranks; default from ``torch.distributed`` when
+            initialised, else ``(0, 1)``.
+        remainder: ``"pad"`` (each rank gets ``ceil(N / W)`` rows; the extra ``W ceil(N / W) - N``
+            positions repeat rows from the start of the epoch's order) or ``"drop"`` (``floor(N / W)``
+            rows each; ``N mod W`` rows skipped this epoch). Every rank yields the same number of batches.
+        drop_last: drop each rank's final short batch.
+        buffer_size: rows shuffled together in memory (rounded down to whole batches); default
+            ~64 MiB of logits.
+        inputs: stream the inputs a wds ``sample`` store packs beside the targets (``.npy`` members
+            become tensors named without the suffix, e.g. ``input``; others stay lists of bytes).
+        decode: per-sample ``{member: bytes} -> {name: value}`` for packed inputs (default
+            :func:`default_decode`); values are batched with ``default_collate``.
+        dataset, by, dataset_keys: join a map-style dataset's items as ``input``: item ``i`` for
+            store row ``i`` (``by="index"``), or the item whose key (``dataset_keys`` or the
+            dataset's ``keys``) equals the row's key (``by="key"``).
+
+    Batches: ``key`` list[str], ``index`` int64 [B], ``teacher_logits`` [B, C] / [B, K, C] in the
+    stored dtype, ``label`` int64 [B] (-1 unlabelled), ``epoch`` and ``batch_idx`` ints, plus inputs.
+    """
+    store = url_or_store if isinstance(url_or_store, TargetStore) else open_targets(
+        url_or_store, verify=verify, storage_options=storage_options
+    )
+    return TargetStream(
+        store, batch_size=batch_size, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
+        remainder=remainder, drop_last=drop_last, buffer_size=buffer_size, inputs=inputs, decode=decode,
+        dataset=dataset, by=by, dataset_keys=dataset_keys,
+    )
+
+
+__all__ = [
+    "Decoder", "EpochPlan", "SplitConfig", "StreamLoader", "TargetStream", "default_decode", "resolve_rank",
+    "stream",
+]

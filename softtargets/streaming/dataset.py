@@ -1,0 +1,283 @@
+"""``TargetStream``: an ``IterableDataset`` of batches of stored teacher logits.
+
+Batches are dicts: ``key`` list[str] [B], ``index`` int64 [B] (store rows), ``teacher_logits``
+[B, C] or [B, K, C] in the stored dtype (float16 stays float16; the loss upcasts), ``label``
+int64 [B] (-1 = unlabelled), ``epoch`` int and ``batch_idx`` int (the batch's number in this
+rank's epoch plan, for resumption), plus inputs when the store packs them (wds ``sample``
+layout: ``.npy`` members decoded and stacked, e.g. ``input`` [B, ...]) or a map-style dataset is
+joined (``input``). Use it with ``DataLoader(stream, batch_size=None, num_workers=n)``, or
+:meth:`TargetStream.loader`.
+
+Progress and resumption: see :meth:`TargetStream.state_dict`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..store import TargetStore
+from ..store.wds_layout import WdsStore
+from .inputs import DatasetJoin, Decoder, collate_packed
+from .plan import EpochPlan, SplitConfig, Units, unit_rows_for
+from .progress import BatchSet
+
+STATE_FORMAT = "softtargets.stream/1"
+DEFAULT_BUFFER_BYTES = 64 << 20
+ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """``(rank, world_size)``: as given, else from an initialised ``torch.distributed``, else ``(0, 1)``."""
+    if rank is None and world_size is None:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+    if rank is None or world_size is None:
+        raise ValueError("give both rank and world_size, or neither (then torch.distributed decides)")
+    if not 0 <= int(rank) < int(world_size):
+        raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
+    return int(rank), int(world_size)
+
+
+class TargetStream(IterableDataset):
+    """Batches of a target store for one rank, split across DataLoader workers. See :func:`stream`."""
+
+    def __init__(
+        self,
+        store: TargetStore,
+        *,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        remainder: str = "pad",
+        drop_last: bool = False,
+        buffer_size: int | None = None,
+        inputs: bool = True,
+        decode: Decoder | None = None,
+        dataset: Any = None,
+        by: str = "index",
+        dataset_keys: Sequence[str] | Callable[[int], str] | None = None,
+    ):
+        super().__init__()
+        m = store.manifest
+        self._store: TargetStore | None = store
+        self._reopen = (type(store), store.url, m, store.fs, store.root, store.verify_mode)
+        self.manifest = m
+        self.rank, self.world_size = resolve_rank(rank, world_size)
+        batch_size = int(batch_size)
+        if buffer_size is None:
+            row_bytes = ITEM_BYTES[m.dtype] * int(np.prod(m.logits_shape[1:]))
+            buffer_size = max(1, DEFAULT_BUFFER_BYTES // max(row_bytes, 1) // max(batch_size, 1)) * batch_size
+        elif int(buffer_size) < batch_size:
+            raise ValueError(f"buffer_size={buffer_size} must be >= batch_size={batch_size}")
+        window = int(buffer_size) // batch_size * batch_size
+        self.config = SplitConfig(
+            batch_size=batch_size, world_size=self.world_size, seed=int(seed), shuffle=bool(shuffle),
+            remainder=remainder, drop_last=bool(drop_last), window=window,
+        )
+        unit_rows = unit_rows_for(m.layout, m.block_rows, m.shard_rows, m.sample_layout)
+        self.units = Units.from_shards([(s.start, s.rows) for s in m.shards], unit_rows, grouped=m.layout == "wds")
+        self.packed = bool(inputs and m.inputs and m.layout == "wds")
+        self.decode = decode
+        if dataset is not None and self.packed:
+            raise ValueError("the store packs its own inputs; pass inputs=False to join a dataset instead")
+        self.join = None if dataset is None else DatasetJoin(dataset, by, len(store), dataset_keys)
+        self.epoch = 0
+        self._consumed = BatchSet()
+
+    # -- pickling to workers: the store is re-opened in each process -------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_store"] = None
+        return state
+
+    @property
+    def store(self) -> TargetStore:
+        if self._store is None:
+            cls, *args = self._reopen
+            self._store = cls(*args)
+        return self._store
+
+    # -- the plan ---------------------------------------------------------------------------------
+
+    def plan(self, epoch: int | None = None) -> EpochPlan:
+        """This rank's plan for ``epoch`` (default: the current one)."""
+        return EpochPlan(self.units, self.config, self.epoch if epoch is None else epoch, self.rank)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches this rank yields in a whole epoch (the same on every rank)."""
+        return self.plan().num_batches
+
+    def __len__(self) -> int:
+        """Batches left in the current epoch on this rank (all workers together)."""
+        return self.batches_per_epoch - len(self._consumed)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch to stream (like ``DistributedSampler.set_epoch``).
+
+        A different epoch starts afresh; the current epoch keeps its progress (so a resumed run
+        may call ``set_epoch`` with the epoch it resumes). An epoch whose batches were all
+        consumed has already moved on to the next.
+        """
+        epoch = int(epoch)
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self._consumed = BatchSet()
+
+    # -- progress ---------------------------------------------------------------------------------
+
+    def mark(self, batch: dict[str, Any]) -> None:
+        """Record ``batch`` as consumed. Done for you in the main process (``num_workers=0``) and by
+        :meth:`loader`; call it yourself after each batch of a plain multi-worker ``DataLoader``."""
+        e, j = int(batch["epoch"]), int(batch["batch_idx"])
+        if e < self.epoch:
+            return
+        if e > self.epoch:
+            self.epoch, self._consumed = e, BatchSet()
+        self._consumed.add(j)
+        if len(self._consumed) >= self.batches_per_epoch:
+            self.epoch, self._consumed = self.epoch + 1, BatchSet()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Progress: ``{"format", "epoch", "consumed": [[lo, hi), ...] batch ranges, "config"}``.
+
+        Resuming from it yields exactly the batches (hence samples) not yet consumed in that epoch,
+        with any number of DataLoader workers. ``config`` must match on load: store size and units,
+        batch size, world size, seed, shuffle, remainder, drop_last and buffer size. In lockstep DDP
+        every rank consumes the same batch numbers, so any rank's state serves all ranks.
+        """
+        return {
+            "format": STATE_FORMAT, "epoch": self.epoch, "consumed": self._consumed.ranges(),
+            "config": self._fingerprint(), "rank": self.rank,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`; ``ValueError`` naming the fields that differ from this stream."""
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a stream state (format {state.get('format')!r}, expected {STATE_FORMAT!r})")
+        mine, theirs = self._fingerprint(), state["config"]
+        diff = [f"{k}: saved {theirs.get(k)!r}, now {v!r}" for k, v in mine.items() if theirs.get(k) != v]
+        if diff:
+            raise ValueError("cannot resume: the stream differs from the saved one (" + "; ".join(diff) + ")")
+        consumed = BatchSet(state["consumed"])
+        if consumed.ranges() and consumed.ranges()[-1][1] > self.batches_per_epoch:
+            raise ValueError("cannot resume: the saved state lists batches beyond the epoch's end")
+        self.epoch, self._consumed = int(state["epoch"]), consumed
+
+    def _fingerprint(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "num_samples": self.manifest.num_samples, "num_units": len(self.units.starts),
+            "batch_size": c.batch_size, "world_size": c.world_size, "seed": c.seed, "shuffle": c.shuffle,
+            "remainder": c.remainder, "drop_last": c.drop_last, "buffer_size": c.window_rows,
+        }
+
+    # -- iteration --------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
+        plan = self.plan()
+        remaining = self._consumed.complement(plan.num_batches)
+        share = remaining[wid * len(remaining) // nw:(wid + 1) * len(remaining) // nw]
+        if len(share):
+            windows = share * self.config.batch_size // self.config.window_rows
+            cuts = np.flatnonzero(np.diff(windows)) + 1
+            for group in np.split(share, cuts):
+                k = plan.window_of(int(group[0]))
+                data = self._read_window(plan, k)
+                perm = plan.window_permutation(k)
+                for j in group.tolist():
+                    batch = self._batch(plan, data, perm, j)
+                    if info is None:
+                        self.mark(batch)
+                    yield batch
+        if info is not None:
+            # A worker's copy that outlives this pass (persistent_workers) moves on to the next epoch.
+            self.epoch, self._consumed = self.epoch + 1, BatchSet()
+
+    def _read_window(self, plan: EpochPlan, k: int) -> dict[str, Any]:
+        """Window ``k``'s rows in plan order: whole units read with ``store.rows``, concatenated."""
+        store = self.store
+        segs = plan.segments(*plan.window_range(k))
+        parts = [store.rows(a, b) for a, b in segs]
+        data: dict[str, Any] = {
+            "index": torch.cat([p["index"] for p in parts]),
+            "key": [key for p in parts for key in p["key"]],
+            "teacher_logits": torch.cat([p["logits"] for p in parts]),
+            "label": torch.cat([p["label"] for p in parts]),
+        }
+        if self.packed:
+            data["members"] = [m for a, b in segs for m in self._members(a, b)]
+        return data
+
+    def _members(self, a: int, b: int) -> list[dict[str, bytes]]:
+        """Raw packed input members of rows ``[a, b)`` (wds ``sample`` layout), from the decoded shards."""
+        store = self.store
+        assert isinstance(store, WdsStore)
+        out: list[dict[str, bytes]] = []
+        while a < b:
+            sid = store.shard_of(a)
+            shard = store.shards[sid]
+            hi = min(b, shard.stop)
+            out.extend(store.read_shard(sid)["inputs"][a - shard.start:hi - shard.start])
+            a = hi
+        return out
+
+    def _batch(self, plan: EpochPlan, data: dict[str, Any], perm: np.ndarray | None, j: int) -> dict[str, Any]:
+        a, b = plan.batch_offsets(j)
+        if perm is None:
+            batch = {
+                "key": data["key"][a:b], "index": data["index"][a:b],
+                "teacher_logits": data["teacher_logits"][a:b], "label": data["label"][a:b],
+            }
+            members = data["members"][a:b] if self.packed else None
+        else:
+            sel_np = perm[a:b]
+            sel = torch.from_numpy(sel_np)
+            batch = {
+                "key": [data["key"][i] for i in sel_np.tolist()], "index": data["index"].index_select(0, sel),
+                "teacher_logits": data["teacher_logits"].index_select(0, sel),
+                "label": data["label"].index_select(0, sel),
+            }
+            members = [data["members"][i] for i in sel_np.tolist()] if self.packed else None
+        if members is not None:
+            batch.update(collate_packed(members, self.decode))
+        if self.join is not None:
+            batch.update(self.join(batch["index"], batch["key"]))
+        batch["epoch"], batch["batch_idx"] = plan.epoch, j
+        return batch
+
+    # -- convenience ------------------------------------------------------------------------------
+
+    def loader(self, num_workers: int = 0, **kwargs: Any) -> StreamLoader:
+        """A ``DataLoader`` over this stream (``batch_size=None``) that records each batch it hands out,
+        so :meth:`state_dict` is exact with any ``num_workers``. ``kwargs`` go to ``DataLoader``."""
+        return StreamLoader(self, num_workers=num_workers, **kwargs)
+
+
+class StreamLoader(DataLoader):
+    """``DataLoader(stream, batch_size=None)`` that calls ``stream.mark(batch)`` before handing each batch out."""
+
+    def __init__(self, dataset: TargetStream, **kwargs: Any):
+        if kwargs.pop("batch_size", None) is not None:
+            raise ValueError("a TargetStream yields whole batches: set its batch_size, not the DataLoader's")
+        super().__init__(dataset, batch_size=None, **kwargs)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
+        stream: TargetStream = self.dataset  # type: ignore[assignment]
+        for batch in super().__iter__():
+            stream.mark(batch)
+            yield batch

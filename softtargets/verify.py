@@ -1,0 +1,425 @@
+"""Check a finished store end to end and list every problem, naming the file at fault.
+
+Built on the manifest and raw file reads (not on :func:`softtargets.open_targets`, which
+stops at the first problem), so a broken store can still be examined whole:
+
+1. ``manifest.json``: valid JSON, schema, known ``format_version``; the shard table
+   covers rows ``[0, num_samples)`` with no gap or overlap (ids, starts, row counts).
+2. every data file: present, of its recorded size, with its recorded sha256;
+3. every shard whose files pass: decoded, holding exactly its rows (wds: every block's
+   ``index.npy`` continues the last; zarr: array shapes, chunking and dtype), keys
+   non-empty, labels in ``[-1, C)`` and as many labeled as recorded, logits finite;
+4. keys unique over the whole store, in bounded memory (:mod:`softtargets.unique_keys`).
+
+Memory: about two shards (one read, one decoded) plus the key checker's buffers, whatever
+the store's size; shards are read one at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import posixpath
+import tarfile
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import zarr
+from tqdm.auto import tqdm
+
+from .manifest import MANIFEST_NAME, FileRecord, Manifest, ManifestError, ShardRecord
+from .store.base import MARKER_DIR, PENDING_NAME, read_manifest
+from .store.encoding import NUMPY_STORAGE
+from .store.files import is_local, join, url_to_fs
+from .store.wds_layout import npy_load
+from .store.zarr_layout import _zarr_store
+from .unique_keys import KeyChecker, str_array
+
+READ_BYTES = 4 << 20  # hashing reads zarr shard files in pieces of this size
+MAX_PER_FILE = 5  # content problems listed per file before "and N more"
+
+
+@dataclass
+class Problem:
+    """One thing wrong with a store: the URL of the file at fault and what is wrong."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify_store` found. ``ok`` is true when ``problems`` is empty."""
+
+    url: str
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    layout: str | None = None
+    num_samples: int | None = None
+    num_shards: int | None = None
+    files_checked: int = 0
+    bytes_checked: int = 0
+    rows_checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def bad_files(self) -> list[str]:
+        """Distinct paths named by problems, in the order first found."""
+        return list(OrderedDict.fromkeys(p.path for p in self.problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ok"], d["bad_files"] = self.ok, self.bad_files
+        return d
+
+
+class _Checker:
+    """Shared state of one verification: the store, its manifest, the problems found."""
+
+    def __init__(self, url: str, fs: fsspec.AbstractFileSystem, root: str, m: Manifest, report: VerifyReport):
+        self.url, self.fs, self.root, self.m, self.report = url, fs, root, m, report
+
+    def file_url(self, rel: str) -> str:
+        return posixpath.join(self.url.rstrip("/"), rel)
+
+    def problem(self, rel: str, message: str) -> None:
+        self.report.problems.append(Problem(self.file_url(rel), message))
+
+    def _missing(self, rel: str, e: OSError) -> None:
+        missing = isinstance(e, FileNotFoundError)
+        self.problem(rel, "missing (listed in the manifest)" if missing else f"unreadable ({e})")
+
+    def _matches(self, rel: str, got: int, digest: str, size: int, sha256: str) -> bool:
+        self.report.files_checked += 1
+        self.report.bytes_checked += got
+        if got != size:
+            self.problem(rel, f"{got} bytes, the manifest says {size} (truncated or replaced)")
+            return False
+        if digest != sha256:
+            self.problem(rel, "sha256 does not match the manifest (corrupt or altered file)")
+            return False
+        return True
+
+    def hash_file(self, f: FileRecord) -> bool:
+        """Whether file ``f`` exists with its recorded size and sha256, read in pieces (bounded memory)."""
+        hasher, got = hashlib.sha256(), 0
+        try:
+            with self.fs.open(join(self.root, f.path), "rb") as fh:
+                while piece := fh.read(READ_BYTES):
+                    hasher.update(piece)
+                    got += len(piece)
+        except OSError as e:
+            self._missing(f.path, e)
+            return False
+        return self._matches(f.path, got, hasher.hexdigest(), f.bytes, f.sha256)
+
+    def read_file(self, f: FileRecord) -> bytes | None:
+        """File ``f``'s bytes when it exists with its recorded size and sha256, else None."""
+        try:
+            data = self.fs.cat_file(join(self.root, f.path))
+        except OSError as e:
+            self._missing(f.path, e)
+            return None
+        return data if self._matches(f.path, len(data), hashlib.sha256(data).hexdigest(), f.bytes, f.sha256) else None
+
+    def file_for(self, rec: ShardRecord, part: str) -> str:
+        """The file of shard ``rec`` that holds ``part`` (keys, labels or logits)."""
+        for f in rec.files:
+            if f.path.startswith(f"{part}/"):
+                return f.path
+        return rec.files[0].path if rec.files else MANIFEST_NAME
+
+    def check_rows(self, rec: ShardRecord, keys: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> None:
+        """Row-level checks of one decoded shard: keys non-empty, labels in range and counted, logits finite."""
+        m = self.m
+        empty = int((np.char.str_len(keys) == 0).sum())
+        if empty:
+            self.problem(self.file_for(rec, "keys"), f"shard {rec.id}: {empty} rows have an empty key (never written?)")
+        bad = (labels < -1) | (labels >= m.num_classes)
+        if bad.any():
+            self.problem(self.file_for(rec, "labels"), f"shard {rec.id}: {int(bad.sum())} labels outside "
+                         f"[-1, {m.num_classes}), e.g. {labels[bad][:3].tolist()}")
+        labeled = int((labels >= 0).sum())
+        if labeled != rec.labeled:
+            self.problem(self.file_for(rec, "labels"),
+                         f"shard {rec.id}: {labeled} labeled rows, the manifest says {rec.labeled}")
+        if m.dtype != "bfloat16" and logits.size and not np.isfinite(logits).all():
+            self.problem(self.file_for(rec, "logits"),
+                         f"shard {rec.id}: {int((~np.isfinite(logits)).sum())} non-finite logit values")
+
+
+class _ZarrChecker(_Checker):
+    """The zarr layout: array metadata once, then each shard's rows through zarr."""
+
+    def __init__(self, *args: Any):
+        super().__init__(*args)
+        m = self.m
+        want = {"logits": (m.logits_shape, NUMPY_STORAGE[m.dtype]), "labels": ((m.num_samples,), np.dtype("int64")),
+                "keys": ((m.num_samples,), None)}
+        self.arrays: dict[str, Any] | None = {}
+        try:
+            group = zarr.open_group(_zarr_store(self.fs, self.root, read_only=True), mode="r")
+        except Exception as e:  # noqa: BLE001 - any failure here means the group is unreadable
+            self.problem("zarr.json", f"cannot open the zarr group ({type(e).__name__}: {e})")
+            self.arrays = None
+            return
+        for name, (shape, dtype) in want.items():
+            rel = f"{name}/zarr.json"
+            try:
+                arr = group[name]
+            except Exception as e:  # noqa: BLE001
+                self.problem(rel, f"cannot open array {name!r} ({type(e).__name__}: {e})")
+                self.arrays = None
+                continue
+            found = []
+            if tuple(arr.shape) != tuple(shape):
+                self.problem(MANIFEST_NAME, f"num_samples={m.num_samples} makes {name} {tuple(shape)}, but {rel} "
+                             f"has shape {tuple(arr.shape)} (the manifest or the array lies about the row count)")
+                found.append("shape")
+            if dtype is not None and np.dtype(arr.dtype) != dtype:
+                found.append(f"dtype {arr.dtype}, the manifest's {m.dtype} is stored as {dtype}")
+            if (arr.shards or arr.chunks)[0] != m.shard_rows:
+                found.append(f"shards of {(arr.shards or arr.chunks)[0]} rows, the manifest says {m.shard_rows}")
+            if arr.chunks[0] != m.block_rows:
+                found.append(f"inner chunks of {arr.chunks[0]} rows, the manifest says {m.block_rows}")
+            for msg in found:
+                if msg != "shape":
+                    self.problem(rel, msg)
+            if found:
+                self.arrays = None
+            elif self.arrays is not None:
+                self.arrays[name] = arr
+
+    def check_shard(self, rec: ShardRecord) -> np.ndarray | None:
+        good = [self.hash_file(f) for f in rec.files]  # every file, so every bad one is named
+        if not all(good) or self.arrays is None:
+            return None
+        try:
+            keys = str_array(self.arrays["keys"][rec.start:rec.stop])
+            labels = self.arrays["labels"][rec.start:rec.stop]
+            logits = self.arrays["logits"][rec.start:rec.stop]
+        except Exception as e:  # noqa: BLE001 - a decode failure of any kind is a finding
+            self.problem(self.file_for(rec, "logits"), f"shard {rec.id}: cannot decode ({type(e).__name__}: {e})")
+            return None
+        self.check_rows(rec, keys, logits, labels)
+        return keys
+
+    def read_keys(self, rec: ShardRecord) -> np.ndarray:
+        return str_array(self.arrays["keys"][rec.start:rec.stop])
+
+
+class _WdsChecker(_Checker):
+    """The WebDataset layout: each tar shard read once, hashed, then decoded member by member."""
+
+    def check_shard(self, rec: ShardRecord) -> np.ndarray | None:
+        datas = [self.read_file(f) for f in rec.files]
+        if len(rec.files) != 1:
+            self.problem(MANIFEST_NAME, f"shard {rec.id} lists {len(rec.files)} files; a wds shard is one tar")
+            return None
+        if datas[0] is None:
+            return None
+        rel = rec.files[0].path
+        found: list[str] = []
+        decoded = self.decode(datas[0], rec, found)
+        for msg in found[:MAX_PER_FILE]:
+            self.problem(rel, f"shard {rec.id}: {msg}")
+        if len(found) > MAX_PER_FILE:
+            self.problem(rel, f"shard {rec.id}: and {len(found) - MAX_PER_FILE} more problems")
+        if decoded is None:
+            return None
+        self.check_rows(rec, *decoded)
+        return decoded[0]
+
+    def decode(self, data: bytes, rec: ShardRecord, found: list[str]) -> tuple[np.ndarray, ...] | None:
+        """``(keys, logits, labels)`` of a tar shard, appending what is wrong to ``found``."""
+        samples: OrderedDict[str, dict[str, bytes]] = OrderedDict()
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+                for info in tar:
+                    if info.isfile():
+                        key, _, ext = info.name.partition(".")
+                        samples.setdefault(key, {})[ext] = tar.extractfile(info).read()
+        except (tarfile.TarError, EOFError, OSError) as e:
+            found.append(f"not a readable tar ({e})")
+            return None
+        m = self.m
+        trailing = m.logits_shape[1:]
+        keys, logits, labels = [], [], []
+        pos = rec.start
+        for name, members in samples.items():
+            need = ("logits.npy", "labels.npy", "keys.npy", "index.npy") if m.sample_layout == "block" else (
+                "logits.npy", "label.cls", "key.txt")
+            missing = [e for e in need if e not in members]
+            if missing:
+                found.append(f"sample {name!r} lacks {missing}")
+                return None
+            try:
+                lg = npy_load(members["logits.npy"])
+                if m.sample_layout == "block":
+                    kk, lb, ix = (npy_load(members[e]) for e in ("keys.npy", "labels.npy", "index.npy"))
+                else:
+                    lg, kk = lg[None], np.array([members["key.txt"].decode()])
+                    lb, ix = np.array([int(members["label.cls"])]), np.array([int(name)])
+            except (ValueError, UnicodeDecodeError, EOFError) as e:
+                found.append(f"sample {name!r}: undecodable member ({e})")
+                return None
+            n = len(kk)
+            if lg.shape[1:] != trailing or lg.dtype != NUMPY_STORAGE[m.dtype] or len(lg) != n or len(lb) != n:
+                found.append(f"sample {name!r}: logits {lg.dtype}{list(lg.shape)}, {len(lb)} labels, {n} keys; "
+                             f"expected {NUMPY_STORAGE[m.dtype]}[{n}, {', '.join(map(str, trailing))}]")
+                return None
+            if not np.array_equal(ix, np.arange(pos, pos + n)):
+                found.append(f"sample {name!r} holds rows {ix[:1].tolist()}..., expected row {pos} next "
+                             "(gap, overlap or reordering)")
+            keys.append(kk)
+            logits.append(lg)
+            labels.append(lb.astype(np.int64))
+            pos += n
+        if pos - rec.start != rec.rows:
+            found.append(f"holds {pos - rec.start} rows, the manifest says {rec.rows}")
+        if found:
+            return None
+        if not keys:
+            return np.zeros(0, str), np.zeros((0, *trailing), NUMPY_STORAGE[m.dtype]), np.zeros(0, np.int64)
+        return np.concatenate(keys).astype(str), np.concatenate(logits), np.concatenate(labels)
+
+    def read_keys(self, rec: ShardRecord) -> np.ndarray:
+        data = self.fs.cat_file(join(self.root, rec.files[0].path))
+        out = self.decode(data, rec, [])
+        return out[0] if out is not None else np.zeros(0, str)
+
+
+CHECKERS = {"zarr": _ZarrChecker, "wds": _WdsChecker}
+
+
+def check_shard_table(m: Manifest) -> list[str]:
+    """What is inconsistent in a manifest's shard table (rows ``[0, N)`` once each, in order)."""
+    out = []
+    if len(m.shards) != m.num_shards:
+        out.append(f"{len(m.shards)} shards listed; {m.num_samples} samples in shards of {m.shard_rows} rows "
+                   f"make {m.num_shards}")
+    for i, s in enumerate(m.shards):
+        start, stop = m.shard_range(i)
+        if s.id != i:
+            out.append(f"shard #{i} has id {s.id}")
+        if (s.start, s.rows) != (start, max(0, stop - start)):
+            out.append(f"shard {s.id} covers rows [{s.start}, {s.stop}), expected [{start}, {stop})")
+    total = sum(s.rows for s in m.shards)
+    if total != m.num_samples:
+        out.append(f"shards hold {total} rows, num_samples says {m.num_samples}")
+    labeled = sum(s.labeled for s in m.shards)
+    if m.has_labels != (labeled > 0):
+        out.append(f"has_labels is {m.has_labels} but the shards record {labeled} labeled rows")
+    return out
+
+
+def verify_store(
+    url: str | os.PathLike[str], *, progress: bool | None = None, storage_options: dict | None = None,
+    tmpdir: str | None = None, partition_bytes: int = 32 << 20,
+) -> VerifyReport:
+    """Check the store at ``url`` (path or fsspec URL) and return every problem found.
+
+    Args:
+        progress: show a tqdm bar over shards (None: only on a terminal).
+        tmpdir: where the key-uniqueness check spills hashes (16 bytes a row) when they outgrow memory.
+        partition_bytes: memory for one partition of that check.
+    """
+    url = os.fspath(url)
+    report = VerifyReport(url=url)
+    fs, root = url_to_fs(url, **(storage_options or {}))
+    manifest_url = posixpath.join(url.rstrip("/"), MANIFEST_NAME)
+    try:
+        m = read_manifest(url, fs, root)
+    except ManifestError as e:
+        report.problems.append(Problem(manifest_url, str(e).removeprefix(f"{manifest_url}: ")))
+        return report
+    except OSError as e:
+        report.problems.append(Problem(manifest_url, f"unreadable ({e})"))
+        return report
+    report.layout, report.num_samples, report.num_shards = m.layout, m.num_samples, len(m.shards)
+    checker = CHECKERS[m.layout](url, fs, root, m, report)
+    for msg in check_shard_table(m):
+        checker.problem(MANIFEST_NAME, msg)
+    _leftovers(checker)
+    with KeyChecker(m.num_samples, partition_bytes=partition_bytes, tmpdir=tmpdir) as keys:
+        for rec in tqdm(m.shards, desc="verify", unit="shard", disable=None if progress is None else not progress):
+            shard_keys = checker.check_shard(rec)
+            if shard_keys is not None:
+                keys.add(shard_keys, rec.start)
+                report.rows_checked += len(shard_keys)
+        dups = keys.duplicates(lambda rows: _keys_at(checker, rows))
+    for key, rows in dups.groups.items():
+        where = ", ".join(f"row {r} ({_shard_file(checker, r)})" for r in rows[:5])
+        checker.problem(_shard_file(checker, rows[0]), f"duplicate key {key!r} at {where}")
+    if dups.unconfirmed:
+        checker.problem(MANIFEST_NAME, f"{dups.unconfirmed} more groups of rows with equal key hashes "
+                        "(almost surely duplicate keys) left unlisted")
+    if report.rows_checked < m.num_samples:
+        report.warnings.append(f"keys checked for uniqueness in {report.rows_checked} of {m.num_samples} rows "
+                               "(those of the shards that passed their checks)")
+    return report
+
+
+def _shard_file(checker: _Checker, row: int) -> str:
+    m = checker.m
+    return checker.file_for(m.shards[min(row // m.shard_rows, len(m.shards) - 1)], "keys")
+
+
+def _keys_at(checker: Any, rows: np.ndarray) -> Sequence[str]:
+    """Keys at sorted global ``rows``, reading each shard involved once."""
+    m = checker.m
+    out: list[str] = []
+    sids = np.minimum(rows // m.shard_rows, len(m.shards) - 1)
+    for sid in np.unique(sids):
+        rec = m.shards[int(sid)]
+        keys = checker.read_keys(rec)
+        out.extend(keys[rows[sids == sid] - rec.start].tolist())
+    return out
+
+
+def _leftovers(checker: _Checker) -> None:
+    """Warnings for writer state left beside a finished store, and data files no manifest lists."""
+    fs, root, report = checker.fs, checker.root, checker.report
+    for rel in (PENDING_NAME, MARKER_DIR):
+        try:
+            if fs.exists(join(root, rel)):
+                report.warnings.append(f"{checker.file_url(rel)}: writer state left beside a finished store")
+        except OSError:
+            pass
+    if not (is_local(fs) or "memory" in fs.protocol):
+        return
+    listed = {f.path for s in checker.m.shards for f in s.files}
+    prefix = fs._strip_protocol(root).rstrip("/") + "/"
+    for path in fs.find(root):
+        rel = fs._strip_protocol(path)[len(prefix):]
+        if (rel.endswith(".tar") or "/c/" in rel) and rel not in listed:
+            report.warnings.append(f"{checker.file_url(rel)}: data file not listed in the manifest (ignored)")
+
+
+def format_report(report: VerifyReport) -> str:
+    """Human-readable lines: every problem, warnings, then a one-line verdict."""
+    lines = [f"warning: {w}" for w in report.warnings]
+    lines += [f"BAD {p}" for p in report.problems]
+    if report.ok:
+        lines.append(f"OK {report.url}: {report.num_samples} samples in {report.num_shards} shards; "
+                     f"{report.files_checked} files, {report.bytes_checked} bytes checked; keys unique")
+    else:
+        n, f = len(report.problems), len(report.bad_files)
+        lines.append(f"FAILED {report.url}: {n} problem{'s' * (n != 1)} in {f} file{'s' * (f != 1)}")
+    return "\n".join(lines)
+
+
+def to_json(report: VerifyReport) -> str:
+    return json.dumps(report.to_dict(), indent=1)

@@ -1,0 +1,89 @@
+"""A loopback HTTP file server that honours ``Range: bytes=a-b`` (206 Partial Content).
+
+Python's ``http.server`` ignores Range, and zarr's sharded reads over ``http://`` then get
+whole files where they asked for byte ranges. Tests use :func:`serve_directory`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from http import HTTPStatus
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)$")
+
+
+class RangeRequestHandler(SimpleHTTPRequestHandler):
+    """Serves files under ``directory``; a single byte range per request, as zarr and fsspec send."""
+
+    def send_head(self):  # type: ignore[override]
+        self._remaining: int | None = None
+        header = self.headers.get("Range")
+        path = self.translate_path(self.path)
+        if header is None or not os.path.isfile(path):
+            return super().send_head()
+        match = _RANGE.match(header.strip())
+        size = os.path.getsize(path)
+        if match is None or match.groups() == ("", ""):
+            self.send_error(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, f"unsupported Range {header!r}")
+            return None
+        first, last = match.groups()
+        if first == "":  # suffix range: the last N bytes
+            start, stop = max(0, size - int(last)), size
+        else:
+            start, stop = int(first), size if last == "" else min(int(last) + 1, size)
+        if start >= size or start >= stop:
+            self.send_response(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE)
+            self.send_header("Content-Range", f"bytes */{size}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
+        f = open(path, "rb")  # noqa: SIM115 - closed by copyfile's caller (do_GET)
+        f.seek(start)
+        self.send_response(HTTPStatus.PARTIAL_CONTENT)
+        self.send_header("Content-Type", self.guess_type(path))
+        self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{size}")
+        self.send_header("Content-Length", str(stop - start))
+        self.end_headers()
+        self._remaining = stop - start
+        return f
+
+    def end_headers(self) -> None:
+        self.send_header("Accept-Ranges", "bytes")
+        super().end_headers()
+
+    def copyfile(self, source, outputfile) -> None:  # type: ignore[override]
+        remaining, self._remaining = self._remaining, None
+        if remaining is None:
+            return super().copyfile(source, outputfile)
+        while remaining > 0:
+            chunk = source.read(min(remaining, 1 << 16))
+            if not chunk:
+                break
+            outputfile.write(chunk)
+            remaining -= len(chunk)
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - quiet in tests
+        pass
+
+
+@contextmanager
+def serve_directory(directory: str | Path) -> Iterator[str]:
+    """Serve ``directory`` on 127.0.0.1 (a free port) in a thread; yields the base URL ``http://127.0.0.1:PORT``."""
+    handler = partial(RangeRequestHandler, directory=str(directory))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name="range-http-server", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
