@@ -70,7 +70,7 @@ def dask_client(scheduler: Any = None, workers: int | None = None) -> Iterator[A
               for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     config["distributed.worker.daemon"] = False
     with dask.config.set(config), LocalCluster(
-        n_workers=n, threads_per_worker=2, processes=True, dashboard_address=None, silence_logs=logging.ERROR,
+        n_workers=n, threads_per_worker=2, processes=True, dashboard_address=":0", silence_logs=logging.ERROR,
     ) as cluster, Client(cluster) as client:
         yield client
 

@@ -212,6 +212,9 @@ def format_report(r: dict[str, Any]) -> str:
                          for s in e.get("sources", []))
         lines.append(f"lineage       {e.get('operation')} of {srcs} on {e.get('time')}")
     st = r.get("stats")
+    if st and not st["rows"]:
+        st = None
+        lines.append("targets       no rows to compute statistics over")
     acc = (st or {}).get("accuracy") or {}
     agree = (st or {}).get("agreement") or {}
     lines.append("teachers")
@@ -254,8 +257,8 @@ def plot_report(r: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """
     figure_cls = require_matplotlib()
     st = r.get("stats")
-    if not st:
-        raise ValueError("the plot needs target statistics; inspect without --no-stats")
+    if not st or not st["rows"]:
+        raise ValueError("the plot needs target statistics over at least one row (and no --no-stats)")
     fig = figure_cls(figsize=(10, 4), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
     for rule, vals in st["entropy"].items():

@@ -259,7 +259,6 @@ class _ShardWriterThread(threading.Thread):
         self.parts: dict[int, _Part] = {}
         self.records: list[ShardRecord] = []
         self.error: BaseException | None = None
-        self.on_shard: Callable[[ShardRecord], None] | None = None
 
     def put(self, item: Any) -> None:
         """Queue ``item``; raises the writer's error if it has failed."""
@@ -314,10 +313,7 @@ class _ShardWriterThread(threading.Thread):
         part.rows += len(item.keys)
         start, stop = self.runner.spec.shard_range(item.shard)
         if part.rows == stop - start:
-            record = self.runner._write(item.shard, self.parts.pop(item.shard))
-            self.records.append(record)
-            if self.on_shard is not None:
-                self.on_shard(record)
+            self.records.append(self.runner._write(item.shard, self.parts.pop(item.shard)))
 
 
 class ShardRunner:
@@ -351,15 +347,13 @@ class ShardRunner:
 
     # -- the compute loop -------------------------------------------------------------------------
 
-    def run(self, shard_ids: Sequence[int], on_rows: Callable[[int], None] | None = None,
-            on_shard: Callable[[ShardRecord], None] | None = None) -> list[ShardRecord]:
+    def run(self, shard_ids: Sequence[int], on_rows: Callable[[int], None] | None = None) -> list[ShardRecord]:
         """Compute and write ``shard_ids``; returns their records (in the order they were written).
 
-        ``on_rows(n)`` is called from this thread after each batch's forward pass;
-        ``on_shard(record)`` from the writer thread after each shard is written.
+        ``on_rows(n)`` is called after each batch's forward pass. On an error, shards whose rows
+        were all computed are still written (a resume keeps them), then the error is raised.
         """
         sink = _ShardWriterThread(self, self.options.queue_size)
-        sink.on_shard = on_shard
         sink.start()
         try:
             with _device_lock(self.device):
@@ -406,8 +400,7 @@ class ShardRunner:
 
     def _forward(self, batch: Batch) -> _Item:
         """All K teachers on one batch; the store's reduction on the device; async copy to the host."""
-        start = self.spec.shard_rows * (int(batch.indices[0]) // self.spec.shard_rows)
-        shard = start // self.spec.shard_rows
+        shard = int(batch.indices[0]) // self.spec.shard_rows
         b, c = len(batch.keys), self.spec.num_classes
         with torch.inference_mode():
             x = batch.x.to(self.device, non_blocking=True)

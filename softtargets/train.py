@@ -251,7 +251,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         sums = {"loss": 0.0, "samples": 0, "labelled": 0, "correct": 0, "seconds": 0.0, **partial}
         partial = {}
         bar = tqdm(total=steps_per_epoch, initial=steps_per_epoch - len(ds), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   unit="batch", disable=not progress, leave=False)
+                   unit="batch", disable=not progress, leave=False, mininterval=0.5)
         tick = time.perf_counter()
         for batch in loader:
             x = _as_input(batch[cfg.input_key], device)
@@ -264,12 +264,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
             opt.step()
             n = len(y)
             labelled = y >= 0
-            sums["loss"] += float(loss) * n
+            sums["loss"] += float(loss.detach()) * n
             sums["samples"] += n
             sums["labelled"] += int(labelled.sum())
             sums["correct"] += int((z.argmax(dim=-1) == y)[labelled].sum())
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", refresh=False)
             done = steps_per_epoch - len(ds)  # batches of this epoch trained on
             if cfg.checkpoint_every and ds.epoch == epoch and done % cfg.checkpoint_every == 0:
                 ckpt.save(history, {**sums, "seconds": sums["seconds"] + time.perf_counter() - tick})

@@ -11,8 +11,9 @@ stops at the first problem), so a broken store can still be examined whole:
    non-empty, labels in ``[-1, C)`` and as many labeled as recorded, logits finite;
 4. keys unique over the whole store, in bounded memory (:mod:`softtargets.unique_keys`).
 
-Memory: about two shards (one read, one decoded) plus the key checker's buffers, whatever
-the store's size; shards are read one at a time.
+Memory: about two shards (one read, one decoded) plus the key check's ``key_memory``
+(default 64 MiB; hashes beyond it spill to temporary files, 16 bytes a row), whatever the
+store's size; shards are read one at a time.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from .unique_keys import KeyChecker, str_array
 
 READ_BYTES = 4 << 20  # hashing reads zarr shard files in pieces of this size
 MAX_PER_FILE = 5  # content problems listed per file before "and N more"
+KEY_MEMORY = 64 << 20  # default memory of the key-uniqueness check
 
 
 @dataclass
@@ -327,14 +329,14 @@ def check_shard_table(m: Manifest) -> list[str]:
 
 def verify_store(
     url: str | os.PathLike[str], *, progress: bool | None = None, storage_options: dict | None = None,
-    tmpdir: str | None = None, partition_bytes: int = 32 << 20,
+    tmpdir: str | None = None, key_memory: int = KEY_MEMORY,
 ) -> VerifyReport:
     """Check the store at ``url`` (path or fsspec URL) and return every problem found.
 
     Args:
         progress: show a tqdm bar over shards (None: only on a terminal).
         tmpdir: where the key-uniqueness check spills hashes (16 bytes a row) when they outgrow memory.
-        partition_bytes: memory for one partition of that check.
+        key_memory: bytes that check may hold: a quarter buffers hashes, half is one partition being sorted.
     """
     url = os.fspath(url)
     report = VerifyReport(url=url)
@@ -353,7 +355,8 @@ def verify_store(
     for msg in check_shard_table(m):
         checker.problem(MANIFEST_NAME, msg)
     _leftovers(checker)
-    with KeyChecker(m.num_samples, partition_bytes=partition_bytes, tmpdir=tmpdir) as keys:
+    with KeyChecker(m.num_samples, partition_bytes=key_memory // 2, buffer_bytes=key_memory // 4,
+                    tmpdir=tmpdir) as keys:
         for rec in tqdm(m.shards, desc="verify", unit="shard", disable=None if progress is None else not progress):
             shard_keys = checker.check_shard(rec)
             if shard_keys is not None:

@@ -27,6 +27,11 @@ def store(request, tmp_path_factory):
     return make_store(tmp_path_factory.mktemp("inspect"), request.param)
 
 
+@pytest.fixture(scope="module")
+def zarr_store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("inspect-zarr"), "zarr")
+
+
 def reference(x: np.ndarray, y: np.ndarray, temperatures) -> dict:
     """Accuracy, agreement and entropies of per-teacher logits ``[N, K, C]`` in float64 numpy."""
     has = y >= 0
@@ -88,8 +93,9 @@ def test_limit_reads_the_first_rows(store):
     np.testing.assert_allclose(r["entropy"]["geometric"][1], entropy(softmax(x.mean(1))).mean(), rtol=1e-5)
 
 
-def test_reduced_stores(tmp_path, store):
+def test_reduced_stores(tmp_path, zarr_store):
     """Geometric: one rule, no per-teacher stats. Arithmetic: exact only at T0, flagged elsewhere."""
+    store = zarr_store
     geo, ari = tmp_path / "g.zarr", tmp_path / "a.wds"
     convert_store(store, geo, content="geometric", progress=False)
     convert_store(store, ari, content="arithmetic", temperature=2.0, dtype="float32", progress=False)
@@ -103,7 +109,7 @@ def test_reduced_stores(tmp_path, store):
     assert a["confidence"]["temperature"] == 2.0
 
 
-def test_cli_text_json_and_plot(store, tmp_path, capsys):
+def test_cli_text_and_json(store, capsys):
     assert main(["inspect", str(store), "--no-progress", "--temperatures", "1,4"]) == 0
     out = capsys.readouterr().out
     for want in ("150 in 5 shards", "per_teacher [N, K, C], K = 3 teachers", "net0", "net2", "toy (fingerprint",
@@ -112,12 +118,16 @@ def test_cli_text_json_and_plot(store, tmp_path, capsys):
     assert main(["inspect", str(store), "--json", "--no-progress", "--limit", "10"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["stats"]["rows"] == 10 and report["num_teachers"] == 3
+
+
+def test_cli_plot(zarr_store, tmp_path):
     png = tmp_path / "plot.png"
-    assert main(["inspect", str(store), "--plot", str(png), "--no-progress"]) == 0
+    assert main(["inspect", str(zarr_store), "--plot", str(png), "--no-progress", "--json"]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
-def test_plot_without_matplotlib_says_how_to_get_it(store, tmp_path, capsys, monkeypatch):
+def test_plot_without_matplotlib_says_how_to_get_it(zarr_store, tmp_path, capsys, monkeypatch):
+    store = zarr_store
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the optional extra were not installed
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     assert main(["inspect", str(store), "--plot", str(tmp_path / "p.png"), "--no-progress"]) == 2

@@ -35,31 +35,38 @@ def _key(cfg: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def build_ensemble(split: M.DigitsSplit, teacher_cfg: dict[str, Any], seeds: list[int], copies: int) -> dict:
-    """Train K teachers (or load cached logits): per-teacher logits on every split + transfer copies."""
-    cfg = {"teacher": teacher_cfg, "seeds": seeds, "copies": copies, "split": split.seed}
-    path = CACHE / f"ens_{_key(cfg)}.pt"
+def build_ensemble(
+    split: M.DigitsSplit, teacher_cfg: dict[str, Any], seeds: list[int], copies: int, kind: str, strength: float
+) -> dict:
+    """Train K teachers (cached by config), then their per-teacher logits on val/test/transfer."""
+    cfg = {"teacher": teacher_cfg, "seeds": seeds, "split": split.seed}
+    path = CACHE / f"teachers_{_key(cfg)}.pt"
     if path.exists():
-        return torch.load(path)
-    CACHE.mkdir(exist_ok=True)
-    x_transfer = M.jittered_copies(split.x_train, copies, seed=12345)
-    models, times = [], []
-    for s in seeds:
-        t0, c0 = time.perf_counter(), time.process_time()
-        m, _ = M.train_teacher(s, split.x_train, split.y_train, **teacher_cfg)
-        times.append((time.perf_counter() - t0, time.process_time() - c0))
-        models.append(m)
-        print(f"  teacher seed {s}: wall {times[-1][0]:.1f}s cpu {times[-1][1]:.1f}s", flush=True)
-    out = {
-        "cfg": cfg,
-        "times": times,
+        saved = torch.load(path)
+    else:
+        CACHE.mkdir(exist_ok=True)
+        saved = {"states": [], "times": []}
+        for s in seeds:
+            t0, c0 = time.perf_counter(), time.process_time()
+            m, _ = M.train_teacher(s, split.x_train, split.y_train, **teacher_cfg)
+            saved["times"].append((time.perf_counter() - t0, time.process_time() - c0))
+            saved["states"].append(m.state_dict())
+            print(f"  teacher seed {s}: wall {saved['times'][-1][0]:.1f}s cpu {saved['times'][-1][1]:.1f}s")
+        torch.save(saved, path)
+    models = []
+    for st in saved["states"]:
+        m = M.make_teacher(teacher_cfg["hidden"], teacher_cfg["dropout_in"], teacher_cfg["dropout_hidden"])
+        m.load_state_dict(st)
+        models.append(m.eval())
+    x_transfer = M.transfer_set(split.x_train, copies, seed=12345, kind=kind, strength=strength)
+    return {
+        "models": models,
+        "times": saved["times"],
         "val": M.teacher_logits(models, split.x_val),
         "test": M.teacher_logits(models, split.x_test),
         "x_transfer": x_transfer,
         "transfer": M.teacher_logits(models, x_transfer),
     }
-    torch.save(out, path)
-    return out
 
 
 def report_ensemble(ens: dict, split: M.DigitsSplit) -> None:
@@ -91,7 +98,8 @@ def eval_student(m: torch.nn.Module, split: M.DigitsSplit) -> tuple[int, int]:
 
 def sweep(args: argparse.Namespace) -> None:
     split = M.load_split()
-    ens = build_ensemble(split, teacher_cfg(args), list(range(100, 100 + args.k)), args.copies)
+    seeds = list(range(100, 100 + args.k))
+    ens = build_ensemble(split, teacher_cfg(args), seeds, args.use_copies, args.kind, args.strength)
     report_ensemble(ens, split)
     ens_test = M.ensemble_errors(ens["test"], split.y_test)
     n = len(split.y_train)
@@ -167,7 +175,8 @@ def teacher_cfg(args: argparse.Namespace) -> dict[str, Any]:
 
 def teachers(args: argparse.Namespace) -> None:
     split = M.load_split()
-    ens = build_ensemble(split, teacher_cfg(args), list(range(100, 100 + args.k)), args.copies)
+    seeds = list(range(100, 100 + args.k))
+    ens = build_ensemble(split, teacher_cfg(args), seeds, args.use_copies, args.kind, args.strength)
     print(teacher_cfg(args))
     report_ensemble(ens, split)
 
@@ -185,6 +194,8 @@ def main() -> None:
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--copies", type=int, default=4)
     p.add_argument("--use-copies", type=int, default=0)
+    p.add_argument("--kind", default="mixup")
+    p.add_argument("--strength", type=float, default=1.0)
     p.add_argument("--sizes", default="10,20,30")
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--alphas", default="0.5,0.9,1.0")

@@ -156,12 +156,52 @@ def jitter(
 
 
 def jittered_copies(x: torch.Tensor, copies: int, seed: int, max_shift: int = 1) -> torch.Tensor:
-    """The rows of ``x`` followed by ``copies`` jittered copies of them: ``[N * (1 + copies), 64]``.
+    """The rows of ``x`` followed by ``copies`` jittered copies of them: ``[N * (1 + copies), 64]``."""
+    return transfer_set(x, copies, seed, kind="jitter", strength=max_shift)
 
-    Used to enlarge a transfer set (the teacher labels the copies; no labels needed).
+
+def transfer_set(
+    x: torch.Tensor,
+    copies: int,
+    seed: int,
+    kind: Literal["jitter", "noise", "mixup"] = "mixup",
+    strength: float = 1.0,
+) -> torch.Tensor:
+    """The rows of ``x`` followed by ``copies`` augmented copies: ``float32 [N * (1 + copies), 64]``.
+
+    A transfer set needs no labels (the teachers label it), so it may be larger than the
+    labelled set. Kinds of copy:
+
+    * ``"jitter"``: every image shifted by up to ``int(strength)`` pixels (zero fill);
+    * ``"noise"``: Gaussian pixel noise of std ``strength``, clipped to [0, 1];
+    * ``"mixup"``: ``lam * x_i + (1 - lam) * x_j`` for a random partner ``j``,
+      ``lam ~ Beta(strength, strength)`` (the MUNGE / "function matching" idea: points between
+      training images, where the teachers' soft targets carry the most information).
+
+    Row order: the originals first (rows ``0..N-1``), then copy 1, copy 2, ...
     """
     g = torch.Generator().manual_seed(seed)
-    return torch.cat([x] + [jitter(x, max_shift, g) for _ in range(copies)])
+    n = x.shape[0]
+    parts = [x]
+    for _ in range(copies):
+        if kind == "jitter":
+            parts.append(jitter(x, int(strength), g))
+        elif kind == "noise":
+            parts.append((x + strength * torch.randn(x.shape, generator=g)).clamp(0, 1))
+        elif kind == "mixup":
+            partner = torch.randint(0, n, (n,), generator=g)
+            lam = _beta(float(strength), n, g)
+            parts.append(lam[:, None] * x + (1 - lam[:, None]) * x[partner])
+        else:
+            raise ValueError(f"unknown transfer kind {kind!r}")
+    return torch.cat(parts).contiguous()
+
+
+def _beta(a: float, n: int, g: torch.Generator) -> torch.Tensor:
+    """``n`` draws of Beta(a, a), reproducible from ``g`` (torch's Beta takes no generator)."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(rng.beta(a, a, size=n).astype(np.float32))
 
 
 # --------------------------------------------------------------------------- models

@@ -28,11 +28,11 @@ import softtargets as st  # noqa: E402
 TEACHERS = 3
 
 
-def train_teacher(x: torch.Tensor, y: torch.Tensor, seed: int, steps: int = 200) -> nn.Module:
-    """A 64-128-10 MLP with dropout, full-batch Adam; about a second on a CPU."""
+def train_teacher(x: torch.Tensor, y: torch.Tensor, seed: int, steps: int = 120) -> nn.Module:
+    """A 64-64-10 MLP, full-batch Adam from its own random start; well under a second on a CPU."""
     torch.manual_seed(seed)
-    net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Dropout(0.2), nn.Linear(128, 10))
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3, weight_decay=1e-4)
+    net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2, weight_decay=1e-4)
     for _ in range(steps):
         opt.zero_grad()
         nn.functional.cross_entropy(net(x), y).backward()

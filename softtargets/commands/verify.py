@@ -18,13 +18,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("url", help="store path or fsspec URL (file://, http(s)://, s3://, ...)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--tmpdir", default=None, help="where the key-uniqueness check spills hashes (16 bytes a row)")
+    p.add_argument("--key-memory", type=float, default=64, metavar="MIB",
+                   help="memory for the key-uniqueness check before it spills to --tmpdir (default 64 MiB)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    report = verify_store(args.url, progress=False if args.no_progress else None, tmpdir=args.tmpdir)
+    report = verify_store(args.url, progress=False if args.no_progress else None, tmpdir=args.tmpdir,
+                          key_memory=int(args.key_memory * 2**20))
     print(to_json(report) if args.json else format_report(report))
     if not report.ok and args.json:
         print(f"softtargets verify: {len(report.problems)} problems in {len(report.bad_files)} files", file=sys.stderr)

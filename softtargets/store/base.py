@@ -264,7 +264,8 @@ class TargetWriter(ABC):
         if len(set(keys_arr.tolist())) != len(keys_arr):
             raise ValueError(f"duplicate sample keys in shard {shard_id}: {_duplicates(keys_arr)[:5]}")
         # Values at float16's limit: what overflow="clip" produced (the error policy lets none through).
-        clipped = int((np.abs(stored) == FLOAT16_MAX).sum()) if spec.dtype == "float16" else 0
+        clipping = spec.dtype == "float16" and spec.overflow == "clip"
+        clipped = int((np.abs(stored) == FLOAT16_MAX).sum()) if clipping else 0
         marker = self._path(_marker(shard_id))
         if self.fs.exists(marker):
             self.fs.rm(marker)
@@ -385,7 +386,8 @@ class TargetStore(ABC):
         if total != m.num_samples or len(m.shards) != m.num_shards or bad:
             raise StoreError(
                 f"{self._file_url(MANIFEST_NAME)}: inconsistent row counts: {len(m.shards)} shards hold {total} rows, "
-                f"num_samples says {m.num_samples} in shards of {m.shard_rows}; shards {bad[:5]} out of place"
+                f"num_samples says {m.num_samples} in shards of {m.shard_rows}"
+                + (f"; shards {bad[:5]} do not cover their rows" if bad else "")
             )
 
     def _check_sizes(self) -> None:

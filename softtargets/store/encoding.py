@@ -6,6 +6,7 @@ Stored forms are numpy arrays: ``float32``, ``float16``, or for ``bfloat16`` the
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,12 @@ from ..temperature import zero_mean
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 NUMPY_STORAGE = {"float32": np.dtype("float32"), "float16": np.dtype("float16"), "bfloat16": np.dtype("uint16")}
 FLOAT16_MAX = 65504.0
+# Largest magnitude that survives the cast without becoming inf (round-to-nearest).
+DTYPE_MAX = {
+    "float32": float(torch.finfo(torch.float32).max),
+    "float16": FLOAT16_MAX,
+    "bfloat16": float(torch.finfo(torch.bfloat16).max),
+}
 
 
 def as_tensor(x: Any) -> torch.Tensor:
@@ -39,27 +46,26 @@ def encode_logits(
     if not t.is_floating_point():
         raise TypeError(f"logits must be floating point, got {t.dtype}")
     work = t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
-    if not torch.isfinite(work).all():
-        bad = (~torch.isfinite(work)).reshape(work.shape[0], -1).any(dim=1).nonzero().flatten()
-        raise ValueError(f"logits contain NaN or Inf in rows {bad[:10].tolist()} of this batch")
     if normalization == "zero_mean":
         work = zero_mean(work)
     elif normalization != "none":
         raise ValueError(f"unknown normalization {normalization!r}; expected 'zero_mean' or 'none'")
+    # One reduction serves both checks: NaN/Inf make the max non-finite.
+    amax = float(work.abs().amax()) if work.numel() else 0.0
+    if not math.isfinite(amax):
+        bad = (~torch.isfinite(t)).reshape(t.shape[0], -1).any(dim=1).nonzero().flatten()
+        raise ValueError(f"logits contain NaN or Inf in rows {bad[:10].tolist()} of this batch")
     clipped = 0
-    if dtype == "float16":
-        over = work.abs() > FLOAT16_MAX
-        if over.any():
-            clipped = int(over.sum())
-            if overflow != "clip":
-                raise OverflowError(
-                    f"{clipped} logit values exceed float16's range (|x| > {FLOAT16_MAX:g}, largest "
-                    f"{work.abs().max().item():.4g}); store as float32/bfloat16 or pass overflow='clip'"
-                )
-            work = work.clamp(-FLOAT16_MAX, FLOAT16_MAX)
+    if amax > DTYPE_MAX[dtype]:
+        if dtype != "float16" or overflow != "clip":
+            hint = "store as float32/bfloat16 or pass overflow='clip'" if dtype == "float16" else "rescale them"
+            raise OverflowError(
+                f"logit values exceed {dtype}'s range and would overflow {dtype} to inf (|x| > {DTYPE_MAX[dtype]:g}, "
+                f"largest {amax:.4g}); {hint}"
+            )
+        clipped = int((work.abs() > FLOAT16_MAX).sum())
+        work = work.clamp(-FLOAT16_MAX, FLOAT16_MAX)
     stored = work.to(TORCH_DTYPES[dtype])
-    if not torch.isfinite(stored).all():
-        raise OverflowError(f"logits overflow {dtype} after the cast")
     if dtype == "bfloat16":
         return stored.view(torch.uint16).numpy(), clipped
     return stored.numpy(), clipped

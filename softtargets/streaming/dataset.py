@@ -17,15 +17,15 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..store import TargetStore
-from ..store.wds_layout import WdsStore
+from ..store.encoding import TORCH_DTYPES
 from .inputs import DatasetJoin, Decoder, collate_packed
-from .plan import EpochPlan, SplitConfig, Units, unit_rows_for
+from .plan import EpochPlan, SplitConfig, Units, batches_per_rank, unit_rows_for
 from .progress import BatchSet
+from .window import Arranged, Window
 
 STATE_FORMAT = "softtargets.stream/1"
 DEFAULT_BUFFER_BYTES = 64 << 20
@@ -87,6 +87,7 @@ class TargetStream(IterableDataset):
         self.units = Units.from_shards([(s.start, s.rows) for s in m.shards], unit_rows, grouped=m.layout == "wds")
         self.packed = bool(inputs and m.inputs and m.layout == "wds")
         self.decode = decode
+        self._logits_dtype = TORCH_DTYPES[m.dtype]
         if dataset is not None and self.packed:
             raise ValueError("the store packs its own inputs; pass inputs=False to join a dataset instead")
         self.join = None if dataset is None else DatasetJoin(dataset, by, len(store), dataset_keys)
@@ -116,7 +117,7 @@ class TargetStream(IterableDataset):
     @property
     def batches_per_epoch(self) -> int:
         """Batches this rank yields in a whole epoch (the same on every rank)."""
-        return self.plan().num_batches
+        return batches_per_rank(self.manifest.num_samples, self.config)
 
     def __len__(self) -> int:
         """Batches left in the current epoch on this rank (all workers together)."""
@@ -197,10 +198,11 @@ class TargetStream(IterableDataset):
             cuts = np.flatnonzero(np.diff(windows)) + 1
             for group in np.split(share, cuts):
                 k = plan.window_of(int(group[0]))
-                data = self._read_window(plan, k)
-                perm = plan.window_permutation(k)
+                window = Window.read(self.store, plan.segments(*plan.window_range(k)), self.packed)
+                arranged = window.arrange(plan.window_permutation(k), self._logits_dtype, shared=info is not None)
+                del window
                 for j in group.tolist():
-                    batch = self._batch(plan, data, perm, j)
+                    batch = self._batch(plan, arranged, j)
                     if info is None:
                         self.mark(batch)
                     yield batch
@@ -208,51 +210,9 @@ class TargetStream(IterableDataset):
             # A worker's copy that outlives this pass (persistent_workers) moves on to the next epoch.
             self.epoch, self._consumed = self.epoch + 1, BatchSet()
 
-    def _read_window(self, plan: EpochPlan, k: int) -> dict[str, Any]:
-        """Window ``k``'s rows in plan order: whole units read with ``store.rows``, concatenated."""
-        store = self.store
-        segs = plan.segments(*plan.window_range(k))
-        parts = [store.rows(a, b) for a, b in segs]
-        data: dict[str, Any] = {
-            "index": torch.cat([p["index"] for p in parts]),
-            "key": [key for p in parts for key in p["key"]],
-            "teacher_logits": torch.cat([p["logits"] for p in parts]),
-            "label": torch.cat([p["label"] for p in parts]),
-        }
-        if self.packed:
-            data["members"] = [m for a, b in segs for m in self._members(a, b)]
-        return data
-
-    def _members(self, a: int, b: int) -> list[dict[str, bytes]]:
-        """Raw packed input members of rows ``[a, b)`` (wds ``sample`` layout), from the decoded shards."""
-        store = self.store
-        assert isinstance(store, WdsStore)
-        out: list[dict[str, bytes]] = []
-        while a < b:
-            sid = store.shard_of(a)
-            shard = store.shards[sid]
-            hi = min(b, shard.stop)
-            out.extend(store.read_shard(sid)["inputs"][a - shard.start:hi - shard.start])
-            a = hi
-        return out
-
-    def _batch(self, plan: EpochPlan, data: dict[str, Any], perm: np.ndarray | None, j: int) -> dict[str, Any]:
-        a, b = plan.batch_offsets(j)
-        if perm is None:
-            batch = {
-                "key": data["key"][a:b], "index": data["index"][a:b],
-                "teacher_logits": data["teacher_logits"][a:b], "label": data["label"][a:b],
-            }
-            members = data["members"][a:b] if self.packed else None
-        else:
-            sel_np = perm[a:b]
-            sel = torch.from_numpy(sel_np)
-            batch = {
-                "key": [data["key"][i] for i in sel_np.tolist()], "index": data["index"].index_select(0, sel),
-                "teacher_logits": data["teacher_logits"].index_select(0, sel),
-                "label": data["label"].index_select(0, sel),
-            }
-            members = [data["members"][i] for i in sel_np.tolist()] if self.packed else None
+    def _batch(self, plan: EpochPlan, arranged: Arranged, j: int) -> dict[str, Any]:
+        batch = arranged.batch(*plan.batch_offsets(j))
+        members = batch.pop("members", None)
         if members is not None:
             batch.update(collate_packed(members, self.decode))
         if self.join is not None:

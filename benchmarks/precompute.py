@@ -1,0 +1,145 @@
+"""Stage one's overhead: `softtargets.precompute` against a bare loop of teacher forward passes.
+
+    python benchmarks/precompute.py                # 2-4 min on 2 CPU cores
+    python benchmarks/precompute.py --samples 4096 --repeats 1
+
+The same in-memory inputs and the same K teachers (MLPs 512-1024-1024-1000, ~2.6 M parameters,
+~10-30 ms per batch of 256 on 2 CPU cores) run:
+
+* ``bare``: ``for each batch: [t(x) for t in teachers]`` under ``torch.inference_mode()``, nothing kept;
+* ``local``: ``precompute(..., scheduler="local")``, per-teacher float16 logits into a Zarr store
+  (teacher loading and fingerprinting, key checks, the class-count probe, writes and checksums included);
+* ``dask``: the default engine, a fresh LocalCluster of 1 worker process (start-up included);
+* ``dask-warm``: the same on a cluster started beforehand (workers still load the teachers).
+
+Overhead = (engine - bare) / bare, wall clock, minimum of ``--repeats`` interleaved runs of each;
+also in CPU seconds of this process (bare and local only: dask computes in its worker process),
+which a busy machine disturbs less than wall time. The load average goes into the JSON.
+Prints a table and writes JSON (default ``benchmarks/results/precompute.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from softtargets.precompute import precompute
+
+IN, HIDDEN, CLASSES = 512, 1024, 1000
+
+
+def teacher(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(IN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(),
+                         nn.Linear(HIDDEN, CLASSES)).eval()
+
+
+def bare_loop(models: list[nn.Module], x: torch.Tensor, batch_size: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of the forward passes alone."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    with torch.inference_mode():
+        for lo in range(0, len(x), batch_size):
+            batch = x[lo:lo + batch_size]
+            for m in models:
+                m(batch)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def run_precompute(models: list[nn.Module], data: TensorDataset, out: Path, batch_size: int, shard_rows: int,
+                   scheduler: object) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process: all of it for the local engine, the driver's for dask)."""
+    if out.exists():
+        shutil.rmtree(out)
+    specs = [{"name": f"t{i}", "module": m} for i, m in enumerate(models)]
+    wall, cpu = time.perf_counter(), time.process_time()
+    precompute(specs, data, out, batch_size=batch_size, shard_rows=shard_rows, num_workers=0, scheduler=scheduler,
+               progress=False)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=6144)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--shard-rows", type=int, default=1024)
+    parser.add_argument("--teachers", type=int, nargs="+", default=[1, 5])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "precompute.json")
+    args = parser.parse_args()
+
+    from distributed import Client, LocalCluster
+
+    x = torch.randn(args.samples, IN, generator=torch.Generator().manual_seed(0))
+    data = TensorDataset(x)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-precompute-"))
+    rows = []
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0",
+                      silence_logs=logging.ERROR) as cluster, Client(cluster) as warm:
+        for k in args.teachers:
+            models = [teacher(i) for i in range(k)]
+            with torch.inference_mode():  # warm-up: first calls allocate
+                for m in models:
+                    m(x[: args.batch_size])
+            times: dict[str, list[tuple[float, float]]] = {"bare": [], "local": [], "dask": [], "dask-warm": []}
+            for _ in range(args.repeats):  # interleaved, so drifting machine load hits all alike
+                times["bare"].append(bare_loop(models, x, args.batch_size))
+                times["local"].append(run_precompute(models, data, tmp / "l.zarr", args.batch_size,
+                                                     args.shard_rows, "local"))
+                times["dask"].append(run_precompute(models, data, tmp / "d.zarr", args.batch_size,
+                                                    args.shard_rows, None))
+                times["dask-warm"].append(run_precompute(models, data, tmp / "w.zarr", args.batch_size,
+                                                         args.shard_rows, warm))
+            bare, bare_cpu = min(w for w, _ in times["bare"]), min(c for _, c in times["bare"])
+            batches = -(-args.samples // args.batch_size)
+            for engine, ts in times.items():
+                best = min(w for w, _ in ts)
+                cpu = min(c for _, c in ts) if engine in ("bare", "local") else None
+                rows.append({
+                    "teachers": k, "engine": engine, "seconds": round(best, 3),
+                    "all_seconds": [round(w, 3) for w, _ in ts],
+                    "samples_per_s": round(args.samples / best, 1),
+                    "overhead_pct": None if engine == "bare" else round(100 * (best - bare) / bare, 1),
+                    "cpu_seconds": None if cpu is None else round(cpu, 3),
+                    "cpu_overhead_pct": None if cpu is None or engine == "bare" else round(
+                        100 * (cpu - bare_cpu) / bare_cpu, 1),
+                    "ms_per_batch_per_teacher": round(1000 * bare / batches / k, 2) if engine == "bare" else None,
+                })
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"{args.samples} samples, batch {args.batch_size}, shards of {args.shard_rows}, "
+          f"teachers {IN}-{HIDDEN}-{HIDDEN}-{CLASSES}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
+    print(f"{'K':>2} {'engine':<10} {'wall s':>7} {'samples/s':>10} {'overhead':>9} {'CPU s':>7} {'CPU over':>9}"
+          "   wall s of each run")
+    for r in rows:
+        over = "" if r["overhead_pct"] is None else f"{r['overhead_pct']:+.1f} %"
+        cpu = "" if r["cpu_seconds"] is None else f"{r['cpu_seconds']:.2f}"
+        cpu_over = "" if r["cpu_overhead_pct"] is None else f"{r['cpu_overhead_pct']:+.1f} %"
+        print(f"{r['teachers']:>2} {r['engine']:<10} {r['seconds']:>7.2f} {r['samples_per_s']:>10.0f} {over:>9} "
+              f"{cpu:>7} {cpu_over:>9}   {r['all_seconds']}")
+    for k in args.teachers:
+        ms = next(r["ms_per_batch_per_teacher"] for r in rows if r["teachers"] == k and r["engine"] == "bare")
+        print(f"K={k}: bare forward {ms} ms per batch per teacher")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    args.out.write_text(json.dumps({
+        "benchmark": "precompute", "samples": args.samples, "batch_size": args.batch_size,
+        "shard_rows": args.shard_rows, "repeats": args.repeats, "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "platform": platform.platform(), "load_average": load,
+        "rows": rows,
+    }, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
