@@ -1,6 +1,6 @@
 """Stage one's overhead: `softtargets.precompute` against a bare loop of teacher forward passes.
 
-    python benchmarks/precompute.py                # 2-4 min on 2 CPU cores
+    python benchmarks/precompute.py                # ~3 min on 2 CPU cores
     python benchmarks/precompute.py --samples 4096 --repeats 1
 
 The same in-memory inputs and the same K teachers (MLPs 512-1024-1024-1000, ~2.6 M parameters,
@@ -9,12 +9,14 @@ The same in-memory inputs and the same K teachers (MLPs 512-1024-1024-1000, ~2.6
 * ``bare``: ``for each batch: [t(x) for t in teachers]`` under ``torch.inference_mode()``, nothing kept;
 * ``local``: ``precompute(..., scheduler="local")``, per-teacher float16 logits into a Zarr store
   (teacher loading and fingerprinting, key checks, the class-count probe, writes and checksums included);
-* ``dask``: the default engine, a fresh LocalCluster of 1 worker process (start-up included);
-* ``dask-warm``: the same on a cluster started beforehand (workers still load the teachers).
+* ``dask-warm``: the dask engine on a LocalCluster (1 worker process) started beforehand (each run
+  still ships the teachers and loads them in the worker);
+* ``dask``: the default engine as a user gets it, a fresh LocalCluster (start-up included), run once.
 
-Overhead = (engine - bare) / bare, wall clock, minimum of ``--repeats`` interleaved runs of each;
-also in CPU seconds of this process (bare and local only: dask computes in its worker process),
-which a busy machine disturbs less than wall time. The load average goes into the JSON.
+Teachers run on ``--threads`` torch threads (default 1; the other core is left to the writer
+thread, as a GPU run leaves the CPU to it). Overhead = (engine - bare) / bare, wall clock, minimum
+of ``--repeats`` interleaved runs; also in CPU seconds of this process (bare and local only: dask
+computes in its worker), which a busy machine disturbs less. The load average goes into the JSON.
 Prints a table and writes JSON (default ``benchmarks/results/precompute.json``).
 """
 
@@ -74,32 +76,40 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--shard-rows", type=int, default=1024)
     parser.add_argument("--teachers", type=int, nargs="+", default=[1, 5])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for the teachers (here and in the warm dask worker); the other cores "
+                             "are left to the writer thread")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "precompute.json")
     args = parser.parse_args()
 
+    import dask
     from distributed import Client, LocalCluster
 
+    torch.set_num_threads(args.threads)
+    spawn_env = {f"distributed.nanny.pre-spawn-environ.{v}": args.threads
+                 for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     x = torch.randn(args.samples, IN, generator=torch.Generator().manual_seed(0))
     data = TensorDataset(x)
     tmp = Path(tempfile.mkdtemp(prefix="bench-precompute-"))
     rows = []
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0",
-                      silence_logs=logging.ERROR) as cluster, Client(cluster) as warm:
+    with dask.config.set(spawn_env), LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
+                                                  dashboard_address=":0", silence_logs=logging.ERROR) as cluster, \
+            Client(cluster) as warm:
         for k in args.teachers:
             models = [teacher(i) for i in range(k)]
             with torch.inference_mode():  # warm-up: first calls allocate
                 for m in models:
                     m(x[: args.batch_size])
-            times: dict[str, list[tuple[float, float]]] = {"bare": [], "local": [], "dask": [], "dask-warm": []}
+            times: dict[str, list[tuple[float, float]]] = {"bare": [], "local": [], "dask-warm": []}
             for _ in range(args.repeats):  # interleaved, so drifting machine load hits all alike
                 times["bare"].append(bare_loop(models, x, args.batch_size))
                 times["local"].append(run_precompute(models, data, tmp / "l.zarr", args.batch_size,
                                                      args.shard_rows, "local"))
-                times["dask"].append(run_precompute(models, data, tmp / "d.zarr", args.batch_size,
-                                                    args.shard_rows, None))
                 times["dask-warm"].append(run_precompute(models, data, tmp / "w.zarr", args.batch_size,
                                                          args.shard_rows, warm))
+            # The default engine as a user gets it: a fresh LocalCluster (its worker uses all cores), once.
+            times["dask"] = [run_precompute(models, data, tmp / "d.zarr", args.batch_size, args.shard_rows, None)]
             bare, bare_cpu = min(w for w, _ in times["bare"]), min(c for _, c in times["bare"])
             batches = -(-args.samples // args.batch_size)
             for engine, ts in times.items():

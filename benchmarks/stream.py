@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    sizes = {1: 16384, 5: 2048} if args.quick else {1: 65536, 5: 16384}
+    sizes = {1: 16384, 5: 2048} if args.quick else {1: 262144, 5: 65536}
     repeats = 1 if args.quick else args.repeats
     tmp = Path(tempfile.mkdtemp(prefix="softtargets-bench-stream-"))
     results: list[dict[str, Any]] = []

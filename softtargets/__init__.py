@@ -7,6 +7,7 @@ training, where the student's loss applies any temperature and ensemble rule.
 
 __version__ = "0.1.0"
 
+from .joined import TargetJoin, with_targets  # noqa: E402
 from .losses import DistillationLoss, distillation_loss, kd_loss, logit_matching_loss  # noqa: E402
 from .manifest import FORMAT_VERSION, Manifest, ManifestError  # noqa: E402
 from .store import (  # noqa: E402
@@ -18,6 +19,7 @@ from .store import (  # noqa: E402
     create_targets,
     open_targets,
 )
+from .streaming import StreamLoader, TargetStream, stream  # noqa: E402
 from .temperature import (  # noqa: E402
     arithmetic_log_probs,
     ensemble_log_probs,
@@ -35,6 +37,9 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "StoreError",
+    "StreamLoader",
+    "TargetJoin",
+    "TargetStream",
     "TargetStore",
     "TargetWriter",
     "__version__",
@@ -49,6 +54,8 @@ __all__ = [
     "logit_matching_loss",
     "open_targets",
     "reduce_teachers",
+    "stream",
     "tempered_log_softmax",
     "tempered_softmax",
+    "with_targets",
 ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -102,7 +103,9 @@ def map_shards(
     from distributed import as_completed
 
     with dask_client(scheduler, workers) as client:
-        job = client.submit(_identity, payload, key=f"{name}-payload", pure=False)
+        with warnings.catch_warnings():  # the payload (teachers) is meant to travel in the graph, once
+            warnings.filterwarnings("ignore", message="Sending large graph")
+            job = client.submit(_identity, payload, key=f"{name}-payload", pure=False)
         futures = [client.submit(fn, job, sid, key=f"{name}-{sid:06d}", retries=retries, pure=False)
                    for sid in shard_ids]
         results = []

@@ -389,7 +389,6 @@ class ShardRunner:
             self._dataloader = DataLoader(
                 self.transfer_set, batch_sampler=self._batches, collate_fn=self.transfer_set.collate,
                 num_workers=workers, persistent_workers=workers > 0, pin_memory=cuda,
-                pin_memory_device=str(self.device) if cuda else "",
             )
         yield from self._dataloader
 
@@ -415,7 +414,7 @@ class ShardRunner:
                     outs.append(out)
             logits = torch.stack([o.float() for o in outs], dim=1)  # [B, K, C]
             bad = ~torch.isfinite(logits).all(dim=-1)  # [B, K]
-            logits = torch.where(bad[..., None], torch.zeros((), device=logits.device), logits)
+            logits.masked_fill_(bad[..., None], 0.0)  # "uniform" policy; "error" raises on the writer thread
             reduced = reduce_teachers(logits, self.spec.content, self.spec.temperature or 1.0)
             x_host = batch.x if self.options.pack_inputs else None
             if self.device.type != "cuda":

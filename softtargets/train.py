@@ -223,7 +223,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    device = torch.device(cfg.device)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
     factory = import_object(cfg.student, "student factory")
     student = factory(**cfg.student_kwargs)
     if not isinstance(student, nn.Module):
@@ -245,7 +246,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         history, partial = ckpt.load()
     metrics: dict[str, Any] = {"config": dataclasses.asdict(cfg), "steps_per_epoch": steps_per_epoch,
                                "epochs": history}
-    loader = ds.loader(num_workers=cfg.num_workers)
+    loader = ds.loader(num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
     while ds.epoch < cfg.epochs:
         epoch = ds.epoch
         sums = {"loss": 0.0, "samples": 0, "labelled": 0, "correct": 0, "seconds": 0.0, **partial}

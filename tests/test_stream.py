@@ -68,7 +68,10 @@ def test_every_sample_once_over_ranks_and_workers(stores, layout, remainder):
     per_rank = []
     for rank in range(world):
         ds = stream(store, batch_size=32, seed=3, rank=rank, world_size=world, remainder=remainder, buffer_size=64)
-        batches = epoch_batches(ds, num_workers=2 if rank == 1 else 0)
+        if rank == 2:  # a plain DataLoader works too (one batch per item, no bundling)
+            batches = list(DataLoader(ds, batch_size=None, num_workers=2))
+        else:
+            batches = epoch_batches(ds, num_workers=2 if rank == 1 else 0)
         for b in batches:
             check_rows(store, b)
         per_rank.append(batches)
@@ -136,6 +139,19 @@ def test_iterating_again_moves_to_the_next_epoch(stores):
     assert indices(list(ds)) == e0
 
 
+def test_persistent_workers_follow_whole_epochs(stores):
+    ds = stream(stores["zarr"], batch_size=32, seed=1)
+    loader = ds.loader(num_workers=2, persistent_workers=True)
+    for epoch in range(2):
+        ref = stream(stores["zarr"], batch_size=32, seed=1)
+        ref.set_epoch(epoch)
+        got = sorted(tuple(b["index"].tolist()) for b in loader)
+        assert got == sorted(tuple(b["index"].tolist()) for b in ref) and ds.epoch == epoch + 1
+    ds.set_epoch(5)  # the workers' copies cannot follow a jump: refused, not silently wrong
+    with pytest.raises(RuntimeError, match="persistent_workers"):
+        next(iter(loader))
+
+
 def test_wds_units_never_leave_their_shard(stores):
     """wds: the epoch order visits each shard's rows in one run (a shard is decoded once)."""
     ds = stream(stores["wds"], batch_size=16, seed=11, buffer_size=16)
@@ -199,6 +215,18 @@ def test_stored_dtype_and_shapes(stores, name):
         assert tuple(b["teacher_logits"].shape[1:]) == shape
         check_rows(store, b)
     assert sorted(indices(batches)) == list(range(N))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_other_stored_dtypes_bit_for_bit(tmp_path, dtype):
+    want = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    for layout in LAYOUTS:
+        store = st.open_targets(make_store(tmp_path / f"d.{layout}", layout, dtype=dtype))
+        for b in epoch_batches(stream(store, batch_size=64, seed=0), 2):
+            ref = store.take(b["index"])["logits"]
+            assert b["teacher_logits"].dtype == ref.dtype == want
+            assert torch.equal(b["teacher_logits"].view(torch.int16 if dtype == "bfloat16" else torch.int32),
+                               ref.view(torch.int16 if dtype == "bfloat16" else torch.int32))
 
 
 def test_bad_arguments(stores):

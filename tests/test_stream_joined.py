@@ -68,7 +68,8 @@ def test_join_by_key_in_another_order(store):
     assert y == store[int(order[0])]["label"]  # no label in the item: the store's (-1 = unlabelled)
     batch = joined.__getitems__(list(range(len(order))))
     for (x, y, v), row in zip(batch, order, strict=True):
-        assert int(x[0]) == row and torch.equal(v, store[int(row)]["logits"])
+        ref = store[int(row)]
+        assert int(x[0]) == row and torch.equal(v, ref["logits"]) and y == ref["label"]
 
 
 def test_join_errors(store):

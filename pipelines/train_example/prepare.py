@@ -33,10 +33,15 @@ def train_teacher(x: torch.Tensor, y: torch.Tensor, seed: int, steps: int = 120)
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     opt = torch.optim.Adam(net.parameters(), lr=1e-2, weight_decay=1e-4)
-    for _ in range(steps):
-        opt.zero_grad()
-        nn.functional.cross_entropy(net(x), y).backward()
-        opt.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a net this small runs fastest on one thread (no thread hand-offs)
+    try:
+        for _ in range(steps):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
     return net.eval()
 
 

@@ -90,15 +90,15 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     raw = _toml(path)
     base = path.resolve().parent
     top = _check_keys("the top level", raw, RUN_KEYS | TABLES, path)
+    output = dict(_check_keys("[output]", top.get("output", {}), OUTPUT_KEYS, path))
+    cluster = _check_keys("[cluster]", top.get("cluster", {}), CLUSTER_KEYS, path)
+    transfer = dict(_check_keys("[transfer_set]", top.get("transfer_set", {}),
+                                {"factory", "kwargs", "webdataset", "name"}, path))
+    if "output" in top and "url" not in output:
+        raise ValueError(f"{path}: [output] needs url")
     for table in ("output", "transfer_set", "teachers"):
         if table not in top:
             raise ValueError(f"{path}: missing [{table}]" if table != "teachers" else f"{path}: no [[teachers]]")
-    output = dict(_check_keys("[output]", top["output"], OUTPUT_KEYS, path))
-    if "url" not in output:
-        raise ValueError(f"{path}: [output] needs url")
-    cluster = _check_keys("[cluster]", top.get("cluster", {}), CLUSTER_KEYS, path)
-    transfer = dict(_check_keys("[transfer_set]", top["transfer_set"], {"factory", "kwargs", "webdataset", "name"},
-                                path))
     if "webdataset" in transfer:
         urls = transfer["webdataset"]
         transfer["webdataset"] = _local(urls, base) if isinstance(urls, str) else [_local(u, base) for u in urls]

@@ -29,7 +29,7 @@ Config (relative paths are relative to the config file; its folder is appended t
     weight_decay = 0.0
     seed = 0
     num_workers = 0
-    device = "cpu"
+    device = "cpu"                        # "cpu" | "cuda" | "cuda:1" | "auto"
     out = "runs/student"                  # student.pt, metrics.json, checkpoint.pt
     checkpoint_every = 0                  # also checkpoint every N steps (0: epoch ends only)
 

@@ -188,11 +188,35 @@ class TargetStream(IterableDataset):
     # -- iteration --------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self._iter(bundle=False)
+
+    @property
+    def has_extras(self) -> bool:
+        """Whether batches carry inputs computed per batch (packed inputs or a joined dataset)."""
+        return self.packed or self.join is not None
+
+    def _shares(self, remaining: np.ndarray, wid: int, nw: int) -> np.ndarray:
+        """This worker's part of the remaining batch numbers: a contiguous run of them.
+
+        Target-only streams cut at window boundaries (no window is read by two workers);
+        streams with per-batch inputs cut evenly by batch count (the inputs are the work).
+        """
+        n = len(remaining)
+        cuts = [i * n // nw for i in range(nw + 1)]
+        if not self.has_extras and n:
+            windows = remaining * self.config.batch_size // self.config.window_rows
+            starts = np.r_[0, np.flatnonzero(np.diff(windows)) + 1, n]
+            cuts = [int(starts[np.abs(starts - c).argmin()]) for c in cuts]
+        return remaining[cuts[wid]:cuts[wid + 1]]
+
+    def _iter(self, bundle: bool) -> Iterator[dict[str, Any]]:
+        """Batches of this worker's share; with ``bundle`` (in workers, target-only streams), one item per
+        run of consecutive batches of a window: a single shared-memory tensor to send instead of one per batch."""
         info = get_worker_info()
         wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
+        bundle = bundle and info is not None and not self.has_extras
         plan = self.plan()
-        remaining = self._consumed.complement(plan.num_batches)
-        share = remaining[wid * len(remaining) // nw:(wid + 1) * len(remaining) // nw]
+        share = self._shares(self._consumed.complement(plan.num_batches), wid, nw)
         if len(share):
             windows = share * self.config.batch_size // self.config.window_rows
             cuts = np.flatnonzero(np.diff(windows)) + 1
@@ -201,6 +225,10 @@ class TargetStream(IterableDataset):
                 window = Window.read(self.store, plan.segments(*plan.window_range(k)), self.packed)
                 arranged = window.arrange(plan.window_permutation(k), self._logits_dtype, shared=info is not None)
                 del window
+                if bundle:
+                    for run in np.split(group, np.flatnonzero(np.diff(group) != 1) + 1):
+                        yield self._bundle(plan, arranged, run)
+                    continue
                 for j in group.tolist():
                     batch = self._batch(plan, arranged, j)
                     if info is None:
@@ -220,6 +248,13 @@ class TargetStream(IterableDataset):
         batch["epoch"], batch["batch_idx"] = plan.epoch, j
         return batch
 
+    def _bundle(self, plan: EpochPlan, arranged: Arranged, run: np.ndarray) -> dict[str, Any]:
+        """Consecutive batches ``run`` of one window as one item (see :func:`unbundle`)."""
+        bounds = [plan.batch_offsets(int(j))[0] for j in run] + [plan.batch_offsets(int(run[-1]))[1]]
+        out = arranged.batch(bounds[0], bounds[-1])
+        out.update(bundle_bounds=[b - bounds[0] for b in bounds], epoch=plan.epoch, batch_idx=int(run[0]))
+        return out
+
     # -- convenience ------------------------------------------------------------------------------
 
     def loader(self, num_workers: int = 0, **kwargs: Any) -> StreamLoader:
@@ -229,15 +264,66 @@ class TargetStream(IterableDataset):
 
 
 class StreamLoader(DataLoader):
-    """``DataLoader(stream, batch_size=None)`` that calls ``stream.mark(batch)`` before handing each batch out."""
+    """``DataLoader(stream, batch_size=None)`` that calls ``stream.mark(batch)`` before handing each batch out.
+
+    Workers of a target-only stream send runs of batches as one shared-memory item, unbundled here:
+    one file-descriptor hand-over per run instead of one per tensor per batch (~1 ms each).
+    """
 
     def __init__(self, dataset: TargetStream, **kwargs: Any):
         if kwargs.pop("batch_size", None) is not None:
             raise ValueError("a TargetStream yields whole batches: set its batch_size, not the DataLoader's")
-        super().__init__(dataset, batch_size=None, **kwargs)
+        self.stream = dataset
+        self._workers_at: int | None = None  # persistent workers: the epoch their copies will stream next
+        super().__init__(_Bundled(dataset), batch_size=None, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.stream)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
-        stream: TargetStream = self.dataset  # type: ignore[assignment]
-        for batch in super().__iter__():
-            stream.mark(batch)
-            yield batch
+        persistent = self.persistent_workers and self.num_workers > 0
+        if persistent and self._workers_at is not None and (self.stream.epoch, len(self.stream)) != (
+            self._workers_at, self.stream.batches_per_epoch
+        ):
+            raise RuntimeError(
+                "persistent_workers keep the stream copy they started with: they can only follow whole epochs in "
+                "order, not set_epoch/load_state_dict jumps or a pass left unfinished; use persistent_workers=False"
+            )
+        start, finished = self.stream.epoch, False
+        try:
+            for item in super().__iter__():
+                for batch in unbundle(item):
+                    self.stream.mark(batch)
+                    yield batch
+            finished = True
+        finally:
+            if persistent:
+                self._workers_at = start + 1 if finished else -1
+
+
+class _Bundled(IterableDataset):
+    """The stream as a StreamLoader's workers iterate it: bundles where that helps."""
+
+    def __init__(self, stream: TargetStream):
+        super().__init__()
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self.stream._iter(bundle=True)
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+
+def unbundle(item: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The batches of a bundle (views into its tensors), or the item itself when it is a batch."""
+    bounds = item.get("bundle_bounds")
+    if bounds is None:
+        yield item
+        return
+    for i in range(len(bounds) - 1):
+        a, b = bounds[i], bounds[i + 1]
+        yield {
+            "key": item["key"][a:b], "index": item["index"][a:b], "teacher_logits": item["teacher_logits"][a:b],
+            "label": item["label"][a:b], "epoch": item["epoch"], "batch_idx": item["batch_idx"] + i,
+        }

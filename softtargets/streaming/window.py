@@ -4,7 +4,8 @@ Each logit is copied once on its way from the store's read buffer to the batch: 
 rows are scattered straight into one tensor in their shuffled order, and every batch is a
 slice of it. In a DataLoader worker that tensor is allocated in shared memory, so sending a
 batch to the main process moves a handle, not the bytes (the main process maps each window
-once). numpy does the copying: ``torch.index_select`` is ~10x slower on CPU float16.
+once). numpy does the copying, on rows viewed as 8-byte words: fancy indexing of float16 items,
+and ``torch.index_select``, are ~10x slower.
 """
 
 from __future__ import annotations
@@ -64,17 +65,17 @@ class Window:
         n = len(self)
         shape = (n, *self.logits[0].shape[1:])
         out = _empty(shape, dtype, shared)
-        dst = (out.view(torch.int16) if dtype == torch.bfloat16 else out).numpy()
+        dst = _words((out.view(torch.int16) if dtype == torch.bfloat16 else out).numpy())
         if perm is None:
             for q, part in enumerate(self.logits):
-                dst[self.starts[q]:self.starts[q + 1]] = part.view(dst.dtype)
+                dst[self.starts[q]:self.starts[q + 1]] = _words(part)
             order: Any = slice(None)
             keys = self.key
         else:
             where = np.empty(n, dtype=np.int64)
             where[perm] = np.arange(n, dtype=np.int64)  # position of each window row in batch order
             for q, part in enumerate(self.logits):
-                dst[where[self.starts[q]:self.starts[q + 1]]] = part.view(dst.dtype)
+                dst[where[self.starts[q]:self.starts[q + 1]]] = _words(part)
             order = perm
             keys = [self.key[i] for i in perm.tolist()]
         members = None if self.members is None else (
@@ -103,11 +104,25 @@ class Arranged:
         return out
 
 
+def _words(a: np.ndarray) -> np.ndarray:
+    """Rows of ``a`` as ``[n, W]`` unsigned words of the widest size dividing a row's bytes.
+
+    numpy's fancy row copies run ~10x faster on 8-byte words than on float16 items.
+    """
+    flat = np.ascontiguousarray(a).reshape(a.shape[0], -1).view(np.uint8)
+    width = next(w for w in (8, 4, 2, 1) if flat.shape[1] % w == 0)
+    return flat.view(f"u{width}")
+
+
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
-    """An uninitialised tensor, in shared memory when ``shared`` (allocated there, not copied there)."""
-    if not shared:
-        return torch.empty(shape, dtype=dtype)
+    """An uninitialised tensor, in shared memory when ``shared`` (allocated there, not copied there).
+
+    Private buffers come from numpy, which asks Linux for huge pages: a fresh 64 MiB window then
+    takes ~5x fewer page faults than ``torch.empty``'s.
+    """
     nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+    if not shared:
+        return torch.from_numpy(np.empty(nbytes, dtype=np.uint8)).view(dtype).reshape(shape)
     storage = torch.UntypedStorage._new_shared(max(nbytes, 1))
     strides = tuple(int(s) for s in np.cumprod((1, *shape[:0:-1]))[::-1])
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape, strides)
