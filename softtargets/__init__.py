@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 from .joined import TargetJoin, with_targets  # noqa: E402
 from .losses import DistillationLoss, distillation_loss, kd_loss, logit_matching_loss  # noqa: E402
 from .manifest import FORMAT_VERSION, Manifest, ManifestError  # noqa: E402
+from .precompute import NonFiniteError, precompute  # noqa: E402
 from .store import (  # noqa: E402
     ChecksumError,
     StoreError,
@@ -35,6 +36,7 @@ __all__ = [
     "ChecksumError",
     "DistillationLoss",
     "Manifest",
+    "NonFiniteError",
     "ManifestError",
     "StoreError",
     "StreamLoader",
@@ -53,6 +55,7 @@ __all__ = [
     "kd_loss",
     "logit_matching_loss",
     "open_targets",
+    "precompute",
     "reduce_teachers",
     "stream",
     "tempered_log_softmax",

@@ -413,8 +413,11 @@ class ShardRunner:
                                          f"(shard {shard}); expected logits [{b}, {c}]")
                     outs.append(out)
             logits = torch.stack([o.float() for o in outs], dim=1)  # [B, K, C]
-            bad = ~torch.isfinite(logits).all(dim=-1)  # [B, K]
-            logits.masked_fill_(bad[..., None], 0.0)  # "uniform" policy; "error" raises on the writer thread
+            # A row's sum is NaN/Inf iff the row holds one (or overflows float32: garbage either way);
+            # one pass, no [B, K, C] mask.
+            bad = ~torch.isfinite(logits.sum(dim=-1))  # [B, K]
+            if self.options.nonfinite == "uniform":  # with "error", the writer thread raises
+                logits.masked_fill_(bad[..., None], 0.0)
             reduced = reduce_teachers(logits, self.spec.content, self.spec.temperature or 1.0)
             x_host = batch.x if self.options.pack_inputs else None
             if self.device.type != "cuda":
