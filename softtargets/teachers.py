@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import os
 import pickle
 from collections.abc import Callable, Mapping, Sequence
@@ -37,6 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from .config import import_object
 
 __all__ = [
     "Teacher",
@@ -123,20 +124,7 @@ def _num_params(module: nn.Module) -> int:
 
 def _import_factory(path: str, teacher: str) -> Callable[..., Any]:
     """Resolve ``"package.module:attr[.attr]"`` to a callable."""
-    module_path, sep, attr_path = path.partition(":")
-    if not sep or not module_path or not attr_path:
-        raise ValueError(f"teacher {teacher!r}: factory must be 'package.module:function', got {path!r}")
-    try:
-        obj: Any = importlib.import_module(module_path)
-    except ImportError as exc:
-        raise ImportError(f"teacher {teacher!r}: cannot import module {module_path!r} "
-                          f"of factory {path!r}: {exc}") from exc
-    for part in attr_path.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError as exc:
-            raise ImportError(f"teacher {teacher!r}: factory {path!r} not found "
-                              f"({part!r} missing)") from exc
+    obj = import_object(path, f"teacher {teacher!r}: factory")
     if not callable(obj):
         raise TypeError(f"teacher {teacher!r}: factory {path!r} is not callable")
     return obj

@@ -11,7 +11,6 @@ resumes with exactly the batches it had not trained on.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import math
 import os
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .config import import_object
 from .losses import DistillationLoss, logit_matching_loss
 from .store import open_targets
 from .streaming import TargetStream, stream
@@ -85,22 +85,6 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if not 0.0 <= float(self.alpha) <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
-
-
-def import_object(path: str, what: str = "factory") -> Any:
-    """``"package.module:attr[.attr]"`` -> the object; errors name ``what`` and the path."""
-    module_name, sep, attr = str(path).partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"{what} must be an import path 'package.module:name', got {path!r}")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"{what} {path!r}: cannot import {module_name!r} ({e})") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"{what} {path!r}: {module_name!r} has no attribute {part!r}")
-        obj = getattr(obj, part)
-    return obj
 
 
 def make_temperature(spec: float | dict[str, Any] | str, total_steps: int) -> float | Callable[[int], float]:

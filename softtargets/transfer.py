@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import Dataset, IterableDataset, TensorDataset
 
 __all__ = [
     "Batch",
@@ -278,7 +278,50 @@ class TransferSet(Dataset):
 
     def __getitem__(self, i: int) -> Sample:
         i = self._check_index(i)
-        x, y, item_key = self._unpack(self.dataset[i])
+        return self._sample(i, self.dataset[i])
+
+    def batch(self, indices: Sequence[int]) -> Batch:
+        """The :class:`Batch` of samples ``indices``: equal to ``collate([self[i] for i in indices])``.
+
+        Fetched in one go where the dataset allows: a ``TensorDataset`` is sliced (integer labels
+        checked as a whole), a dataset with ``__getitems__`` (torch's batched-read hook) is asked
+        for all items at once; other datasets are read item by item.
+        """
+        idx = [self._check_index(i) for i in indices]
+        if not idx:
+            raise ValueError("cannot collate an empty batch")
+        fast = self._tensor_batch(idx)
+        if fast is not None:
+            return fast
+        getitems = getattr(self.dataset, "__getitems__", None)
+        items = getitems(idx) if callable(getitems) else [self.dataset[i] for i in idx]
+        if len(items) != len(idx):
+            raise ValueError(f"{type(self.dataset).__name__}.__getitems__ returned {len(items)} items for "
+                             f"{len(idx)} indices")
+        return self.collate([self._sample(i, item) for i, item in zip(idx, items, strict=True)])
+
+    def _tensor_batch(self, idx: list[int]) -> Batch | None:
+        """``TensorDataset`` rows by tensor indexing; ``None`` where the per-item path must decide."""
+        if not isinstance(self.dataset, TensorDataset) or self._unpack is not unpack_item or self._mode == "item":
+            return None
+        tensors = self.dataset.tensors
+        rows = torch.tensor(idx, dtype=torch.int64)
+        if len(tensors) == 1:
+            labels = torch.full((len(idx),), UNLABELED, dtype=torch.int64)
+        else:
+            y = tensors[1]
+            if (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.ndim == 0
+                    or y[:1].numel() != 1):
+                return None  # not one integer per row: the per-item path raises the precise error
+            labels = y[rows].reshape(-1).to(torch.int64)
+            if bool((labels < UNLABELED).any()):
+                return None
+        keys = [str(i) for i in idx] if self._mode == "index" else [self.key(i) for i in idx]
+        return Batch(indices=rows, keys=keys, x=tensors[0][rows], labels=labels)
+
+    def _sample(self, i: int, item: Any) -> Sample:
+        """Sample ``i`` from its dataset ``item``."""
+        x, y, item_key = self._unpack(item)
         if self._mode == "item":
             if item_key is None:
                 raise ValueError(f"item {i} has no key, but item 0 had one; keys must be all or none")

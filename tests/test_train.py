@@ -96,7 +96,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(packed_store, tmp_pat
 def test_config_errors(packed_store, tmp_path):
     with pytest.raises(ValueError, match="inputs"):
         config(packed_store, tmp_path, inputs="files")
-    with pytest.raises(ValueError, match="cannot import"):
+    with pytest.raises(ImportError, match="cannot import"):
         train(config(packed_store, tmp_path, student="no_such_module:f"), progress=False)
     bad = tmp_path / "bad.toml"
     bad.write_text('[student]\nfactory = "x:y"\n[data]\nstore = "s"\nshuffle = true\n')

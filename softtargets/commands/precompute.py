@@ -43,34 +43,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..config import read_toml, resolve_path
+
 RUN_KEYS = {"batch_size", "num_workers", "device", "autocast", "nonfinite"}
 OUTPUT_KEYS = {"url", "layout", "content", "dtype", "temperature", "shard_rows", "block_rows", "compressor",
                "overflow", "class_names", "pack_inputs"}
 CLUSTER_KEYS = {"scheduler", "workers", "retries"}
 TABLES = {"output", "transfer_set", "cluster", "teachers"}
 TEACHER_PATHS = ("weights", "torchscript", "exported")
-
-
-def _toml(path: Path) -> dict[str, Any]:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        try:
-            import tomli as tomllib
-        except ModuleNotFoundError:
-            raise ImportError("reading TOML configs on Python 3.10 needs tomli: pip install tomli") from None
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{path}: not valid TOML ({e})") from None
-
-
-def _local(value: str, base: Path) -> str:
-    """``value`` relative to ``base`` unless it is absolute or a URL."""
-    if "://" in value or value.startswith("pipe:") or os.path.isabs(value):
-        return value
-    return str(base / value)
 
 
 def _check_keys(where: str, table: Any, allowed: set[str], path: Path) -> dict[str, Any]:
@@ -87,7 +67,7 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config {path} not found")
-    raw = _toml(path)
+    raw = read_toml(path)
     base = path.resolve().parent
     top = _check_keys("the top level", raw, RUN_KEYS | TABLES, path)
     output = dict(_check_keys("[output]", top.get("output", {}), OUTPUT_KEYS, path))
@@ -101,7 +81,8 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
             raise ValueError(f"{path}: missing [{table}]" if table != "teachers" else f"{path}: no [[teachers]]")
     if "webdataset" in transfer:
         urls = transfer["webdataset"]
-        transfer["webdataset"] = _local(urls, base) if isinstance(urls, str) else [_local(u, base) for u in urls]
+        one = isinstance(urls, str)
+        transfer["webdataset"] = resolve_path(urls, base) if one else [resolve_path(u, base) for u in urls]
     teachers = top["teachers"]
     if not isinstance(teachers, list) or not teachers:
         raise ValueError(f"{path}: [[teachers]] must list at least one teacher")
@@ -112,14 +93,14 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         spec = dict(t)
         for key in TEACHER_PATHS:
             if isinstance(spec.get(key), str):
-                spec[key] = _local(spec[key], base)
+                spec[key] = resolve_path(spec[key], base)
         specs.append(spec)
     kwargs: dict[str, Any] = {k: top[k] for k in RUN_KEYS if k in top}
     if kwargs.get("autocast") in ("none", ""):
         kwargs["autocast"] = None
     kwargs.update({k: v for k, v in output.items() if k != "url"})
     kwargs.update(cluster)
-    kwargs.update(teachers=specs, dataset=transfer, out=_local(output["url"], base))
+    kwargs.update(teachers=specs, dataset=transfer, out=resolve_path(output["url"], base))
     if str(base) not in sys.path:
         sys.path.append(str(base))
     return kwargs

@@ -46,6 +46,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..config import read_toml, resolve_path
+
 SECTIONS: dict[str, dict[str, str]] = {
     # section -> {toml key: TrainConfig field}
     "student": {"factory": "student", "kwargs": "student_kwargs"},
@@ -60,28 +62,6 @@ SECTIONS: dict[str, dict[str, str]] = {
 REQUIRED = {("student", "factory"), ("data", "store")}
 
 
-def _toml(path: Path) -> dict[str, Any]:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        try:
-            import tomli as tomllib
-        except ModuleNotFoundError:
-            raise ImportError("reading TOML configs on Python 3.10 needs tomli: pip install tomli") from None
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{path}: not valid TOML ({e})") from None
-
-
-def _local(value: str, base: Path) -> str:
-    """``value`` relative to ``base`` unless it is absolute or a URL."""
-    if "://" in value or os.path.isabs(value):
-        return value
-    return str(base / value)
-
-
 def load_config(path: str | os.PathLike[str], **overrides: Any):
     """A :class:`softtargets.train.TrainConfig` from a TOML file; ``overrides`` (not None) replace fields."""
     from ..train import TrainConfig
@@ -89,7 +69,7 @@ def load_config(path: str | os.PathLike[str], **overrides: Any):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config {path} not found")
-    raw = _toml(path)
+    raw = read_toml(path)
     base = path.resolve().parent
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
@@ -106,8 +86,8 @@ def load_config(path: str | os.PathLike[str], **overrides: Any):
     for section, key in sorted(REQUIRED):
         if SECTIONS[section][key] not in fields:
             raise ValueError(f"{path}: [{section}] needs {key}")
-    fields["store"] = _local(str(fields["store"]), base)
-    fields["out"] = _local(str(fields.get("out", "runs/student")), base)
+    fields["store"] = resolve_path(str(fields["store"]), base)
+    fields["out"] = resolve_path(str(fields.get("out", "runs/student")), base)
     fields.update({k: v for k, v in overrides.items() if v is not None})  # command-line values: as given
     if str(base) not in sys.path:
         sys.path.append(str(base))
