@@ -32,8 +32,7 @@ class TargetJoin(Dataset):
         if by not in ("index", "key"):
             raise ValueError(f"unknown join {by!r}; expected 'index' or 'key'")
         self.dataset, self.by, self.cache_bytes = dataset, by, int(cache_bytes)
-        self._store: TargetStore | None = store
-        self._reopen = (type(store), store.url, store.manifest, store.fs, store.root, store.verify_mode)
+        self.store = store  # pickles as "open again" in each worker
         m = store.manifest
         self.rows: np.ndarray | None = None
         if by == "index":
@@ -55,15 +54,8 @@ class TargetJoin(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_store"], state["_cache"], state["_cached_bytes"] = None, OrderedDict(), 0
+        state["_cache"], state["_cached_bytes"] = OrderedDict(), 0
         return state
-
-    @property
-    def store(self) -> TargetStore:
-        if self._store is None:
-            cls, *args = self._reopen
-            self._store = cls(*args)
-        return self._store
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from .cluster import TaskFailure
 from .manifest import Manifest, ShardRecord
@@ -293,6 +293,10 @@ class _ShardWriterThread(threading.Thread):
         self.join()
 
     def run(self) -> None:
+        # One torch thread here (new threads inherit the process setting): encoding must not take the
+        # teachers' cores. Restored on exit, so threads started later get the user's setting.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
         try:
             with torch.inference_mode():
                 while True:
@@ -302,6 +306,8 @@ class _ShardWriterThread(threading.Thread):
                     self._take(item)
         except BaseException as exc:  # handed to the compute thread
             self.error = exc
+        finally:
+            torch.set_num_threads(threads)
 
     def _take(self, item: _Item) -> None:
         if item.event is not None:
@@ -314,6 +320,21 @@ class _ShardWriterThread(threading.Thread):
         start, stop = self.runner.spec.shard_range(item.shard)
         if part.rows == stop - start:
             self.records.append(self.runner._write(item.shard, self.parts.pop(item.shard)))
+
+
+class _BatchFetcher(Dataset):
+    """Map-style dataset whose items are whole batches: ``fetcher[indices]`` is ``transfer_set.batch(indices)``."""
+
+    def __init__(self, transfer_set: TransferSet) -> None:
+        self.transfer_set = transfer_set
+
+    def __getitem__(self, indices: list[int]) -> Batch:
+        return self.transfer_set.batch(indices)
+
+
+def _as_is(batch: Batch) -> Batch:
+    """The DataLoader's ``collate_fn`` for batches fetched whole (picklable, for worker processes)."""
+    return batch
 
 
 class ShardRunner:
@@ -370,7 +391,8 @@ class ShardRunner:
         """Batches of ``batch_size`` rows in shard order; each shard's first batch starts at its first row.
 
         One DataLoader per runner, with persistent workers: a dask worker process runs many shard
-        tasks, and its DataLoader workers start once (they are spawned there: seconds each).
+        tasks, and its DataLoader workers start once (they are spawned there: seconds each). Each
+        batch is fetched whole by :meth:`TransferSet.batch` (one slice of a ``TensorDataset``).
         """
         bs = int(self.options.batch_size)
         batches = []
@@ -387,7 +409,7 @@ class ShardRunner:
                 workers = 0
             cuda = self.device.type == "cuda"
             self._dataloader = DataLoader(
-                self.transfer_set, batch_sampler=self._batches, collate_fn=self.transfer_set.collate,
+                _BatchFetcher(self.transfer_set), sampler=self._batches, batch_size=None, collate_fn=_as_is,
                 num_workers=workers, persistent_workers=workers > 0, pin_memory=cuda,
             )
         yield from self._dataloader
@@ -403,16 +425,16 @@ class ShardRunner:
         b, c = len(batch.keys), self.spec.num_classes
         with torch.inference_mode():
             x = batch.x.to(self.device, non_blocking=True)
-            outs = []
+            # Fresh each batch: the writer thread still holds the previous ones.
+            logits = torch.empty((b, len(self.teachers), c), dtype=torch.float32, device=self.device)
             with self._autocast():
-                for t in self.teachers:
+                for k, t in enumerate(self.teachers):
                     out = t.module(x)
                     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (b, c):
                         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                         raise ValueError(f"teacher {t.name!r} returned {got} for a batch of {b} "
                                          f"(shard {shard}); expected logits [{b}, {c}]")
-                    outs.append(out)
-            logits = torch.stack([o.float() for o in outs], dim=1)  # [B, K, C]
+                    logits[:, k].copy_(out)  # [B, K, C] float32, no stacking copy
             # A row's sum is NaN/Inf iff the row holds one (or overflows float32: garbage either way);
             # one pass, no [B, K, C] mask.
             bad = ~torch.isfinite(logits.sum(dim=-1))  # [B, K]
@@ -547,7 +569,7 @@ def _collect_nonfinite(writer: TargetWriter) -> dict[str, list[str]]:
 
 
 def _example_batch(ts: TransferSet) -> torch.Tensor:
-    return ts.collate([ts[i] for i in range(min(2, len(ts)))]).x
+    return ts.batch(range(min(2, len(ts)))).x
 
 
 def _progress(total: int, enabled: bool, desc: str) -> Any:

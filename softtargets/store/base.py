@@ -373,6 +373,10 @@ class TargetStore(ABC):
             for s in manifest.shards:
                 self.check_shard(s.id)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle as "open again" (for DataLoader workers): no caches, zarr handles or file handles travel."""
+        return (type(self), (self.url, self.manifest, self.fs, self.root, self.verify_mode))
+
     # -- integrity --------------------------------------------------------------------------------
 
     def _file_url(self, rel: str) -> str:

@@ -50,8 +50,9 @@ def encode_logits(
         work = zero_mean(work)
     elif normalization != "none":
         raise ValueError(f"unknown normalization {normalization!r}; expected 'zero_mean' or 'none'")
-    # One reduction serves both checks: NaN/Inf make the max non-finite.
-    amax = float(work.abs().amax()) if work.numel() else 0.0
+    # One reduction (no |x| copy) serves both checks: NaN/Inf make the min or max non-finite.
+    lo, hi = (float(v) for v in torch.aminmax(work)) if work.numel() else (0.0, 0.0)
+    amax = max(-lo, hi) if math.isfinite(lo) and math.isfinite(hi) else math.inf
     if not math.isfinite(amax):
         bad = (~torch.isfinite(t)).reshape(t.shape[0], -1).any(dim=1).nonzero().flatten()
         raise ValueError(f"logits contain NaN or Inf in rows {bad[:10].tolist()} of this batch")

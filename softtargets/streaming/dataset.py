@@ -68,8 +68,7 @@ class TargetStream(IterableDataset):
     ):
         super().__init__()
         m = store.manifest
-        self._store: TargetStore | None = store
-        self._reopen = (type(store), store.url, m, store.fs, store.root, store.verify_mode)
+        self.store = store  # pickles as "open again" in each worker
         self.manifest = m
         self.rank, self.world_size = resolve_rank(rank, world_size)
         batch_size = int(batch_size)
@@ -93,20 +92,6 @@ class TargetStream(IterableDataset):
         self.join = None if dataset is None else DatasetJoin(dataset, by, len(store), dataset_keys)
         self.epoch = 0
         self._consumed = BatchSet()
-
-    # -- pickling to workers: the store is re-opened in each process -------------------------------
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_store"] = None
-        return state
-
-    @property
-    def store(self) -> TargetStore:
-        if self._store is None:
-            cls, *args = self._reopen
-            self._store = cls(*args)
-        return self._store
 
     # -- the plan ---------------------------------------------------------------------------------
 
