@@ -80,8 +80,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for the teachers (here and in the warm dask worker); the other cores "
                              "are left to the writer thread")
+    parser.add_argument("--engines", nargs="+", default=["local", "dask-warm", "dask"],
+                        choices=["local", "dask-warm", "dask"])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "precompute.json")
     args = parser.parse_args()
+
+    import contextlib
 
     import dask
     from distributed import Client, LocalCluster
@@ -93,23 +97,31 @@ def main() -> None:
     data = TensorDataset(x)
     tmp = Path(tempfile.mkdtemp(prefix="bench-precompute-"))
     rows = []
-    with dask.config.set(spawn_env), LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
-                                                  dashboard_address=":0", silence_logs=logging.ERROR) as cluster, \
-            Client(cluster) as warm:
+    engines = args.engines
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(dask.config.set(spawn_env))
+        warm = None
+        if "dask-warm" in engines:
+            cluster = stack.enter_context(LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
+                                                       dashboard_address=":0", silence_logs=logging.ERROR))
+            warm = stack.enter_context(Client(cluster))
         for k in args.teachers:
             models = [teacher(i) for i in range(k)]
             with torch.inference_mode():  # warm-up: first calls allocate
                 for m in models:
                     m(x[: args.batch_size])
-            times: dict[str, list[tuple[float, float]]] = {"bare": [], "local": [], "dask-warm": []}
+            times: dict[str, list[tuple[float, float]]] = {e: [] for e in ("bare", *engines) if e != "dask"}
             for _ in range(args.repeats):  # interleaved, so drifting machine load hits all alike
                 times["bare"].append(bare_loop(models, x, args.batch_size))
-                times["local"].append(run_precompute(models, data, tmp / "l.zarr", args.batch_size,
-                                                     args.shard_rows, "local"))
-                times["dask-warm"].append(run_precompute(models, data, tmp / "w.zarr", args.batch_size,
-                                                         args.shard_rows, warm))
-            # The default engine as a user gets it: a fresh LocalCluster (its worker uses all cores), once.
-            times["dask"] = [run_precompute(models, data, tmp / "d.zarr", args.batch_size, args.shard_rows, None)]
+                if "local" in engines:
+                    times["local"].append(run_precompute(models, data, tmp / "l.zarr", args.batch_size,
+                                                         args.shard_rows, "local"))
+                if warm is not None:
+                    times["dask-warm"].append(run_precompute(models, data, tmp / "w.zarr", args.batch_size,
+                                                             args.shard_rows, warm))
+            if "dask" in engines:  # the default engine as a user gets it: a fresh LocalCluster, once
+                times["dask"] = [run_precompute(models, data, tmp / "d.zarr", args.batch_size, args.shard_rows,
+                                                None)]
             bare, bare_cpu = min(w for w, _ in times["bare"]), min(c for _, c in times["bare"])
             batches = -(-args.samples // args.batch_size)
             for engine, ts in times.items():

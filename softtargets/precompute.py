@@ -9,7 +9,7 @@ are not done yet (in this process, or as dask tasks: :mod:`softtargets.cluster`)
 manifest last.
 
 Per batch, on the device: every teacher's forward pass under ``torch.inference_mode()`` (and
-optional autocast), the logits stacked to ``[B, K, C]`` float32, a per-teacher finiteness mask
+optional autocast), the logits gathered into one ``[B, K, C]`` float32 tensor, a per-teacher finiteness mask
 ``[B, K]``, and the store's reduction (:func:`softtargets.temperature.reduce_teachers`). A
 background writer thread, fed by a bounded queue, takes the results off the device, checks
 them, and writes finished shards, so the device does not wait on storage.

@@ -282,3 +282,59 @@ def test_webdataset_member_offsets_match_tarfile(shards):
     with tarfile.open(shards / "part-000.tar") as tar:
         raw = tar.extractfile("s0003.input.npy").read()
     assert torch.equal(source[3]["x"], torch.from_numpy(np.load(io.BytesIO(raw))))
+
+
+# ---------------------------------------------------------------------------- batched fetching
+
+
+class BatchReadDataset(ListDataset):
+    """Has torch's batched-read hook ``__getitems__``; counts its calls."""
+
+    calls = 0
+
+    def __getitems__(self, indices: list[int]) -> list:
+        self.calls += 1
+        return [self.items[i] for i in indices]
+
+
+def _same_batch(a: Batch, b: Batch) -> None:
+    assert torch.equal(a.indices, b.indices) and a.keys == b.keys
+    assert a.x.dtype == b.x.dtype and torch.equal(a.x, b.x)
+    assert a.labels.dtype == b.labels.dtype and torch.equal(a.labels, b.labels)
+
+
+@pytest.mark.parametrize("labels", [None, "int", "column", "uint8"])
+@pytest.mark.parametrize("keys", [None, "list"])
+def test_batch_of_a_tensor_dataset_equals_collated_items(labels, keys) -> None:
+    x = torch.randn(10, 3, 2)
+    y = {"int": torch.tensor([3, -1, 0, 9, 2, 2, 1, 0, 5, 7]), "column": torch.arange(10)[:, None],
+         "uint8": torch.arange(10, dtype=torch.uint8)}.get(labels)
+    ds = torch.utils.data.TensorDataset(x) if y is None else torch.utils.data.TensorDataset(x, y)
+    ts = TransferSet(ds, keys=[f"s{i}" for i in range(10)] if keys else None)
+    idx = [7, 2, 2 + 1, 9]
+    got = ts.batch(idx)
+    _same_batch(got, ts.collate([ts[i] for i in idx]))
+    assert got.keys == ([f"s{i}" for i in idx] if keys else [str(i) for i in idx])
+
+
+def test_batch_refuses_what_items_refuse() -> None:
+    ts = TransferSet(torch.utils.data.TensorDataset(torch.zeros(3, 2), torch.tensor([0.5, 1.0, 2.0])))
+    with pytest.raises(TypeError, match="label must be an integer"):
+        ts.batch([0, 1])
+    ts = TransferSet(torch.utils.data.TensorDataset(torch.zeros(3, 2), torch.tensor([0, -2, 1])))
+    with pytest.raises(ValueError, match="label must be >= 0"):
+        ts.batch([0, 1])
+    with pytest.raises(IndexError, match="out of range"):
+        ts.batch([0, 3])
+    with pytest.raises(ValueError, match="empty batch"):
+        ts.batch([])
+
+
+def test_batch_uses_getitems_once() -> None:
+    items = [{"x": x, "y": i % 3, "key": f"k{i}"} for i, x in enumerate(_xs(6))]
+    ds = BatchReadDataset(items)
+    ts = TransferSet(ds)
+    got = ts.batch([5, 0, 3])
+    assert ds.calls == 1
+    _same_batch(got, ts.collate([ts[i] for i in (5, 0, 3)]))
+    assert got.keys == ["k5", "k0", "k3"]
