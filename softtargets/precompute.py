@@ -24,7 +24,6 @@ rules then average it in as such) and lists ``{key: [teacher, ...]}`` in the man
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
 import math
@@ -42,6 +41,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .cluster import TaskFailure
+from .config import import_object
 from .manifest import Manifest, ShardRecord
 from .store import BYTES_PER_DTYPE, attach_writer, create_targets, default_rows
 from .store.base import MARKER_DIR, TargetWriter
@@ -145,21 +145,6 @@ class PrecomputeJob:
 # Transfer sets from config
 
 
-def _import(path: str, what: str) -> Any:
-    module_path, sep, attr_path = str(path).partition(":")
-    if not sep or not module_path or not attr_path:
-        raise ValueError(f"{what}: expected 'package.module:function', got {path!r}")
-    try:
-        obj: Any = importlib.import_module(module_path)
-    except ImportError as exc:
-        raise ImportError(f"{what}: cannot import module {module_path!r} of {path!r}: {exc}") from exc
-    for part in attr_path.split("."):
-        if not hasattr(obj, part):
-            raise ImportError(f"{what}: {path!r} not found ({part!r} missing)")
-        obj = getattr(obj, part)
-    return obj
-
-
 def load_transfer_set(spec: Any) -> TransferSet:
     """A :class:`TransferSet` from a dataset object, WebDataset URL(s), or a config mapping.
 
@@ -178,7 +163,7 @@ def load_transfer_set(spec: Any) -> TransferSet:
     if "webdataset" in spec:
         return as_transfer_set(spec["webdataset"], name=name)
     kwargs = spec.get("kwargs") or {}
-    dataset = _import(spec["factory"], "transfer_set factory")(**kwargs)
+    dataset = import_object(spec["factory"], "transfer_set factory")(**kwargs)
     return as_transfer_set(dataset, name=name or str(spec["factory"]).rpartition(":")[2])
 
 
