@@ -34,6 +34,7 @@ import numcodecs
 import numpy as np
 import torch
 import zarr
+from timing import best_of
 
 import softtargets as st
 from softtargets.temperature import zero_mean
@@ -49,16 +50,6 @@ def make_logits(n: int, k: int, seed: int = 0) -> np.ndarray:
     shape = (n, C) if k == 1 else (n, k, C)
     x = rng.standard_normal(shape, dtype=np.float32) * 3.0
     return x + rng.standard_normal((n,) + (1,) * (len(shape) - 1), dtype=np.float32) * 2.0
-
-
-def best_of(fn: Any, repeats: int) -> float:
-    """Shortest wall time of ``repeats`` calls, seconds."""
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def memcpy_rows_per_s(stored: np.ndarray, repeats: int) -> float:

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from timing import best_of
 
 import softtargets as st
 from softtargets.streaming import stream
@@ -55,15 +56,6 @@ def write_store(path: Path, layout: str, k: int, n: int) -> st.TargetStore:
         w.write([f"s{i:09d}" for i in range(a, a + step)], torch.randn(step, *shape, generator=g) * 3)
     w.close()
     return st.open_targets(path, verify="none")
-
-
-def best_of(fn: Any, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def bench_store(path: Path, layout: str, k: int, n: int, repeats: int) -> list[dict[str, Any]]:
