@@ -38,6 +38,12 @@ def run(request, tmp_path_factory) -> tuple[Path, dict]:
     return out, json.loads((out / "results.json").read_text())
 
 
+def _digit_labels() -> np.ndarray:
+    from sklearn.datasets import load_digits
+
+    return load_digits().target
+
+
 def _finite_counts(values: list, limit: int) -> bool:
     return all(isinstance(v, int) and 0 <= v <= limit for v in values)
 
@@ -86,6 +92,17 @@ def test_results_json_structure(run):
         assert 0 <= row["digit_test_accuracy_before"] <= 1 and 0 <= row["digit_test_accuracy_after"] <= 1
         assert row["digit_test_accuracy_after"] >= row["digit_test_accuracy_before"]  # a shift >= 0 only adds 3s
         assert math.isfinite(row["bias_shift"]) and _finite_counts([row["test_errors_after"]], n_test)
+
+    stores = r["stores"]
+    assert set(stores) == {"train", "train-without-3"}
+    n3 = int((_digit_labels()[idx["train"]] == 3).sum())
+    for name, rows in (("train", 1078), ("train-without-3", 1078 - n3)):
+        summary = stores[name]
+        assert Path(summary["url"]).exists() and summary["layout"] == r["layout"]
+        assert summary["logits_shape"] == [rows, k, 10] and summary["labeled"] == rows
+        assert summary["num_shards"] == -(-rows // CFG["store"]["shard_rows"])
+        assert 0 < summary["max_abs_diff_vs_teachers"] < 0.01  # float16 rounding of the teachers' logits
+        assert Path(summary["precompute_config"]).is_file()
 
     timings = r["timings"]
     assert all(math.isfinite(v) and v > 0 for v in [timings["total_seconds"], *timings["teachers"],

@@ -83,6 +83,9 @@ def _positive(v: Any) -> bool:
 def check(cfg: dict[str, Any], source: str) -> None:
     """Types and ranges of the values the pipeline relies on."""
     r = _require
+    r(isinstance(cfg["workers"], int) and cfg["workers"] >= 1, source, "workers", "an integer >= 1", cfg["workers"])
+    sr = cfg["store"]["shard_rows"]
+    r(isinstance(sr, int) and sr >= 0, source, "store.shard_rows", "an integer >= 0 (0 = default)", sr)
     r(isinstance(cfg["threads"], int) and cfg["threads"] >= 1, source, "threads", "an integer >= 1", cfg["threads"])
     r(isinstance(cfg["split"]["seed"], int), source, "split.seed", "an integer", cfg["split"]["seed"])
     fr = cfg["split"]["fractions"]

@@ -84,8 +84,17 @@ def split_indices(seed: int, fractions: Sequence[float]) -> tuple[np.ndarray, np
     return np.sort(train).astype(np.int64), np.sort(val).astype(np.int64), np.sort(test).astype(np.int64)
 
 
+@cache
+def _load_split(seed: int, fractions: tuple[float, ...]) -> DigitsSplit:
+    return _make_split(seed, fractions)
+
+
 def load_split(seed: int = 0, fractions: Sequence[float] = (0.6, 0.2, 0.2)) -> DigitsSplit:
-    """The split as tensors (see :func:`split_indices`)."""
+    """The split as tensors (see :func:`split_indices`); built once per process (do not modify it)."""
+    return _load_split(int(seed), tuple(float(f) for f in fractions))
+
+
+def _make_split(seed: int, fractions: Sequence[float]) -> DigitsSplit:
     x, y = _digits()
     train, val, test = split_indices(seed, fractions)
 
@@ -116,6 +125,11 @@ class DigitsRows(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.x[i], int(self.y[i])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
+        """Items at ``indices`` with one gather (what a ``DataLoader`` and ``softtargets.stream``'s join call)."""
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        return list(zip(self.x[idx].unbind(0), self.y[idx].tolist(), strict=True))
 
 
 def transfer_set(seed: int = 0, fractions: Sequence[float] = (0.6, 0.2, 0.2),

@@ -132,14 +132,15 @@ def mythical_table(myth: dict[str, Any]) -> list[str]:
 
 
 def timing_lines(results: dict[str, Any]) -> list[str]:
-    t, env = results["timings"], results["environment"]
-    pre = ", ".join(f"{k} {v:.2f} s" for k, v in t["precompute"].items())
+    t, env, cfg = results["timings"], results["environment"], results["config"]
+    w = t["stage_wall_seconds"]
+    nets = len(t["teachers"]) + len(t["students_hard"]) + len(t["students_distilled"]) + len(t["mythical"])
     return [
         "",
-        f"Timings ({env['cpu_count']} CPU cores, {env['torch_threads']} torch thread(s)): total "
-        f"{t['total_seconds']:.0f} s; teachers {sum(t['teachers']):.0f} s; precompute {pre}; students "
-        f"{sum(t['students_hard']) + sum(t['students_distilled']) + sum(t['mythical']):.0f} s "
-        f"({len(t['students_hard']) + len(t['students_distilled']) + len(t['mythical'])} nets).",
+        f"Wall time {t.get('main_seconds', t['total_seconds']):.0f} s on {env['cpu_count']} CPU cores "
+        f"({cfg['workers']} training process(es), {cfg['threads']} torch thread(s) each; {nets} nets): teachers "
+        f"{w['teachers']:.0f} s, stage one {w['precompute']:.1f} s (both stores), students {w['students']:.0f} s, "
+        f"mythical digit {w['mythical']:.0f} s.",
     ]
 
 
@@ -159,19 +160,25 @@ def plot(results: dict[str, Any], out: Path) -> Path:
 
     stud, teach = results["students"], results["teachers"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for rule, alpha in stud["per_rule_alpha"].items():
+    sel = stud["selected"]
+    rules = list(stud["per_rule_alpha"].items())
+    for j, (rule, alpha) in enumerate(rules):
         entries = sorted((e for e in stud["distilled"] if e["rule"] == rule and e["alpha"] == alpha),
                          key=lambda e: e["T"])
-        ax.errorbar([e["T"] for e in entries], [e["test_mean_std"]["mean"] for e in entries],
-                    yerr=[e["test_mean_std"]["std"] for e in entries], marker="o", capsize=3,
-                    label=f"distilled, {rule} (α = {alpha:g})")
+        dodge = 1.04 ** (j - (len(rules) - 1) / 2)  # side by side on the log axis
+        line = ax.errorbar([e["T"] * dodge for e in entries], [e["test_mean_std"]["mean"] for e in entries],
+                           yerr=[e["test_mean_std"]["std"] for e in entries], marker="o", capsize=3,
+                           label=f"distilled, {rule} (α = {alpha:g})")
+        if rule == sel["rule"] and alpha == sel["alpha"]:
+            best = next(e for e in entries if e["T"] == sel["T"])
+            ax.plot(best["T"] * dodge, best["test_mean_std"]["mean"], marker="*", markersize=16, linestyle="none",
+                    color=line[0].get_color(), markeredgecolor="black", label="validation's choice")
     h = stud["hard"]["test_mean_std"]
     ax.axhline(h["mean"], color="tab:red", linestyle="--", label=f"student, hard labels ({h['mean']:.1f})")
     ax.axhspan(h["mean"] - h["std"], h["mean"] + h["std"], color="tab:red", alpha=0.1)
     styles = {"arithmetic": ":", "geometric": "-."}
     for rule, e in teach["ensemble"].items():
         ax.axhline(e["test"], color="black", linestyle=styles[rule], label=f"teacher ensemble, {rule} ({e['test']})")
-    sel = stud["selected"]
     ax.set_xscale("log")
     temps = sorted({e["T"] for e in stud["distilled"]})
     ax.set_xticks(temps, [f"{t:g}" for t in temps])

@@ -17,7 +17,6 @@ written whole by one writer: zarr loses rows when writers share a shard.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -38,6 +37,8 @@ COMPRESSORS = {
 }
 # Write and read every chunk, including those equal to the fill value, so each shard is one file.
 ARRAY_CONFIG = {"write_empty_chunks": True}
+# Reader-side cache of whole shards' keys and labels (a key as a Python str ~ 70 bytes, a label 8).
+META_BYTES_PER_ROW = 80
 
 
 def _zarr_store(fs: Any, root: str, read_only: bool) -> Any:
@@ -118,35 +119,49 @@ class ZarrWriter(TargetWriter):
 class ZarrStore(TargetStore):
     """A finished Zarr store, read through zarr (local files, or any fsspec URL)."""
 
+    meta_cache_bytes = 256 << 20
+
     def __init__(self, url: str, manifest: Manifest, fs: Any, root: str, verify: str = "lazy"):
         super().__init__(url, manifest, fs, root, verify)
         group = zarr.open_group(_zarr_store(fs, root, read_only=True), mode="r")
         self.arrays = {name: group[name] for name in ARRAYS}
-        self._meta: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._meta: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._meta_bytes = 0
         if self.arrays["logits"].shape != manifest.logits_shape:
             raise StoreError(
                 f"{url}: logits array has shape {self.arrays['logits'].shape}, the manifest says "
                 f"{manifest.logits_shape}"
             )
 
-    def _shard_meta(self, shard_id: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(keys, labels)`` of a whole shard, read once and kept for the last few shards:
-        one zarr call per shard instead of two per block (keys and labels are ~1 % of the bytes)."""
+    def _shard_meta(self, shard_id: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(keys, labels)`` of a whole shard, kept once read: one zarr call per shard instead of two per
+        block. Shards are kept until ``meta_cache_bytes`` is reached, then later ones are read per range
+        (no eviction, so a random block order over a huge store never thrashes)."""
         if shard_id in self._meta:
-            self._meta.move_to_end(shard_id)
             return self._meta[shard_id]
-        self.check_shard(shard_id)
         s = self.manifest.shards[shard_id]
+        cost = s.rows * META_BYTES_PER_ROW
+        if self._meta_bytes + cost > self.meta_cache_bytes:
+            return None
+        self.check_shard(shard_id)
         meta = (self.arrays["keys"][s.start:s.stop].astype(object), self.arrays["labels"][s.start:s.stop])
         self._meta[shard_id] = meta
-        while len(self._meta) > 4:
-            self._meta.popitem(last=False)
+        self._meta_bytes += cost
         return meta
 
     def _read(self, shard_id: int, lo: int, hi: int) -> dict[str, np.ndarray]:
-        keys, labels = self._shard_meta(shard_id)
+        self.check_shard(shard_id)
         start = self.manifest.shards[shard_id].start
-        return {"key": keys[lo:hi], "logits": self.arrays["logits"][start + lo:start + hi], "label": labels[lo:hi]}
+        a, b = start + lo, start + hi
+        meta = self._shard_meta(shard_id)
+        if meta is None:
+            keys, labels = self.arrays["keys"][a:b].astype(object), self.arrays["labels"][a:b]
+        else:
+            keys, labels = meta[0][lo:hi], meta[1][lo:hi]
+        return {"key": keys, "logits": self.arrays["logits"][a:b], "label": labels}
 
     def _read_keys(self, shard_id: int) -> list[str]:
-        return self._shard_meta(shard_id)[0].tolist()
+        meta = self._shard_meta(shard_id)
+        if meta is not None:
+            return meta[0].tolist()
+        return self._read(shard_id, 0, self.manifest.shards[shard_id].rows)["key"].tolist()
