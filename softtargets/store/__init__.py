@@ -120,6 +120,9 @@ def create_targets(
         raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
     row_bytes = BYTES_PER_DTYPE[dtype] * num_classes * (k if content == "per_teacher" else 1)
     auto_block, auto_shard = default_rows(row_bytes, sample_layout if layout == "wds" else "block")
+    if num_samples:  # a small store gets small blocks, not one mostly-empty chunk
+        fit = 1 << max(0, int(num_samples) - 1).bit_length()
+        auto_block, auto_shard = min(auto_block, fit), min(auto_shard, fit)
     block_rows = int(block_rows or (1 if layout == "wds" and sample_layout == "sample" else auto_block))
     shard_rows = int(shard_rows or max(auto_shard // block_rows, 1) * block_rows)
     if shard_rows % block_rows:
