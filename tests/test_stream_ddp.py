@@ -1,5 +1,6 @@
 """softtargets.stream under real torch.distributed: 2 gloo processes on 127.0.0.1, each with a
-DataLoader of 2 worker processes. The ranks take their split from torch.distributed itself."""
+DataLoader of 2 worker processes, over a zarr store and a wds store (one spawn for both).
+The ranks take their split from torch.distributed itself."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import socket
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -16,7 +18,10 @@ import torch.multiprocessing as mp
 import softtargets as st
 from softtargets.streaming import stream
 
-N, C, WORLD = 301, 10, 2  # odd N: the remainder policy matters
+C, WORLD, BATCH = 10, 2, 16
+ODD_N = 301  # the remainder policy matters
+EXACT_N = 320  # = WORLD * BATCH * 10: no padding, nothing dropped
+LAYOUTS = ("zarr", "wds")
 
 
 def _free_port() -> int:
@@ -25,52 +30,89 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, port: int, store: str, out: str) -> None:
+def _epoch(store: str, remainder: str) -> dict:
+    """One epoch on this rank through 2 DataLoader workers, with a DDP all_reduce per step."""
+    ds = stream(store, batch_size=BATCH, seed=5, remainder=remainder, buffer_size=48)
+    assert (ds.rank, ds.world_size) == (dist.get_rank(), WORLD)
+    seen, keys, steps = [], [], 0
+    # Ranks made by mp.spawn default to spawning their workers too (seconds each); torchrun's use fork.
+    for batch in ds.loader(num_workers=2, multiprocessing_context="fork"):
+        # A DDP step: every rank must take part, or the all_reduce hangs.
+        total = batch["teacher_logits"].float().sum().reshape(1)
+        dist.all_reduce(total)
+        seen += batch["index"].tolist()
+        keys += batch["key"]
+        steps += 1
+    return {"steps": steps, "seen": seen, "keys": keys, "state": ds.state_dict(), "len": ds.batches_per_epoch}
+
+
+def _rank_main(rank: int, port: int, stores: dict[str, str], out: str) -> None:
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
         timeout=datetime.timedelta(seconds=60),
     )
     try:
         result = {}
-        for remainder in ("pad", "drop"):
-            ds = stream(store, batch_size=16, seed=5, remainder=remainder, buffer_size=48)
-            assert (ds.rank, ds.world_size) == (rank, WORLD)
-            seen, steps = [], 0
-            # Ranks made by mp.spawn default to spawning their workers too (seconds each); torchrun's use fork.
-            for batch in ds.loader(num_workers=2, multiprocessing_context="fork"):
-                # A DDP step: every rank must take part, or the all_reduce hangs.
-                total = batch["teacher_logits"].float().sum().reshape(1)
-                dist.all_reduce(total)
-                seen += batch["index"].tolist()
-                steps += 1
-            gathered: list = [None] * WORLD
-            dist.all_gather_object(gathered, {"steps": steps, "seen": seen, "state": ds.state_dict()})
-            result[remainder] = gathered
+        for name, store in stores.items():
+            remainders = ("pad", "drop") if name.startswith("odd") else ("pad",)
+            for remainder in remainders:
+                gathered: list = [None] * WORLD
+                dist.all_gather_object(gathered, _epoch(store, remainder))
+                result[f"{name}/{remainder}"] = gathered
         if rank == 0:
             Path(out).write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_with_two_workers_each(tmp_path):
-    store = tmp_path / "t.zarr"
+def _write(path: Path, layout: str, n: int) -> str:
     g = torch.Generator().manual_seed(0)
-    w = st.create_targets(store, num_classes=C, content="geometric", dtype="float16", shard_rows=64, block_rows=16)
-    w.write([f"s{i}" for i in range(N)], torch.randn(N, C, generator=g))
+    w = st.create_targets(path, num_classes=C, content="geometric", dtype="float16", layout=layout,
+                          shard_rows=64, block_rows=16)
+    w.write([f"s{i:04d}" for i in range(n)], torch.randn(n, C, generator=g))
     w.close()
-    out = tmp_path / "result.json"
-    mp.spawn(_rank_main, args=(_free_port(), str(store), str(out)), nprocs=WORLD, join=True)
-    result = json.loads(out.read_text())
+    return str(path)
 
-    pad, drop = result["pad"], result["drop"]
+
+@pytest.fixture(scope="module")
+def ddp_result(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+    root = tmp_path_factory.mktemp("ddp")
+    stores = {}
+    for layout in LAYOUTS:
+        stores[f"odd-{layout}"] = _write(root / f"odd.{layout}", layout, ODD_N)
+        stores[f"exact-{layout}"] = _write(root / f"exact.{layout}", layout, EXACT_N)
+    out = root / "result.json"
+    mp.spawn(_rank_main, args=(_free_port(), stores, str(out)), nprocs=WORLD, join=True)
+    return stores, json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_exact_split_covers_every_key_once(ddp_result, layout):
+    stores, result = ddp_result
+    ranks = result[f"exact-{layout}/pad"]
+    all_keys = st.open_targets(stores[f"exact-{layout}"]).keys()
+    assert len(all_keys) == EXACT_N
+    seen_keys = [k for r in ranks for k in r["keys"]]
+    assert len(seen_keys) == len(set(seen_keys)) == EXACT_N  # no duplicates
+    assert set(seen_keys) == set(all_keys)  # the union over ranks is the whole store
+    assert sorted(i for r in ranks for i in r["seen"]) == list(range(EXACT_N))
+    assert [r["steps"] for r in ranks] == [r["len"] for r in ranks] == [EXACT_N // (WORLD * BATCH)] * WORLD
+    for r in ranks:  # keys and indices travel together
+        assert r["keys"] == [f"s{i:04d}" for i in r["seen"]]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_odd_store_pad_and_drop(ddp_result, layout):
+    _, result = ddp_result
+    pad, drop = result[f"odd-{layout}/pad"], result[f"odd-{layout}/drop"]
     # pad: 151 rows per rank = 10 batches each; every row once, the epoch's first row twice.
     assert [r["steps"] for r in pad] == [10, 10]
     counts = Counter(i for r in pad for i in r["seen"])
-    assert sorted(counts) == list(range(N)) and sorted(counts.values()) == [1] * (N - 1) + [2]
+    assert sorted(counts) == list(range(ODD_N)) and sorted(counts.values()) == [1] * (ODD_N - 1) + [2]
     # drop: 150 rows per rank; one row skipped this epoch, none repeated.
     assert [r["steps"] for r in drop] == [10, 10]
     counts = Counter(i for r in drop for i in r["seen"])
-    assert len(counts) == N - 1 and set(counts.values()) == {1}
+    assert len(counts) == ODD_N - 1 and set(counts.values()) == {1}
     # The ranks' parts are disjoint apart from the padding, and each finished its epoch.
     assert len(set(drop[0]["seen"]) & set(drop[1]["seen"])) == 0
     assert all(r["state"]["epoch"] == 1 and r["state"]["consumed"] == [] for r in pad + drop)
