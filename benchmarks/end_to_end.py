@@ -95,7 +95,7 @@ def run_epoch(student: nn.Module, batches: Iterable[Any], unpack) -> dict[str, f
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "data_wait_s": wait, "data_wait_fraction": wait / seconds,
             "teacher_s": teacher_s, "rows": rows, "steps": steps, "rows_per_s": rows / seconds,
-            "final_loss": float(loss)}
+            "final_loss": float(loss.detach())}
 
 
 def main(argv: list[str] | None = None) -> int:
