@@ -19,7 +19,6 @@ Speed-up = online epoch time / store epoch time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timing import write_report
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -157,9 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "precompute_seconds": precompute_s, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(), "torch": torch.__version__, "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
     return 0
 
 

@@ -21,7 +21,6 @@ this measures the software path, not the disk. Best of ``--repeats`` for reads; 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -34,7 +33,7 @@ import numcodecs
 import numpy as np
 import torch
 import zarr
-from timing import best_of
+from timing import best_of, write_report
 
 import softtargets as st
 from softtargets.temperature import zero_mean
@@ -221,9 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(report))
     print("\nread rows/s: verify='none'; +sha256: verify='lazy'. ratio: raw float16 bytes / stored bytes. "
           "Reads from the page cache.")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
     return 0
 
 

@@ -1,9 +1,11 @@
-"""Timing helper shared by the benchmark scripts (run them as ``python benchmarks/NAME.py``)."""
+"""Helpers shared by the benchmark scripts (run them as ``python benchmarks/NAME.py``)."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -15,3 +17,10 @@ def best_of(fn: Callable[[], Any], repeats: int) -> float:
         fn()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """Write ``report`` as indented JSON to ``path`` (folders made as needed) and say so."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {path}")

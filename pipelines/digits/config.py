@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import softtargets.config
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIG = HERE / "config.toml"
 QUICK_CONFIG = HERE / "quick.toml"
@@ -21,21 +23,9 @@ RULES = ("geometric", "arithmetic")
 
 def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A TOML file as a dict; ``FileNotFoundError`` / ``ValueError`` naming the file."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        try:
-            import tomli as tomllib
-        except ModuleNotFoundError:
-            raise ImportError("reading TOML on Python 3.10 needs tomli: pip install tomli") from None
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise FileNotFoundError(f"config {path} not found")
-    with path.open("rb") as f:
-        try:
-            return tomllib.load(f)
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{path}: not valid TOML: {e}") from None
+    return softtargets.config.read_toml(path)
 
 
 def merge(base: dict[str, Any], over: dict[str, Any], source: str, where: str = "") -> dict[str, Any]:
