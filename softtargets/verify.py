@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from .manifest import MANIFEST_NAME, FileRecord, Manifest, ManifestError, ShardRecord
 from .store.base import MARKER_DIR, PENDING_NAME, read_manifest
 from .store.encoding import NUMPY_STORAGE
-from .store.files import is_local, join, url_to_fs
+from .store.files import join, list_sizes, url_to_fs
 from .store.wds_layout import npy_load
 from .store.zarr_layout import _zarr_store
 from .unique_keys import KeyChecker, str_array
@@ -401,12 +401,11 @@ def _leftovers(checker: _Checker) -> None:
                 report.warnings.append(f"{checker.file_url(rel)}: writer state left beside a finished store")
         except OSError:
             pass
-    if not (is_local(fs) or "memory" in fs.protocol):
+    sizes = list_sizes(fs, root)
+    if sizes is None:
         return
     listed = {f.path for s in checker.m.shards for f in s.files}
-    prefix = fs._strip_protocol(root).rstrip("/") + "/"
-    for path in fs.find(root):
-        rel = fs._strip_protocol(path)[len(prefix):]
+    for rel in sizes:
         if (rel.endswith(".tar") or "/c/" in rel) and rel not in listed:
             report.warnings.append(f"{checker.file_url(rel)}: data file not listed in the manifest (ignored)")
 

@@ -155,10 +155,11 @@ def attach_writer(url: str, storage_options: dict | None = None) -> TargetWriter
     """A writer for the unfinished store at ``url`` (created elsewhere): for shard tasks."""
     fs, root = url_to_fs(url, **(storage_options or {}))
     try:
-        layout = json.loads(fs.cat_file(join(root, PENDING_NAME)))["layout"]
+        pending = json.loads(fs.cat_file(join(root, PENDING_NAME)))
     except FileNotFoundError:
         raise StoreError(f"{url}: no unfinished store to attach to ({PENDING_NAME} missing)") from None
-    return LAYOUTS[layout][0].attach(url, storage_options)
+    spec = Manifest.from_dict({**pending, "shards": []})
+    return LAYOUTS[spec.layout][0](url, spec, mode="attach", storage_options=storage_options)
 
 
 def open_targets(

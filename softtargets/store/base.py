@@ -28,7 +28,7 @@ from .. import __version__
 from ..manifest import MANIFEST_NAME, FileRecord, Manifest, ManifestError, ShardRecord, provenance, utc_now
 from ..temperature import Rule, ensemble_log_probs
 from .encoding import FLOAT16_MAX, NUMPY_STORAGE, decode_logits, encode_keys, encode_labels, encode_logits
-from .files import atomic_write, is_local, join, sha256_hex, url_to_fs
+from .files import atomic_write, join, list_sizes, sha256_hex, url_to_fs
 
 PENDING_NAME = ".softtargets-pending.json"
 MARKER_DIR = ".softtargets-shards"
@@ -127,16 +127,6 @@ class TargetWriter(ABC):
         self.spec.created = pending["created"]
         self.spec.softtargets_version = pending["softtargets_version"]
         self.spec.provenance = pending["provenance"]
-
-    @classmethod
-    def attach(cls, url: str, storage_options: dict | None = None) -> TargetWriter:
-        """A writer for an unfinished store created elsewhere (for shard tasks in other processes)."""
-        fs, root = url_to_fs(url, **(storage_options or {}))
-        try:
-            spec = Manifest.from_dict({**json.loads(fs.cat_file(join(root, PENDING_NAME))), "shards": []})
-        except FileNotFoundError:
-            raise StoreError(f"{url}: no unfinished store to attach to ({PENDING_NAME} missing)") from None
-        return cls(url, spec, mode="attach", storage_options=storage_options)
 
     @abstractmethod
     def _create_layout(self) -> None:
@@ -256,13 +246,13 @@ class TargetWriter(ABC):
         spec = self.spec
         if encoded:
             stored, keys_arr, labels_arr = logits, keys, labels
-        else:
+        else:  # rows from write() were checked for duplicates there, against every earlier row
             stored, keys_arr, labels_arr = self._encode(keys, logits, labels, inputs)
+            if len(set(keys_arr.tolist())) != len(keys_arr):
+                raise ValueError(f"duplicate sample keys in shard {shard_id}: {_duplicates(keys_arr)[:5]}")
         start, stop = spec.shard_range(shard_id)
         if len(keys_arr) != stop - start:
             raise ValueError(f"shard {shard_id} holds rows [{start}, {stop}); got {len(keys_arr)} rows")
-        if len(set(keys_arr.tolist())) != len(keys_arr):
-            raise ValueError(f"duplicate sample keys in shard {shard_id}: {_duplicates(keys_arr)[:5]}")
         # Values at float16's limit: what overflow="clip" produced (the error policy lets none through).
         clipping = spec.dtype == "float16" and spec.overflow == "clip"
         clipped = int((np.abs(stored) == FLOAT16_MAX).sum()) if clipping else 0
@@ -396,11 +386,9 @@ class TargetStore(ABC):
 
     def _check_sizes(self) -> None:
         """Every file the manifest lists exists with its recorded size (listable filesystems only)."""
-        if not (is_local(self.fs) or self.fs.protocol in ("memory", ("memory",))):
+        sizes = list_sizes(self.fs, self.root)
+        if sizes is None:
             return
-        found = self.fs.find(self.root, detail=True)
-        prefix = self.fs._strip_protocol(self.root).rstrip("/") + "/"
-        sizes = {self.fs._strip_protocol(p)[len(prefix):]: info["size"] for p, info in found.items()}
         for shard in self.manifest.shards:
             for f in shard.files:
                 if f.path not in sizes:

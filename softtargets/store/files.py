@@ -23,6 +23,17 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
+def list_sizes(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int] | None:
+    """Every file under ``root`` as relative path -> bytes, or None where the filesystem cannot list
+    (http). Local and memory filesystems list; one call, whatever the number of files."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if not (is_local(fs) or "memory" in protocols):
+        return None
+    prefix = fs._strip_protocol(root).rstrip("/") + "/"
+    found = fs.find(root, detail=True)
+    return {fs._strip_protocol(p)[len(prefix):]: info["size"] for p, info in found.items()}
+
+
 def join(root: str, rel: str) -> str:
     return f"{root}/{rel}" if root else rel
 
