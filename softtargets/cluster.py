@@ -70,6 +70,8 @@ def dask_client(scheduler: Any = None, workers: int | None = None) -> Iterator[A
     config = {f"distributed.nanny.pre-spawn-environ.{v}": threads
               for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     config["distributed.worker.daemon"] = False
+    # Worker processes import torch before they answer: on 2 busy cores that can pass dask's 30 s default.
+    config["distributed.comm.timeouts.connect"] = "120s"
     with dask.config.set(config), LocalCluster(
         n_workers=n, threads_per_worker=2, processes=True, dashboard_address=":0", silence_logs=logging.ERROR,
     ) as cluster, Client(cluster) as client:

@@ -14,6 +14,7 @@ the first time this process reads it (``verify="lazy"``), or all at open
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import posixpath
 from abc import ABC, abstractmethod
@@ -267,7 +268,7 @@ class TargetWriter(ABC):
             id=shard_id, start=start, rows=stop - start, files=files,
             labeled=int((labels_arr >= 0).sum()), clipped=clipped,
         )
-        atomic_write(self.fs, marker, json.dumps(_record_dict(rec)).encode())
+        atomic_write(self.fs, marker, json.dumps(dataclasses.asdict(rec)).encode())
         self._records[shard_id] = rec
         return rec
 
@@ -318,13 +319,6 @@ class TargetWriter(ABC):
 def _duplicates(keys: np.ndarray) -> list[str]:
     uniq, counts = np.unique(keys, return_counts=True)
     return uniq[counts > 1].tolist()
-
-
-def _record_dict(rec: ShardRecord) -> dict[str, Any]:
-    return {
-        "id": rec.id, "start": rec.start, "rows": rec.rows, "labeled": rec.labeled, "clipped": rec.clipped,
-        "files": [vars(f) for f in rec.files],
-    }
 
 
 def _file_matches(fs: fsspec.AbstractFileSystem, root: str, rec: FileRecord) -> bool:
