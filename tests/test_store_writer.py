@@ -165,9 +165,16 @@ def test_resume_redoes_a_shard_whose_files_were_damaged(tmp_path, layout):
                                 num_samples=48, shard_rows=SHARD, block_rows=BLOCK, resume=True)
     assert sorted(resumed.completed_shards()) == [0, 2]
     assert sorted(resumed.completed_shards(verify=False)) == [0, 1, 2]
+    # What writers killed mid-write leave: zarr's temporary chunk file and ours (wds shards, markers).
+    first = root / w._records[0].files[0].path
+    leftovers = [first.with_name(first.name + ".0123456789abcdef0123456789abcdef.partial"),
+                 first.with_name(first.name + ".tmp-0123456789ab")]
+    for path in leftovers:
+        path.write_bytes(b"half")
     resumed.write_shard(1, keys(16, 16), x[16:32])
     resumed.finalize()
     assert torch.equal(bits(st.open_targets(root, verify="full")[:]["logits"]), bits(_zm(x)))
+    assert not any(path.exists() for path in leftovers) and first.exists()
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

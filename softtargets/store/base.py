@@ -29,7 +29,7 @@ from .. import __version__
 from ..manifest import MANIFEST_NAME, FileRecord, Manifest, ManifestError, ShardRecord, provenance, utc_now
 from ..temperature import Rule, ensemble_log_probs
 from .encoding import FLOAT16_MAX, NUMPY_STORAGE, decode_logits, encode_keys, encode_labels, encode_logits
-from .files import atomic_write, join, list_sizes, sha256_hex, url_to_fs
+from .files import atomic_write, join, list_sizes, remove_temporaries, sha256_hex, url_to_fs
 
 PENDING_NAME = ".softtargets-pending.json"
 MARKER_DIR = ".softtargets-shards"
@@ -305,6 +305,7 @@ class TargetWriter(ABC):
         spec.has_labels = any(s.labeled for s in spec.shards)
         spec.clipped_values = sum(s.clipped for s in spec.shards)
         self._finish_layout()
+        remove_temporaries(self.fs, self.root)
         from ..card import dataset_card
 
         atomic_write(self.fs, self._path(CARD_NAME), dataset_card(spec, self.url).encode())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import uuid
 from typing import Any
 
@@ -11,6 +12,8 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from ..manifest import FileRecord
+
+_TEMPORARY = re.compile(r"(\.[0-9a-f]{32}\.partial|\.tmp-[0-9a-f]{12})$")
 
 
 def url_to_fs(url: str | os.PathLike[str], **storage_options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -32,6 +35,18 @@ def list_sizes(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int] | Non
     prefix = fs._strip_protocol(root).rstrip("/") + "/"
     found = fs.find(root, detail=True)
     return {fs._strip_protocol(p)[len(prefix):]: info["size"] for p, info in found.items()}
+
+
+def remove_temporaries(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """Delete what writers killed mid-write left behind under a local ``root``: zarr's
+    ``*.<uuid>.partial`` and :func:`atomic_write`'s ``*.tmp-<hex>``. Returns their relative paths.
+    Object stores and memory filesystems put whole objects, so they have none."""
+    if not is_local(fs):
+        return []
+    found = [rel for rel in list_sizes(fs, root) or {} if _TEMPORARY.search(rel)]
+    for rel in found:
+        fs.rm(join(root, rel))
+    return found
 
 
 def join(root: str, rel: str) -> str:
