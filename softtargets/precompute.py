@@ -11,8 +11,9 @@ manifest last.
 Per batch, on the device: every teacher's forward pass under ``torch.inference_mode()`` (and
 optional autocast), the logits gathered into one ``[B, K, C]`` float32 tensor, a per-teacher finiteness mask
 ``[B, K]``, and the store's reduction (:func:`softtargets.temperature.reduce_teachers`). A
-background writer thread, fed by a bounded queue, takes the results off the device, checks
-them, and writes finished shards, so the device does not wait on storage.
+background writer thread, fed by a bounded queue, takes the results off the device, checks and
+encodes them batch by batch (zero-mean, storage dtype) and writes each shard once its last batch
+is in, so the device does not wait on storage and a shard's write starts with its rows encoded.
 
 Non-finite teacher logits (``nonfinite``): ``"error"`` (default) stops the run with
 :class:`NonFiniteError` naming the teacher and the sample keys. ``"uniform"`` replaces the
@@ -37,6 +38,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -226,7 +228,12 @@ class _Item:
 
 @dataclass
 class _Part:
-    items: list[_Item] = field(default_factory=list)
+    """A shard's batches so far, encoded for the store (``TargetWriter.encode``), in row order."""
+
+    keys: list[np.ndarray] = field(default_factory=list)  # [B] str
+    logits: list[np.ndarray] = field(default_factory=list)  # [B, K, C] or [B, C], storage dtype
+    labels: list[np.ndarray] = field(default_factory=list)  # [B] int64
+    inputs: list[dict[str, Any]] = field(default_factory=list)  # one per row, when packed
     rows: int = 0
     nonfinite: dict[str, list[str]] = field(default_factory=dict)
 
@@ -300,8 +307,7 @@ class _ShardWriterThread(threading.Thread):
         part = self.parts.setdefault(item.shard, _Part())
         if item.bad.any():
             part.nonfinite.update(self.runner._nonfinite(item))
-        part.items.append(item)
-        part.rows += len(item.keys)
+        self.runner._encode(item, part)
         start, stop = self.runner.spec.shard_range(item.shard)
         if part.rows == stop - start:
             self.records.append(self.runner._write(item.shard, self.parts.pop(item.shard)))
@@ -313,7 +319,7 @@ class _BatchFetcher(Dataset):
     def __init__(self, transfer_set: TransferSet) -> None:
         self.transfer_set = transfer_set
 
-    def __getitem__(self, indices: list[int]) -> Batch:
+    def __getitem__(self, indices: range) -> Batch:
         return self.transfer_set.batch(indices)
 
 
@@ -342,8 +348,13 @@ class ShardRunner:
             t.module.to(self.device)
         self.transfer_set = transfer_set
         self.writer = writer
-        self._batches: list[list[int]] = []
+        self._batches: list[range] = []
         self._dataloader: DataLoader | None = None
+        self._workers = int(options.num_workers)
+        if self._workers and multiprocessing.current_process().daemon:
+            warnings.warn("this process is daemonic (a dask worker with distributed.worker.daemon=True) and "
+                          "cannot start DataLoader workers; loading in the process (num_workers=0)", stacklevel=2)
+            self._workers = 0
         self.spec: Manifest = writer.spec
         if len(transfer_set) != self.spec.num_samples:
             raise ValueError(f"the transfer set has {len(transfer_set)} samples, the store {writer.url} "
@@ -375,27 +386,27 @@ class ShardRunner:
     def _loader(self, shard_ids: Sequence[int]) -> Iterator[Batch]:
         """Batches of ``batch_size`` rows in shard order; each shard's first batch starts at its first row.
 
-        One DataLoader per runner, with persistent workers: a dask worker process runs many shard
-        tasks, and its DataLoader workers start once (they are spawned there: seconds each). Each
-        batch is fetched whole by :meth:`TransferSet.batch` (one slice of a ``TensorDataset``).
+        Each batch is fetched whole by :meth:`TransferSet.batch` (one slice of a ``TensorDataset``).
+        With ``num_workers=0`` that happens right here (pinned for CUDA); otherwise one DataLoader per
+        runner, with persistent workers: a dask worker process runs many shard tasks, and its
+        DataLoader workers start once (they are spawned there: seconds each).
         """
         bs = int(self.options.batch_size)
         batches = []
         for sid in shard_ids:
             start, stop = self.spec.shard_range(sid)
-            batches += [list(range(lo, min(lo + bs, stop))) for lo in range(start, stop, bs)]
+            batches += [range(lo, min(lo + bs, stop)) for lo in range(start, stop, bs)]
+        cuda = self.device.type == "cuda"
+        if not self._workers:
+            for indices in batches:
+                batch = self.transfer_set.batch(indices)
+                yield batch._replace(x=batch.x.pin_memory()) if cuda else batch
+            return
         self._batches[:] = batches  # the loader's batch sampler, read at each iter()
         if self._dataloader is None:
-            workers = int(self.options.num_workers)
-            if workers and multiprocessing.current_process().daemon:
-                warnings.warn("this process is daemonic (a dask worker with distributed.worker.daemon=True) and "
-                              "cannot start DataLoader workers; loading in the process (num_workers=0)",
-                              stacklevel=2)
-                workers = 0
-            cuda = self.device.type == "cuda"
             self._dataloader = DataLoader(
                 _BatchFetcher(self.transfer_set), sampler=self._batches, batch_size=None, collate_fn=_as_is,
-                num_workers=workers, persistent_workers=workers > 0, pin_memory=cuda,
+                num_workers=self._workers, persistent_workers=True, pin_memory=cuda,
             )
         yield from self._dataloader
 
@@ -454,19 +465,25 @@ class ShardRunner:
                                  "uniform distribution for them (listed in the manifest)")
         return found
 
+    def _encode(self, item: _Item, part: _Part) -> None:
+        """Check and encode ``item`` for the store (``TargetWriter.encode``) and add it to ``part``."""
+        inputs = [{INPUT_MEMBER: x.numpy()} for x in item.x] if self.options.pack_inputs else None
+        logits, keys, labels = self.writer.encode(item.keys, item.logits, item.labels, inputs)
+        part.keys.append(keys)
+        part.logits.append(logits)
+        part.labels.append(labels)
+        part.inputs += inputs or ()
+        part.rows += len(keys)
+
     def _write(self, shard: int, part: _Part) -> ShardRecord:
-        keys = [k for it in part.items for k in it.keys]
-        logits = torch.cat([it.logits for it in part.items])
-        labels = torch.cat([it.labels for it in part.items])
-        inputs = None
-        if self.options.pack_inputs:
-            inputs = [{INPUT_MEMBER: x.numpy()} for it in part.items for x in it.x]
+        keys, logits, labels = (np.concatenate(p) for p in (part.keys, part.logits, part.labels))
+        inputs = part.inputs if self.options.pack_inputs else None
         side = join(self.writer.root, f"{MARKER_DIR}/{shard:06d}{_NONFINITE_SUFFIX}")
         if part.nonfinite:
             atomic_write(self.writer.fs, side, json.dumps(part.nonfinite, sort_keys=True).encode())
         elif self.writer.fs.exists(side):
             self.writer.fs.rm(side)
-        return self.writer.write_shard(shard, keys, logits, labels, inputs)
+        return self.writer.write_shard(shard, keys, logits, labels, inputs, encoded=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -637,7 +654,8 @@ def precompute(
     n = len(ts)
     if n == 0:
         raise ValueError("the transfer set is empty")
-    check_unique_keys(ts.all_keys())
+    if ts.key_source != "index":  # keys "0".."N-1" are unique as they are
+        check_unique_keys(ts.all_keys())
     num_classes = num_classes_of(loaded, _example_batch(ts))
 
     if shard_rows is not None and block_rows is None:  # a read unit that divides the shard

@@ -242,6 +242,25 @@ class TransferSet(Dataset):
             raise IndexError(f"index {i} out of range for a transfer set of {self._length}")
         return int(i)
 
+    def _check_indices(self, indices: Sequence[int]) -> range | list[int]:
+        """``indices`` checked: a ``range`` by its ends (O(1)), anything else element by element."""
+        if isinstance(indices, range):
+            if indices and not (0 <= indices[0] < self._length and 0 <= indices[-1] < self._length):
+                bad = indices[0] if not 0 <= indices[0] < self._length else indices[-1]
+                raise IndexError(f"index {bad} out of range for a transfer set of {self._length}")
+            return indices
+        return [self._check_index(i) for i in indices]
+
+    def _keys_of(self, idx: range | list[int]) -> list[str]:
+        """Keys of checked indices (not for item keys, which need the items)."""
+        if self._key_list is not None:
+            if isinstance(idx, range) and idx.step == 1:
+                return self._key_list[idx.start:idx.stop]
+            return [self._key_list[i] for i in idx]
+        if self._key_fn is not None:
+            return [str(self._key_fn(i)) for i in idx]
+        return [str(i) for i in idx]
+
     def key(self, i: int) -> str:
         """The key of sample ``i`` (reads item ``i`` when keys come from the items)."""
         i = self._check_index(i)
@@ -260,7 +279,7 @@ class TransferSet(Dataset):
         if self._mode == "item":
             self._key_list = [self.key(i) for i in range(self._length)]
             return list(self._key_list)
-        return [self.key(i) for i in range(self._length)]
+        return self._keys_of(range(self._length))
 
     @property
     def fingerprint(self) -> str:
@@ -285,27 +304,31 @@ class TransferSet(Dataset):
 
         Fetched in one go where the dataset allows: a ``TensorDataset`` is sliced (integer labels
         checked as a whole), a dataset with ``__getitems__`` (torch's batched-read hook) is asked
-        for all items at once; other datasets are read item by item.
+        for all items at once; other datasets are read item by item. A ``range`` is bounds-checked
+        by its ends, other index sequences element by element.
         """
-        idx = [self._check_index(i) for i in indices]
+        idx = self._check_indices(indices)
         if not idx:
             raise ValueError("cannot collate an empty batch")
         fast = self._tensor_batch(idx)
         if fast is not None:
             return fast
         getitems = getattr(self.dataset, "__getitems__", None)
-        items = getitems(idx) if callable(getitems) else [self.dataset[i] for i in idx]
+        items = getitems(list(idx)) if callable(getitems) else [self.dataset[i] for i in idx]
         if len(items) != len(idx):
             raise ValueError(f"{type(self.dataset).__name__}.__getitems__ returned {len(items)} items for "
                              f"{len(idx)} indices")
         return self.collate([self._sample(i, item) for i, item in zip(idx, items, strict=True)])
 
-    def _tensor_batch(self, idx: list[int]) -> Batch | None:
+    def _tensor_batch(self, idx: range | list[int]) -> Batch | None:
         """``TensorDataset`` rows by tensor indexing; ``None`` where the per-item path must decide."""
         if not isinstance(self.dataset, TensorDataset) or self._unpack is not unpack_item or self._mode == "item":
             return None
         tensors = self.dataset.tensors
-        rows = torch.tensor(idx, dtype=torch.int64)
+        if isinstance(idx, range):
+            rows = torch.arange(idx.start, idx.stop, idx.step, dtype=torch.int64)
+        else:
+            rows = torch.tensor(idx, dtype=torch.int64)
         if len(tensors) == 1:
             labels = torch.full((len(idx),), UNLABELED, dtype=torch.int64)
         else:
@@ -316,7 +339,7 @@ class TransferSet(Dataset):
             labels = y[rows].reshape(-1).to(torch.int64)
             if bool((labels < UNLABELED).any()):
                 return None
-        keys = [str(i) for i in idx] if self._mode == "index" else [self.key(i) for i in idx]
+        keys = self._keys_of(idx)
         return Batch(indices=rows, keys=keys, x=tensors[0][rows], labels=labels)
 
     def _sample(self, i: int, item: Any) -> Sample:

@@ -162,7 +162,7 @@ class TargetWriter(ABC):
             inputs: wds ``sample`` layout only: ``B`` dicts of extension -> bytes or numpy array.
         """
         self._check_open()
-        stored, keys_arr, labels_arr = self._encode(keys, logits, labels, inputs)
+        stored, keys_arr, labels_arr = self.encode(keys, logits, labels, inputs)
         fresh = set(keys_arr.tolist())
         if len(fresh) != len(keys_arr) or not self._seen_keys.isdisjoint(fresh):
             dup = sorted(k for k in fresh if k in self._seen_keys) or _duplicates(keys_arr)
@@ -175,7 +175,15 @@ class TargetWriter(ABC):
         while self._buffered >= self.spec.shard_rows:
             self._flush(self.spec.shard_rows)
 
-    def _encode(self, keys: Any, logits: Any, labels: Any, inputs: list[dict] | None) -> tuple[np.ndarray, ...]:
+    def encode(
+        self, keys: Any, logits: Any, labels: Any = None, inputs: list[dict] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Check a batch of rows and encode it for this store: ``(stored logits, keys, labels)`` as numpy.
+
+        Arguments as for :meth:`write`. Rows are encoded independently of each other, so a shard
+        encoded batch by batch and concatenated is bitwise what :meth:`write_shard` would encode
+        (pass it with ``encoded=True``).
+        """
         spec = self.spec
         stored, _ = encode_logits(logits, spec.dtype, spec.normalization, spec.overflow)
         if spec.per_teacher and stored.ndim == 2 and spec.num_teachers == 1:
@@ -243,14 +251,16 @@ class TargetWriter(ABC):
 
         The rows must be exactly the shard's range ``[shard_id * shard_rows, ...)``. Re-writing a
         shard replaces it; a marker file makes it count as done only once its files are complete.
+        ``encoded=True``: ``keys``, ``logits``, ``labels`` are what :meth:`encode` returned (for
+        the whole shard, or its batches concatenated); ``inputs`` were checked there too.
         """
         spec = self.spec
         if encoded:
             stored, keys_arr, labels_arr = logits, keys, labels
-        else:  # rows from write() were checked for duplicates there, against every earlier row
-            stored, keys_arr, labels_arr = self._encode(keys, logits, labels, inputs)
-            if len(set(keys_arr.tolist())) != len(keys_arr):
-                raise ValueError(f"duplicate sample keys in shard {shard_id}: {_duplicates(keys_arr)[:5]}")
+        else:
+            stored, keys_arr, labels_arr = self.encode(keys, logits, labels, inputs)
+        if len(set(keys_arr.tolist())) != len(keys_arr):
+            raise ValueError(f"duplicate sample keys in shard {shard_id}: {_duplicates(keys_arr)[:5]}")
         start, stop = spec.shard_range(shard_id)
         if len(keys_arr) != stop - start:
             raise ValueError(f"shard {shard_id} holds rows [{start}, {stop}); got {len(keys_arr)} rows")
@@ -416,9 +426,11 @@ class TargetStore(ABC):
     # -- layout hooks -----------------------------------------------------------------------------
 
     @abstractmethod
-    def _read(self, shard_id: int, lo: int, hi: int) -> dict[str, np.ndarray]:
-        """Rows ``[lo, hi)`` of shard ``shard_id`` (offsets within the shard) as numpy:
-        ``{"key": str [n], "logits": stored [n, ...], "label": int64 [n]}``; checks the shard first."""
+    def read_block(self, shard_id: int, lo: int, hi: int) -> dict[str, np.ndarray]:
+        """Rows ``[lo, hi)`` of shard ``shard_id`` (offsets within the shard) as numpy: ``{"key": str [n],
+        "logits": [n, C] or [n, K, C] in the storage dtype (bfloat16 as uint16 bits), "label": int64 [n]}``;
+        checks the shard first. The arrays may be read-only views of the store's files or caches:
+        copy before writing. The reads behind ``rows``, ``take`` and ``stream``."""
 
     def read_inputs(self, index: int) -> dict[str, Any]:
         """Inputs packed beside the targets of row ``index`` (wds ``sample`` layout only)."""
@@ -471,7 +483,7 @@ class TargetStore(ABC):
             sid = self.shard_of(pos)
             shard = self.manifest.shards[sid]
             hi = min(stop, shard.stop)
-            parts.append(self._read(sid, pos - shard.start, hi - shard.start))
+            parts.append(self.read_block(sid, pos - shard.start, hi - shard.start))
             pos = hi
         return self._pack(np.arange(start, max(start, stop)), parts)
 
@@ -490,7 +502,7 @@ class TargetStore(ABC):
             sel = sorted_idx[shard_ids == sid]
             start = self.manifest.shards[sid].start
             lo, hi = int(sel[0]) - start, int(sel[-1]) - start + 1
-            block = self._read(int(sid), lo, hi)
+            block = self.read_block(int(sid), lo, hi)
             parts.append({k: v[sel - start - lo] for k, v in block.items()})
         packed = self._pack(sorted_idx, parts)
         inverse = np.empty_like(order)
@@ -529,7 +541,7 @@ class TargetStore(ABC):
 
     def _read_keys(self, shard_id: int) -> list[str]:
         s = self.manifest.shards[shard_id]
-        return self._read(shard_id, 0, s.rows)["key"].tolist()
+        return self.read_block(shard_id, 0, s.rows)["key"].tolist()
 
     def index_of(self, key: str) -> int:
         """Row index of a sample key (builds a key -> row table on first use: O(N) memory)."""

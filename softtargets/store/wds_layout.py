@@ -33,7 +33,8 @@ import webdataset as wds
 
 from ..manifest import FileRecord, Manifest
 from .base import StoreError, TargetStore, TargetWriter
-from .files import atomic_write, file_record, join
+from .files import atomic_write, file_record, is_local, join
+from .mapped import MappedFiles
 
 
 def shard_name(shard_id: int) -> str:
@@ -48,6 +49,27 @@ def npy_bytes(arr: np.ndarray) -> bytes:
 
 def npy_load(data: bytes) -> np.ndarray:
     return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+
+
+NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+NPY_HEADER_MAX = 1 << 17  # every format 1.0 header is shorter
+
+
+def npy_view(member: np.ndarray) -> np.ndarray:
+    """The array of a ``.npy`` file's bytes ``member`` (uint8), viewed in place, not copied (read-only when
+    ``member`` is). Object arrays are refused: a store is data, never pickles."""
+    header = io.BytesIO(member[:NPY_HEADER_MAX].tobytes())
+    try:
+        shape, fortran, dtype = NPY_HEADER_READERS[np.lib.format.read_magic(header)](header)
+    except (KeyError, ValueError):  # another format version, or a header longer than we looked
+        return npy_load(member.tobytes())
+    if dtype.hasobject:
+        raise ValueError("an .npy member holds Python objects (pickles); refused")
+    count = int(np.prod(shape, dtype=np.int64))
+    body = member[header.tell():header.tell() + count * dtype.itemsize]
+    if len(body) != count * dtype.itemsize:
+        raise ValueError(f"an .npy member is truncated ({len(body)} of {count * dtype.itemsize} data bytes)")
+    return body.view(dtype).reshape(shape, order="F" if fortran else "C")
 
 
 def _input_bytes(ext: str, value: Any) -> bytes:
@@ -123,6 +145,7 @@ class WdsStore(TargetStore):
     def __init__(self, url: str, manifest: Manifest, fs: Any, root: str, verify: str = "lazy"):
         super().__init__(url, manifest, fs, root, verify)
         self._cache: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        self._maps = MappedFiles()
 
     @property
     def shard_urls(self) -> list[str]:
@@ -130,18 +153,26 @@ class WdsStore(TargetStore):
         return [self._file_url(shard_name(s.id)) for s in self.manifest.shards]
 
     def read_shard(self, shard_id: int) -> dict[str, Any]:
-        """The whole shard decoded: numpy ``key``, ``logits`` (stored), ``label``; ``inputs`` (list of dicts)."""
+        """The whole shard, checked and decoded: ``key`` str [n], ``label`` int64 [n], ``logits`` a list of
+        parts (stored dtype, read-only views of the shard's bytes where they can be) holding rows
+        ``[starts[i], starts[i + 1])``, ``inputs`` (sample layout: one dict of member bytes per row)."""
         if shard_id in self._cache:
             self._cache.move_to_end(shard_id)
             return self._cache[shard_id]
         rel = shard_name(shard_id)
+        path = join(self.root, rel)
         try:
-            data = self.fs.cat_file(join(self.root, rel))
+            if is_local(self.fs):  # mapped; tarfile reads the headers from the file
+                data, source = self._maps(path), {"name": path}
+            else:
+                raw = self.fs.cat_file(path)
+                data, source = np.frombuffer(raw, np.uint8), {"fileobj": io.BytesIO(raw)}
         except FileNotFoundError:
             raise StoreError(f"{self._file_url(rel)}: missing (shard {shard_id})") from None
         self.check_shard(shard_id, {rel: data})
         try:
-            decoded = self._decode(data, self.manifest.shards[shard_id].rows)
+            with tarfile.open(mode="r:", **source) as tar:
+                decoded = self._decode(tar, data, self.manifest.shards[shard_id].rows)
         except (tarfile.TarError, ValueError, KeyError, EOFError) as e:
             raise StoreError(f"{self._file_url(rel)}: cannot decode ({e})") from None
         self._cache[shard_id] = decoded
@@ -149,39 +180,46 @@ class WdsStore(TargetStore):
             self._cache.popitem(last=False)
         return decoded
 
-    def _decode(self, data: bytes, rows: int) -> dict[str, Any]:
-        members: OrderedDict[str, dict[str, bytes]] = OrderedDict()
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
+    def _decode(self, tar: tarfile.TarFile, data: np.ndarray, rows: int) -> dict[str, Any]:
+        """Members located by ``tar`` (headers only) in the shard's bytes ``data``; ``.npy`` viewed in place."""
+        members: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+        for info in tar:
+            if info.isfile():
                 key, _, ext = info.name.partition(".")
-                members.setdefault(key, {})[ext] = tar.extractfile(info).read()
+                members.setdefault(key, {})[ext] = data[info.offset_data:info.offset_data + info.size]
         if self.manifest.sample_layout == "block":
             parts = list(members.values())
+            logits = [npy_view(p["logits.npy"]) for p in parts]
             out = {
-                "key": np.concatenate([npy_load(p["keys.npy"]) for p in parts]).astype(str),
-                "logits": np.concatenate([npy_load(p["logits.npy"]) for p in parts]),
-                "label": np.concatenate([npy_load(p["labels.npy"]) for p in parts]),
+                "key": np.concatenate([npy_view(p["keys.npy"]) for p in parts]) if parts else np.zeros(0, str),
+                "logits": logits,
+                "label": np.concatenate([npy_view(p["labels.npy"]) for p in parts]) if parts else np.zeros(0, np.int64),
                 "inputs": None,
             }
         else:
             samples = list(members.values())
             wanted = set(self.manifest.inputs or ())
             out = {
-                "key": np.array([s["key.txt"].decode() for s in samples], dtype=str),
-                "logits": np.stack([npy_load(s["logits.npy"]) for s in samples]) if samples else
-                np.zeros((0, *self.manifest.logits_shape[1:])),
-                "label": np.array([int(s["label.cls"]) for s in samples], dtype=np.int64),
-                "inputs": [{ext: v for ext, v in s.items() if ext in wanted} for s in samples],
+                "key": np.array([s["key.txt"].tobytes().decode() for s in samples], dtype=str),
+                "logits": [np.stack([npy_view(s["logits.npy"]) for s in samples]) if samples else
+                           np.zeros((0, *self.manifest.logits_shape[1:]))],
+                "label": np.array([int(s["label.cls"].tobytes()) for s in samples], dtype=np.int64),
+                "inputs": [{ext: v.tobytes() for ext, v in s.items() if ext in wanted} for s in samples],
             }
-        if len(out["key"]) != rows:
+        out["starts"] = np.cumsum([0] + [len(x) for x in out["logits"]])
+        if len(out["key"]) != rows or out["starts"][-1] != rows:
             raise ValueError(f"holds {len(out['key'])} rows, the manifest says {rows}")
         return out
 
-    def _read(self, shard_id: int, lo: int, hi: int) -> dict[str, np.ndarray]:
+    def read_block(self, shard_id: int, lo: int, hi: int) -> dict[str, np.ndarray]:
         shard = self.read_shard(shard_id)
-        return {k: shard[k][lo:hi] for k in ("key", "logits", "label")}
+        starts = shard["starts"]
+        first = int(np.searchsorted(starts, lo, side="right")) - 1
+        last = int(np.searchsorted(starts, hi, side="left"))
+        parts = [x[max(lo - a, 0):hi - a] for x, a in zip(shard["logits"][first:last], starts[first:last].tolist(),
+                                                            strict=True)]
+        logits = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else shard["logits"][0][:0]
+        return {"key": shard["key"][lo:hi], "logits": logits, "label": shard["label"][lo:hi]}
 
     def read_inputs(self, index: int) -> dict[str, Any]:
         """Inputs packed beside row ``index``: member extension -> bytes (``.npy`` decoded to arrays)."""

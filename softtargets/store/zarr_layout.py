@@ -13,6 +13,10 @@ store.zarr/
 Every array is chunked along samples (``block_rows`` rows per inner chunk) inside
 shards of ``shard_rows`` rows, so 10^8 rows stay ~10^3 files per array. A shard is
 written whole by one writer: zarr loses rows when writers share a shard.
+
+Reading a local store: shard files are memory-mapped and decoded whole by
+:mod:`.zarr_shards` (uncompressed logits, the default, are viewed in place: no read at all);
+keys and labels are decoded once per shard and kept. Remote stores are read through zarr.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from ..manifest import FileRecord, Manifest
 from .base import StoreError, TargetStore, TargetWriter
 from .encoding import NUMPY_STORAGE
-from .files import file_record, is_local
+from .files import file_record, is_local, join
+from .mapped import MappedFiles
+from .zarr_shards import ShardDecoder
 
 ARRAYS = ("logits", "labels", "keys")
 COMPRESSORS = {
@@ -74,7 +80,8 @@ class ZarrWriter(TargetWriter):
             attributes={"dtype": spec.dtype},
         )
         group.create_array(
-            "labels", shape=(n,), dtype="int64", chunks=rows, shards=shards, fill_value=-1, config=ARRAY_CONFIG,
+            "labels", shape=(n,), dtype="int64", chunks=rows, shards=shards, compressors=compressor, fill_value=-1,
+            config=ARRAY_CONFIG,
             dimension_names=("sample",),
         )
         group.create_array(
@@ -127,41 +134,74 @@ class ZarrStore(TargetStore):
         self.arrays = {name: group[name] for name in ARRAYS}
         self._meta: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._meta_bytes = 0
+        # Local stores: shard files mapped and decoded here; None where zarr must decode an array.
+        self._decoders = {name: ShardDecoder.of(arr) for name, arr in self.arrays.items()} if is_local(fs) else {}
+        self._maps = MappedFiles()
         if self.arrays["logits"].shape != manifest.logits_shape:
             raise StoreError(
                 f"{url}: logits array has shape {self.arrays['logits'].shape}, the manifest says "
                 f"{manifest.logits_shape}"
             )
 
+    def _mapped(self, shard_id: int) -> dict[str, np.ndarray]:
+        """Array name -> the bytes of its shard ``shard_id`` file, memory-mapped (arrays with a decoder only);
+        the shard is checked first, hashing the same maps."""
+        files = {}
+        for name, decoder in self._decoders.items():
+            if decoder is not None:
+                arr = self.arrays[name]
+                files[name] = f"{name}/{arr.metadata.encode_chunk_key((shard_id,) + (0,) * (arr.ndim - 1))}"
+        maps = {}
+        for name, rel in files.items():
+            try:
+                maps[name] = self._maps(join(self.root, rel))
+            except FileNotFoundError:
+                raise StoreError(f"{self._file_url(rel)}: missing (shard {shard_id})") from None
+        self.check_shard(shard_id, {files[name]: buf for name, buf in maps.items()})
+        return maps
+
+    def _decoded(self, name: str, shard_id: int, maps: dict[str, np.ndarray]) -> np.ndarray | None:
+        if name not in maps:
+            return None
+        return self._decoders[name].decode(maps[name], self.manifest.shards[shard_id].rows)
+
     def _shard_meta(self, shard_id: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """``(keys, labels)`` of a whole shard, kept once read: one zarr call per shard instead of two per
-        block. Shards are kept until ``meta_cache_bytes`` is reached, then later ones are read per range
-        (no eviction, so a random block order over a huge store never thrashes)."""
+        """``(keys, labels)`` of a whole shard, kept once read (decoding a shard's keys costs as much as
+        copying ~20 times their rows' logits). Shards are kept until ``meta_cache_bytes`` is reached, then
+        later ones are read per range (no eviction, so a random block order never thrashes)."""
         if shard_id in self._meta:
             return self._meta[shard_id]
         s = self.manifest.shards[shard_id]
         cost = s.rows * META_BYTES_PER_ROW
         if self._meta_bytes + cost > self.meta_cache_bytes:
             return None
-        self.check_shard(shard_id)
-        meta = (self.arrays["keys"][s.start:s.stop].astype(object), self.arrays["labels"][s.start:s.stop])
+        maps = self._mapped(shard_id)
+        keys, labels = self._decoded("keys", shard_id, maps), self._decoded("labels", shard_id, maps)
+        meta = (
+            self.arrays["keys"][s.start:s.stop].astype(object) if keys is None else keys,
+            self.arrays["labels"][s.start:s.stop] if labels is None else labels,
+        )
         self._meta[shard_id] = meta
         self._meta_bytes += cost
         return meta
 
-    def _read(self, shard_id: int, lo: int, hi: int) -> dict[str, np.ndarray]:
+    def read_block(self, shard_id: int, lo: int, hi: int) -> dict[str, np.ndarray]:
+        maps = self._mapped(shard_id)
         self.check_shard(shard_id)
         start = self.manifest.shards[shard_id].start
         a, b = start + lo, start + hi
         meta = self._shard_meta(shard_id)
-        if meta is None:
-            keys, labels = self.arrays["keys"][a:b].astype(object), self.arrays["labels"][a:b]
-        else:
+        if meta is not None:
             keys, labels = meta[0][lo:hi], meta[1][lo:hi]
-        return {"key": keys, "logits": self.arrays["logits"][a:b], "label": labels}
+        else:
+            keys, labels = self.arrays["keys"][a:b].astype(object), self.arrays["labels"][a:b]
+        rows = self.manifest.shards[shard_id].rows
+        view = self._decoders["logits"].view(maps["logits"], rows) if "logits" in maps else None
+        logits = self.arrays["logits"][a:b] if view is None else view[lo:hi]
+        return {"key": keys, "logits": logits, "label": labels}
 
     def _read_keys(self, shard_id: int) -> list[str]:
         meta = self._shard_meta(shard_id)
         if meta is not None:
             return meta[0].tolist()
-        return self._read(shard_id, 0, self.manifest.shards[shard_id].rows)["key"].tolist()
+        return self.read_block(shard_id, 0, self.manifest.shards[shard_id].rows)["key"].tolist()

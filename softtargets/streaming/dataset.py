@@ -25,7 +25,7 @@ from ..store.encoding import TORCH_DTYPES
 from .inputs import DatasetJoin, Decoder, collate_packed
 from .plan import EpochPlan, SplitConfig, Units, batches_per_rank, unit_rows_for
 from .progress import BatchSet
-from .window import Arranged, Window
+from .window import Arranged, Buffers, Window
 
 STATE_FORMAT = "softtargets.stream/1"
 DEFAULT_BUFFER_BYTES = 64 << 20
@@ -173,7 +173,7 @@ class TargetStream(IterableDataset):
     # -- iteration --------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        return self._iter(bundle=False)
+        return self._iter(bundle=False, mark=True)
 
     @property
     def has_extras(self) -> bool:
@@ -194,13 +194,14 @@ class TargetStream(IterableDataset):
             cuts = [int(starts[np.abs(starts - c).argmin()]) for c in cuts]
         return remaining[cuts[wid]:cuts[wid + 1]]
 
-    def _iter(self, bundle: bool) -> Iterator[dict[str, Any]]:
+    def _iter(self, bundle: bool, mark: bool) -> Iterator[dict[str, Any]]:
         """Batches of this worker's share; with ``bundle`` (in workers, target-only streams), one item per
         run of consecutive batches of a window: a single shared-memory tensor to send instead of one per batch."""
         info = get_worker_info()
         wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
         bundle = bundle and info is not None and not self.has_extras
         plan = self.plan()
+        buffers = Buffers() if info is None else None  # workers send shared-memory windows
         share = self._shares(self._consumed.complement(plan.num_batches), wid, nw)
         if len(share):
             windows = share * self.config.batch_size // self.config.window_rows
@@ -208,7 +209,7 @@ class TargetStream(IterableDataset):
             for group in np.split(share, cuts):
                 k = plan.window_of(int(group[0]))
                 window = Window.read(self.store, plan.segments(*plan.window_range(k)), self.packed)
-                arranged = window.arrange(plan.window_permutation(k), self._logits_dtype, shared=info is not None)
+                arranged = window.arrange(plan.window_permutation(k), self._logits_dtype, buffers)
                 del window
                 if bundle:
                     for run in np.split(group, np.flatnonzero(np.diff(group) != 1) + 1):
@@ -216,7 +217,7 @@ class TargetStream(IterableDataset):
                     continue
                 for j in group.tolist():
                     batch = self._batch(plan, arranged, j)
-                    if info is None:
+                    if mark and info is None:
                         self.mark(batch)
                     yield batch
         if info is not None:
@@ -260,6 +261,7 @@ class StreamLoader(DataLoader):
             raise ValueError("a TargetStream yields whole batches: set its batch_size, not the DataLoader's")
         self.stream = dataset
         self._workers_at: int | None = None  # persistent workers: the epoch their copies will stream next
+        kwargs.setdefault("collate_fn", _as_is)  # default_convert would walk every key of every batch
         super().__init__(_Bundled(dataset), batch_size=None, **kwargs)
 
     def __len__(self) -> int:
@@ -286,6 +288,10 @@ class StreamLoader(DataLoader):
                 self._workers_at = start + 1 if finished else -1
 
 
+def _as_is(item: dict[str, Any]) -> dict[str, Any]:
+    return item
+
+
 class _Bundled(IterableDataset):
     """The stream as a StreamLoader's workers iterate it: bundles where that helps."""
 
@@ -294,7 +300,7 @@ class _Bundled(IterableDataset):
         self.stream = stream
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        return self.stream._iter(bundle=True)
+        return self.stream._iter(bundle=True, mark=False)  # StreamLoader marks what it hands out
 
     def __len__(self) -> int:
         return len(self.stream)

@@ -1,0 +1,43 @@
+"""Read-only memory maps of a local store's files: a row range becomes a view, not a read.
+
+Finished stores never change, so their files can be mapped: a reader then copies each
+logit once, from the page cache straight into the batch, instead of reading it into a
+buffer first (or, for zarr, through its asynchronous codec pipeline). A file truncated
+while mapped raises SIGBUS on access; the size check at open catches one truncated before.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections import OrderedDict
+
+import numpy as np
+
+
+def map_file(path: str) -> np.ndarray:
+    """The bytes of ``path`` as a read-only ``uint8`` array backed by a private memory map.
+
+    The map lives as long as any view of the array does."""
+    with open(path, "rb") as f:
+        if f.seek(0, 2) == 0:
+            return np.zeros(0, np.uint8)
+        return np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), np.uint8)
+
+
+class MappedFiles:
+    """The most recently used ``capacity`` maps, keyed by path. A map dropped from here is
+    unmapped once the last view of it is gone (batches already handed out keep theirs alive)."""
+
+    def __init__(self, capacity: int = 64):
+        self.capacity = capacity
+        self._maps: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def __call__(self, path: str) -> np.ndarray:
+        buf = self._maps.get(path)
+        if buf is None:
+            buf = self._maps[path] = map_file(path)
+            while len(self._maps) > self.capacity:
+                self._maps.popitem(last=False)
+        else:
+            self._maps.move_to_end(path)
+        return buf
