@@ -8,13 +8,18 @@ layout: ``.npy`` members decoded and stacked, e.g. ``input`` [B, ...]) or a map-
 joined (``input``). Use it with ``DataLoader(stream, batch_size=None, num_workers=n)``, or
 :meth:`TargetStream.loader`.
 
+Windows: each worker (or the main process) reads and arranges the next shuffle window in a
+thread while its current one is handed out, so up to three windows of ``buffer_size`` rows are
+in memory at once (the current one, the next, and one a caller still holds a batch of).
+
 Progress and resumption: see :meth:`TargetStream.state_dict`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import numpy as np
 import torch.distributed as dist
@@ -27,6 +32,8 @@ from .plan import EpochPlan, SplitConfig, Units, batches_per_rank, unit_rows_for
 from .progress import BatchSet
 from .window import Arranged, Buffers, Window
 
+T = TypeVar("T")
+R = TypeVar("R")
 STATE_FORMAT = "softtargets.stream/1"
 DEFAULT_BUFFER_BYTES = 64 << 20
 ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -203,23 +210,25 @@ class TargetStream(IterableDataset):
         plan = self.plan()
         buffers = Buffers() if info is None else None  # workers send shared-memory windows
         share = self._shares(self._consumed.complement(plan.num_batches), wid, nw)
-        if len(share):
-            windows = share * self.config.batch_size // self.config.window_rows
-            cuts = np.flatnonzero(np.diff(windows)) + 1
-            for group in np.split(share, cuts):
-                k = plan.window_of(int(group[0]))
-                window = Window.read(self.store, plan.segments(*plan.window_range(k)), self.packed)
-                arranged = window.arrange(plan.window_permutation(k), self._logits_dtype, buffers)
-                del window
-                if bundle:
-                    for run in np.split(group, np.flatnonzero(np.diff(group) != 1) + 1):
-                        yield self._bundle(plan, arranged, run)
-                    continue
-                for j in group.tolist():
-                    batch = self._batch(plan, arranged, j)
-                    if mark and info is None:
-                        self.mark(batch)
-                    yield batch
+        windows = share * self.config.batch_size // self.config.window_rows
+        groups = np.split(share, np.flatnonzero(np.diff(windows)) + 1) if len(share) else []
+
+        def arrange(group: np.ndarray) -> Arranged:
+            k = plan.window_of(int(group[0]))
+            window = Window.read(self.store, plan.segments(*plan.window_range(k)), self.packed)
+            return window.arrange(plan.window_permutation(k), self._logits_dtype, buffers)
+
+        for group, arranged in ahead(groups, arrange):
+            if bundle:
+                for run in np.split(group, np.flatnonzero(np.diff(group) != 1) + 1):
+                    yield self._bundle(plan, arranged, run)
+                continue
+            batches = [(j, self._batch(plan, arranged, j)) for j in group.tolist()] if not self.has_extras else \
+                ahead(group.tolist(), lambda j, arranged=arranged: self._batch(plan, arranged, j))  # inputs too
+            for _, batch in batches:
+                if mark and info is None:
+                    self.mark(batch)
+                yield batch
         if info is not None:
             # A worker's copy that outlives this pass (persistent_workers) moves on to the next epoch.
             self.epoch, self._consumed = self.epoch + 1, BatchSet()
@@ -286,6 +295,23 @@ class StreamLoader(DataLoader):
         finally:
             if persistent:
                 self._workers_at = start + 1 if finished else -1
+
+
+def ahead(items: list[T], fn: Callable[[T], R]) -> Iterator[tuple[T, R]]:
+    """``(item, fn(item))`` in order, ``fn`` of the next item running in a thread meanwhile: the next window
+    is read and arranged while the caller trains on this one (numpy and hashlib release the GIL)."""
+    if not items:
+        return
+    pool = ThreadPoolExecutor(1, thread_name_prefix="softtargets-window")
+    try:
+        pending = pool.submit(fn, items[0])
+        for i, item in enumerate(items):
+            result = pending.result()
+            if i + 1 < len(items):
+                pending = pool.submit(fn, items[i + 1])
+            yield item, result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _as_is(item: dict[str, Any]) -> dict[str, Any]:
