@@ -10,10 +10,12 @@ manifest last.
 
 Per batch, on the device: every teacher's forward pass under ``torch.inference_mode()`` (and
 optional autocast), the logits gathered into one ``[B, K, C]`` float32 tensor, a per-teacher finiteness mask
-``[B, K]``, and the store's reduction (:func:`softtargets.temperature.reduce_teachers`). A
-background writer thread, fed by a bounded queue, takes the results off the device, checks and
-encodes them batch by batch (zero-mean, storage dtype) and writes each shard once its last batch
-is in, so the device does not wait on storage and a shard's write starts with its rows encoded.
+``[B, K]`` (left to the writer thread for per-teacher stores on CPU), and the store's reduction
+(:func:`softtargets.temperature.reduce_teachers`). A background writer thread, fed by a bounded
+queue, takes the results off the device, checks and encodes them batch by batch (zero-mean,
+storage dtype) into the shard's buffer and writes each shard once its last batch is in, so the
+device does not wait on storage. On CPU the batch and shard buffers go back to a pool for reuse
+(fresh ones would be paid for in page faults every batch).
 
 Non-finite teacher logits (``nonfinite``): ``"error"`` (default) stops the run with
 :class:`NonFiniteError` naming the teacher and the sample keys. ``"uniform"`` replaces the
@@ -47,6 +49,7 @@ from .config import import_object
 from .manifest import Manifest, ShardRecord
 from .store import BYTES_PER_DTYPE, attach_writer, create_targets, default_rows
 from .store.base import MARKER_DIR, TargetWriter
+from .store.encoding import NUMPY_STORAGE
 from .store.files import atomic_write, join, url_to_fs
 from .teachers import Teacher, TeacherSpec, load_teachers, num_classes_of
 from .temperature import reduce_teachers
@@ -220,7 +223,7 @@ class _Item:
     shard: int
     keys: list[str]
     logits: torch.Tensor  # [B, K, C] or [B, C] float32
-    bad: torch.Tensor  # [B, K] bool: teacher k gave a non-finite row
+    bad: torch.Tensor | None  # [B, K] bool: teacher k gave a non-finite row; None: not checked yet
     labels: torch.Tensor  # [B] int64
     x: torch.Tensor | None  # [B, ...] inputs, when packed
     event: Any = None  # torch.cuda.Event: the device-to-host copies are done
@@ -230,8 +233,8 @@ class _Item:
 class _Part:
     """A shard's batches so far, encoded for the store (``TargetWriter.encode``), in row order."""
 
+    logits: np.ndarray  # [rows, K, C] or [rows, C], storage dtype; filled batch by batch
     keys: list[np.ndarray] = field(default_factory=list)  # [B] str
-    logits: list[np.ndarray] = field(default_factory=list)  # [B, K, C] or [B, C], storage dtype
     labels: list[np.ndarray] = field(default_factory=list)  # [B] int64
     inputs: list[dict[str, Any]] = field(default_factory=list)  # one per row, when packed
     rows: int = 0
@@ -304,13 +307,46 @@ class _ShardWriterThread(threading.Thread):
     def _take(self, item: _Item) -> None:
         if item.event is not None:
             item.event.synchronize()
-        part = self.parts.setdefault(item.shard, _Part())
+        runner = self.runner
+        start, stop = runner.spec.shard_range(item.shard)
+        part = self.parts.get(item.shard)
+        if part is None:
+            part = self.parts[item.shard] = _Part(runner._shard_buffer(stop - start))
+        if item.bad is None:
+            item.bad = _nonfinite_rows(item.logits, runner.options.nonfinite)
         if item.bad.any():
-            part.nonfinite.update(self.runner._nonfinite(item))
-        self.runner._encode(item, part)
-        start, stop = self.runner.spec.shard_range(item.shard)
+            part.nonfinite.update(runner._nonfinite(item))
+        runner._encode(item, part)
+        if item.event is None:  # CPU: the logits buffer goes back to the compute loop
+            runner._free.put(item.logits)
         if part.rows == stop - start:
-            self.records.append(self.runner._write(item.shard, self.parts.pop(item.shard)))
+            self.records.append(runner._write(item.shard, self.parts.pop(item.shard)))
+            runner._free_shards.put(part.logits)
+
+
+def _nonfinite_rows(logits: torch.Tensor, nonfinite: str) -> torch.Tensor:
+    """``[B, K]`` bool of ``logits [B, K, C]``: teacher k's row holds NaN/Inf. With ``nonfinite="uniform"``
+    those rows are zeroed in place; with ``"error"`` the writer thread raises.
+
+    A row's sum is NaN/Inf iff the row holds one (or overflows float32: garbage either way): one
+    pass, no ``[B, K, C]`` mask.
+    """
+    bad = ~torch.isfinite(logits.sum(dim=-1))
+    if nonfinite == "uniform":
+        logits.masked_fill_(bad[..., None], 0.0)
+    return bad
+
+
+def _reuse(pool: queue.SimpleQueue[Any], shape: tuple[int, ...]) -> Any:
+    """A buffer of ``shape`` from ``pool``, or None; buffers of other shapes (a short last batch or
+    shard, reduced logits) are dropped, so a pool holds at most the buffers in flight."""
+    while True:
+        try:
+            buffer = pool.get_nowait()
+        except queue.Empty:
+            return None
+        if tuple(buffer.shape) == shape:
+            return buffer
 
 
 class _BatchFetcher(Dataset):
@@ -350,6 +386,9 @@ class ShardRunner:
         self.writer = writer
         self._batches: list[range] = []
         self._dataloader: DataLoader | None = None
+        # Buffers handed back for reuse (fresh pages each batch or shard would cost page faults):
+        self._free: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()  # CPU [B, K, C] float32 logits
+        self._free_shards: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()  # a shard's stored logits
         self._workers = int(options.num_workers)
         if self._workers and multiprocessing.current_process().daemon:
             warnings.warn("this process is daemonic (a dask worker with distributed.worker.daemon=True) and "
@@ -410,6 +449,15 @@ class ShardRunner:
             )
         yield from self._dataloader
 
+    def _buffer(self, shape: tuple[int, int, int]) -> torch.Tensor:
+        """A ``[B, K, C]`` float32 buffer on the device for one batch's logits: on CPU, one the writer
+        thread is done with if there is one, else a new one."""
+        if self.device.type == "cpu":
+            reused = _reuse(self._free, shape)
+            if reused is not None:
+                return reused
+        return torch.empty(shape, dtype=torch.float32, device=self.device)
+
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.options.autocast is None:
             return contextlib.nullcontext()
@@ -421,8 +469,7 @@ class ShardRunner:
         b, c = len(batch.keys), self.spec.num_classes
         with torch.inference_mode():
             x = batch.x.to(self.device, non_blocking=True)
-            # Fresh each batch: the writer thread still holds the previous ones.
-            logits = torch.empty((b, len(self.teachers), c), dtype=torch.float32, device=self.device)
+            logits = self._buffer((b, len(self.teachers), c))
             with self._autocast():
                 for k, t in enumerate(self.teachers):
                     out = t.module(x)
@@ -431,11 +478,10 @@ class ShardRunner:
                         raise ValueError(f"teacher {t.name!r} returned {got} for a batch of {b} "
                                          f"(shard {shard}); expected logits [{b}, {c}]")
                     logits[:, k].copy_(out)  # [B, K, C] float32, no stacking copy
-            # A row's sum is NaN/Inf iff the row holds one (or overflows float32: garbage either way);
-            # one pass, no [B, K, C] mask.
-            bad = ~torch.isfinite(logits.sum(dim=-1))  # [B, K]
-            if self.options.nonfinite == "uniform":  # with "error", the writer thread raises
-                logits.masked_fill_(bad[..., None], 0.0)
+            # Per-teacher logits on CPU are checked on the writer thread (nothing is reduced here, so the
+            # check can wait); otherwise before the reduction mixes a NaN row into the others.
+            deferred = self.device.type == "cpu" and self.spec.content == "per_teacher"
+            bad = None if deferred else _nonfinite_rows(logits, self.options.nonfinite)
             reduced = reduce_teachers(logits, self.spec.content, self.spec.temperature or 1.0)
             x_host = batch.x if self.options.pack_inputs else None
             if self.device.type != "cuda":
@@ -465,25 +511,33 @@ class ShardRunner:
                                  "uniform distribution for them (listed in the manifest)")
         return found
 
+    def _shard_buffer(self, rows: int) -> np.ndarray:
+        """An array for a shard's stored logits ``[rows, K, C]`` or ``[rows, C]``: a written shard's, or new."""
+        shape = (rows, *self.spec.logits_shape[1:])
+        reused = _reuse(self._free_shards, shape)
+        return np.empty(shape, NUMPY_STORAGE[self.spec.dtype]) if reused is None else reused
+
     def _encode(self, item: _Item, part: _Part) -> None:
         """Check and encode ``item`` for the store (``TargetWriter.encode``) and add it to ``part``."""
         inputs = [{INPUT_MEMBER: x.numpy()} for x in item.x] if self.options.pack_inputs else None
-        logits, keys, labels = self.writer.encode(item.keys, item.logits, item.labels, inputs)
+        rows = slice(part.rows, part.rows + len(item.keys))
+        # item.logits is this runner's own buffer: zero-meaned in place, cast into the shard's buffer.
+        _, keys, labels = self.writer.encode(item.keys, item.logits, item.labels, inputs, out=part.logits[rows],
+                                             overwrite_input=True)
         part.keys.append(keys)
-        part.logits.append(logits)
         part.labels.append(labels)
         part.inputs += inputs or ()
         part.rows += len(keys)
 
     def _write(self, shard: int, part: _Part) -> ShardRecord:
-        keys, logits, labels = (np.concatenate(p) for p in (part.keys, part.logits, part.labels))
+        keys, labels = np.concatenate(part.keys), np.concatenate(part.labels)
         inputs = part.inputs if self.options.pack_inputs else None
         side = join(self.writer.root, f"{MARKER_DIR}/{shard:06d}{_NONFINITE_SUFFIX}")
         if part.nonfinite:
             atomic_write(self.writer.fs, side, json.dumps(part.nonfinite, sort_keys=True).encode())
         elif self.writer.fs.exists(side):
             self.writer.fs.rm(side)
-        return self.writer.write_shard(shard, keys, logits, labels, inputs, encoded=True)
+        return self.writer.write_shard(shard, keys, part.logits, labels, inputs, encoded=True)
 
 
 # ---------------------------------------------------------------------------------------------------

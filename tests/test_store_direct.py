@@ -12,7 +12,7 @@ import zarr
 
 import softtargets as st
 from softtargets.streaming import stream
-from tests.store_data import LAYOUTS, bits, keys, store_path, teacher_logits, write_store
+from tests.store_data import LAYOUTS, bits, flip_data_byte, keys, store_path, teacher_logits, write_store
 
 N, SHARD, BLOCK = 83, 32, 8  # the last shard holds 19 rows: its last inner chunk is partial
 
@@ -99,3 +99,19 @@ def test_held_batches_keep_their_rows_across_window_reuse(tmp_path, layout):
     # Dropping batches as they come (the usual loop) reads the same rows.
     dropped = [(b["index"].clone(), b["teacher_logits"].clone()) for b in ds.loader(num_workers=0)]
     assert all(torch.equal(bits(t), bits(truth[i])) for i, t in dropped)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_stream_over_a_damaged_shard_fails_with_its_checksum(tmp_path, layout):
+    """A window's shards are hashed together on threads (in the stream's read-ahead thread): a damaged one
+    still stops the epoch with the file named, before any of its rows is handed out."""
+    root = store_path(tmp_path, layout)
+    m = write_store(root, teacher_logits(N, seed=35), layout=layout, dtype="float16", shard_rows=SHARD,
+                    block_rows=BLOCK)
+    flip_data_byte(root / m.shards[1].files[0].path)
+    ds = stream(st.open_targets(root), batch_size=8, seed=3)  # one window holds every row
+    received = []
+    with pytest.raises(st.ChecksumError, match=m.shards[1].files[0].path):
+        for batch in ds.loader(num_workers=0):
+            received.append(batch)
+    assert received == []

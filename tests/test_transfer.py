@@ -317,6 +317,19 @@ def test_batch_of_a_tensor_dataset_equals_collated_items(labels, keys) -> None:
     assert got.keys == ([f"s{i}" for i in idx] if keys else [str(i) for i in idx])
 
 
+@pytest.mark.parametrize("keys", [None, "list", "method"])
+@pytest.mark.parametrize("rows", [range(2, 7), range(8, 1, -3), range(0, 10)])
+def test_batch_of_a_range_equals_batch_of_its_list(keys, rows) -> None:
+    ds = torch.utils.data.TensorDataset(torch.randn(10, 3), torch.arange(10))
+    key_arg = {"list": [f"s{i}" for i in range(10)], "method": lambda i: f"m{i}"}.get(keys)
+    ts = TransferSet(ds, keys=key_arg)
+    _same_batch(ts.batch(rows), ts.batch(list(rows)))
+    assert ts.all_keys() == [ts.key(i) for i in range(10)]
+    for bad in (range(8, 11), range(-1, 2)):
+        with pytest.raises(IndexError, match="out of range"):
+            ts.batch(bad)
+
+
 def test_batch_refuses_what_items_refuse() -> None:
     ts = TransferSet(torch.utils.data.TensorDataset(torch.zeros(3, 2), torch.tensor([0.5, 1.0, 2.0])))
     with pytest.raises(TypeError, match="label must be an integer"):

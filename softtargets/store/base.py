@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import posixpath
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
 import fsspec
@@ -176,16 +178,19 @@ class TargetWriter(ABC):
             self._flush(self.spec.shard_rows)
 
     def encode(
-        self, keys: Any, logits: Any, labels: Any = None, inputs: list[dict] | None = None
+        self, keys: Any, logits: Any, labels: Any = None, inputs: list[dict] | None = None, *,
+        out: np.ndarray | None = None, overwrite_input: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Check a batch of rows and encode it for this store: ``(stored logits, keys, labels)`` as numpy.
 
-        Arguments as for :meth:`write`. Rows are encoded independently of each other, so a shard
-        encoded batch by batch and concatenated is bitwise what :meth:`write_shard` would encode
-        (pass it with ``encoded=True``).
+        Arguments as for :meth:`write`; ``out`` and ``overwrite_input`` as for
+        :func:`~softtargets.store.encoding.encode_logits` (``out`` shaped like ``logits``). Rows are
+        encoded independently of each other, so a shard encoded batch by batch into one array is
+        bitwise what :meth:`write_shard` would encode (pass it with ``encoded=True``).
         """
         spec = self.spec
-        stored, _ = encode_logits(logits, spec.dtype, spec.normalization, spec.overflow)
+        stored, _ = encode_logits(logits, spec.dtype, spec.normalization, spec.overflow, out=out,
+                                  overwrite_input=overwrite_input)
         if spec.per_teacher and stored.ndim == 2 and spec.num_teachers == 1:
             stored = stored[:, None, :]
         want = spec.logits_shape[1:]
@@ -423,7 +428,24 @@ class TargetStore(ABC):
                 )
         self._verified.add(shard_id)
 
+    def check_shards(self, shard_ids: Iterable[int]) -> None:
+        """:meth:`check_shard` for several shards at once, hashed on parallel threads (hashlib releases
+        the GIL): what a shuffle window that starts in many shards waits for, divided by the cores."""
+        todo = sorted({int(s) for s in shard_ids} - self._verified) if self.verify_mode != "none" else []
+        held = {s: self._held_files(s) for s in todo}  # maps are made here, on one thread
+        if len(todo) <= 1:
+            for s in todo:
+                self.check_shard(s, held[s])
+            return
+        with ThreadPoolExecutor(min(len(todo), os.cpu_count() or 1), thread_name_prefix="softtargets-sha256") as pool:
+            list(pool.map(lambda s: self.check_shard(s, held[s]), todo))
+
     # -- layout hooks -----------------------------------------------------------------------------
+
+    def _held_files(self, shard_id: int) -> dict[str, Any]:
+        """Relative path -> bytes of the shard's files this reader has at hand (memory-mapped), so hashing
+        them costs no second read. Files not given are read by :meth:`check_shard`."""
+        return {}
 
     @abstractmethod
     def read_block(self, shard_id: int, lo: int, hi: int) -> dict[str, np.ndarray]:

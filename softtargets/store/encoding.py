@@ -33,12 +33,17 @@ def as_tensor(x: Any) -> torch.Tensor:
 
 
 def encode_logits(
-    logits: Any, dtype: str, normalization: str = "zero_mean", overflow: str = "error"
+    logits: Any, dtype: str, normalization: str = "zero_mean", overflow: str = "error", *,
+    out: np.ndarray | None = None, overwrite_input: bool = False,
 ) -> tuple[np.ndarray, int]:
     """Logits ``[B, C]`` or ``[B, K, C]`` (any float dtype) -> (stored numpy array, values clipped).
 
     Non-finite input is always refused. ``float16`` values beyond +-65504 (after
     zero-meaning) are refused (``overflow="error"``) or clipped (``"clip"``), never inf.
+
+    ``out``: a numpy array of the stored dtype and the logits' shape that receives the result
+    (and is returned). ``overwrite_input``: ``logits`` is a scratch CPU tensor the caller is done
+    with, zero-meaned in place. Both only save allocations; the stored bits are the same.
     """
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"unknown storage dtype {dtype!r}; expected one of {tuple(TORCH_DTYPES)}")
@@ -46,7 +51,9 @@ def encode_logits(
     if not t.is_floating_point():
         raise TypeError(f"logits must be floating point, got {t.dtype}")
     work = t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
-    if normalization == "zero_mean":
+    if normalization == "zero_mean" and overwrite_input:
+        work -= work.mean(dim=-1, keepdim=True)  # what zero_mean computes, without a copy
+    elif normalization == "zero_mean":
         work = zero_mean(work)
     elif normalization != "none":
         raise ValueError(f"unknown normalization {normalization!r}; expected 'zero_mean' or 'none'")
@@ -66,6 +73,12 @@ def encode_logits(
             )
         clipped = int((work.abs() > FLOAT16_MAX).sum())
         work = work.clamp(-FLOAT16_MAX, FLOAT16_MAX)
+    if out is not None:
+        if out.shape != tuple(work.shape) or out.dtype != NUMPY_STORAGE[dtype]:
+            raise ValueError(f"out is {out.dtype} {out.shape}; expected {NUMPY_STORAGE[dtype]} {tuple(work.shape)}")
+        target = torch.from_numpy(out)
+        (target.view(torch.bfloat16) if dtype == "bfloat16" else target).copy_(work)
+        return out, clipped
     stored = work.to(TORCH_DTYPES[dtype])
     if dtype == "bfloat16":
         return stored.view(torch.uint16).numpy(), clipped

@@ -211,6 +211,15 @@ class WdsStore(TargetStore):
             raise ValueError(f"holds {len(out['key'])} rows, the manifest says {rows}")
         return out
 
+    def _held_files(self, shard_id: int) -> dict[str, Any]:
+        rel = shard_name(shard_id)
+        if not is_local(self.fs):
+            return {}
+        try:
+            return {rel: self._maps(join(self.root, rel))}
+        except FileNotFoundError:
+            raise StoreError(f"{self._file_url(rel)}: missing (shard {shard_id})") from None
+
     def read_block(self, shard_id: int, lo: int, hi: int) -> dict[str, np.ndarray]:
         shard = self.read_shard(shard_id)
         starts = shard["starts"]

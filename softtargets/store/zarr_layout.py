@@ -12,7 +12,9 @@ store.zarr/
 
 Every array is chunked along samples (``block_rows`` rows per inner chunk) inside
 shards of ``shard_rows`` rows, so 10^8 rows stay ~10^3 files per array. A shard is
-written whole by one writer: zarr loses rows when writers share a shard.
+written whole by one writer: zarr loses rows when writers share a shard. The writer encodes
+those shard files itself, byte for byte as zarr would, for the codec chains it creates
+(:meth:`ZarrWriter._shard_parts`; blosc still goes through zarr).
 
 Reading a local store: shard files are memory-mapped and decoded whole by
 :mod:`.zarr_shards` (uncompressed logits, the default, are viewed in place: no read at all);
@@ -21,6 +23,7 @@ keys and labels are decoded once per shard and kept. Remote stores are read thro
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from typing import Any
@@ -86,23 +89,25 @@ class ZarrWriter(TargetWriter):
         trailing = spec.logits_shape[1:]
         rows = (spec.block_rows,)
         shards = (spec.shard_rows,)
-        group.create_array(
+        logits = group.create_array(
             "logits", shape=(n, *trailing), dtype=NUMPY_STORAGE[spec.dtype], chunks=rows + trailing,
             shards=shards + trailing, compressors=compressor, fill_value=0, config=ARRAY_CONFIG,
             dimension_names=("sample", "teacher", "class")[-len(spec.logits_shape):] if spec.per_teacher
             else ("sample", "class"),
             attributes={"dtype": spec.dtype},
         )
-        group.create_array(
+        labels = group.create_array(
             "labels", shape=(n,), dtype="int64", chunks=rows, shards=shards, compressors=compressor, fill_value=-1,
             config=ARRAY_CONFIG,
             dimension_names=("sample",),
         )
-        group.create_array(
+        keys = group.create_array(
             "keys", shape=(n,), dtype=str, chunks=rows, shards=shards, config=ARRAY_CONFIG,
             dimension_names=("sample",),
         )
-        self._open_layout()  # group[name] would drop ARRAY_CONFIG (write_empty_chunks)
+        # The arrays as created (no second open); with_config as in _open_layout.
+        self._arrays = {name: arr.with_config(ARRAY_CONFIG) for name, arr in zip(ARRAYS, (logits, labels, keys),
+                                                                               strict=True)}
 
     def _open_layout(self) -> None:
         group = self._group("r+")
@@ -129,33 +134,40 @@ class ZarrWriter(TargetWriter):
             arr = self._arrays[name]
             if arr.shape[0] < stop:  # appending without a known size: one process grows the arrays
                 arr.resize((stop, *arr.shape[1:]))
-            blob = self._shard_bytes(arr, shard_id, data)
-            if blob is None:
+            parts = self._shard_parts(arr, shard_id, data)
+            if parts is None:
                 arr[start:stop] = data
+                records.append(file_record(self.fs, self.root, rel))
             else:
-                self._put(rel, blob)
-            records.append(file_record(self.fs, self.root, rel, blob))
+                records.append(self._put(rel, parts))
         return records
 
-    def _put(self, rel: str, blob: bytes) -> None:
-        """Write a shard file as zarr's stores do: locally to a temporary name, then renamed (no fsync)."""
+    def _put(self, rel: str, parts: list[Any]) -> FileRecord:
+        """Write a shard file from its parts (bytes-like) as zarr's stores do: locally to a temporary name,
+        then renamed (no fsync); hashed as written, so the file is neither joined nor read back."""
         path = join(self.root, rel)
+        digest = hashlib.sha256()
+        for part in parts:
+            digest.update(part)
+        record = FileRecord(path=rel, bytes=sum(memoryview(p).nbytes for p in parts), sha256=digest.hexdigest())
         if not is_local(self.fs):
-            self.fs.pipe_file(path, blob)
-            return
+            self.fs.pipe_file(path, b"".join(parts))
+            return record
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{uuid.uuid4().hex}.partial"  # the name zarr's LocalStore uses (cleaned up at finalize)
         try:
             with open(tmp, "wb") as f:
-                f.write(blob)
+                f.writelines(parts)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+        return record
 
     @staticmethod
-    def _shard_bytes(arr: zarr.Array, shard_id: int, data: np.ndarray) -> bytes | None:
-        """The file of shard ``shard_id`` of ``arr`` holding ``data`` (its rows), byte for byte as zarr writes it.
+    def _shard_parts(arr: zarr.Array, shard_id: int, data: np.ndarray) -> list[Any] | None:
+        """The file of shard ``shard_id`` of ``arr`` holding ``data`` (its rows), byte for byte as zarr writes it,
+        as a list of bytes-like parts (uncompressed chunks are views of ``data``).
 
         zarr's own write path costs ~3 ms of Python per array and shard (9 ms a shard): on a writer
         thread, time taken from the compute thread's GIL. Encoded here for the chains this layout
@@ -200,7 +212,7 @@ class ZarrWriter(TargetWriter):
             parts.append(blob)
             index[i] = offset, len(blob)
             offset += len(blob)
-        return b"".join([*parts, _CRC32C.encode(index.tobytes())])
+        return [*parts, _CRC32C.encode(index.tobytes())]
 
     def _finish_layout(self) -> None:
         for arr in self._arrays.values():
@@ -228,22 +240,31 @@ class ZarrStore(TargetStore):
                 f"{manifest.logits_shape}"
             )
 
-    def _mapped(self, shard_id: int) -> dict[str, np.ndarray]:
-        """Array name -> the bytes of its shard ``shard_id`` file, memory-mapped (arrays with a decoder only);
-        the shard is checked first, hashing the same maps."""
+    def _files(self, shard_id: int) -> dict[str, str]:
+        """Array name -> relative path of its shard ``shard_id`` file, for the arrays decoded here."""
         files = {}
         for name, decoder in self._decoders.items():
             if decoder is not None:
                 arr = self.arrays[name]
                 files[name] = f"{name}/{arr.metadata.encode_chunk_key((shard_id,) + (0,) * (arr.ndim - 1))}"
+        return files
+
+    def _held_files(self, shard_id: int) -> dict[str, Any]:
+        files = self._files(shard_id)
         maps = {}
-        for name, rel in files.items():
+        for rel in files.values():
             try:
-                maps[name] = self._maps(join(self.root, rel))
+                maps[rel] = self._maps(join(self.root, rel))
             except FileNotFoundError:
                 raise StoreError(f"{self._file_url(rel)}: missing (shard {shard_id})") from None
-        self.check_shard(shard_id, {files[name]: buf for name, buf in maps.items()})
         return maps
+
+    def _mapped(self, shard_id: int) -> dict[str, np.ndarray]:
+        """Array name -> the bytes of its shard ``shard_id`` file, memory-mapped (arrays with a decoder only);
+        the shard is checked first, hashing the same maps."""
+        held = self._held_files(shard_id)
+        self.check_shard(shard_id, held)
+        return {name: held[rel] for name, rel in self._files(shard_id).items()}
 
     def _decoded(self, name: str, shard_id: int, maps: dict[str, np.ndarray]) -> np.ndarray | None:
         if name not in maps:

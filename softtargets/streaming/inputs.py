@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import default_collate
+from torch.utils.data import TensorDataset, default_collate
 
 from ..store.wds_layout import npy_load
 
@@ -94,5 +94,7 @@ class DatasetJoin:
             raise KeyError(f"store key {e.args[0]!r} has no item in the joined {type(self.dataset).__name__}") from None
 
     def __call__(self, index: torch.Tensor, keys: list[str]) -> dict[str, Any]:
+        if isinstance(self.dataset, TensorDataset):  # one gather, not a Python call per row
+            return {"input": self.dataset.tensors[0][torch.as_tensor(self.positions(index, keys))]}
         items = fetch(self.dataset, self.positions(index, keys))
         return {"input": default_collate([first_item(it) for it in items])}

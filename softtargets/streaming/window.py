@@ -37,16 +37,17 @@ class Window:
         """Rows ``[a, b)`` of each segment, in order, as the store's read-only blocks (views of mapped
         files or of decoded wds shards where it can)."""
         logits, index, label, key, members = [], [], [], [], []
-        for a, b in segments:
-            for sid, lo, hi in _by_shard(store, a, b):
-                base = store.shards[sid].start
-                block = store.read_block(sid, lo - base, hi - base)
-                logits.append(block["logits"])
-                label.append(block["label"])
-                key.append(block["key"])
-                if packed:
-                    members.extend(store.read_shard(sid)["inputs"][lo - base:hi - base])
-                index.append(np.arange(lo, hi, dtype=np.int64))
+        pieces = [piece for a, b in segments for piece in _by_shard(store, a, b)]
+        store.check_shards(sid for sid, _, _ in pieces)  # all of the window's new shards at once
+        for sid, lo, hi in pieces:
+            base = store.shards[sid].start
+            block = store.read_block(sid, lo - base, hi - base)
+            logits.append(block["logits"])
+            label.append(block["label"])
+            key.append(block["key"])
+            if packed:
+                members.extend(store.read_shard(sid)["inputs"][lo - base:hi - base])
+            index.append(np.arange(lo, hi, dtype=np.int64))
         starts = np.zeros(len(logits) + 1, dtype=np.int64)
         np.cumsum([len(x) for x in logits], out=starts[1:])
         keys = np.concatenate(key) if key else np.zeros(0, dtype=object)
