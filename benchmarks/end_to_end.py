@@ -13,7 +13,8 @@ their weights) and an MLP student (256 -> 512 -> 1000), CPU, batch 256, SGD, Hin
 
 Each run trains ``--epochs`` epochs (default 2). ``data wait`` = time blocked in ``next(loader)`` /
 the run's wall time (the issue's goal: <= 5 %); ``1st batch`` = the wait for the run's first batch
-(opening the store, checking the first shards, arranging the first window). Speed-up = online time
+(opening the store, checking the first shards, arranging the first window), a one-off that a longer
+run amortises; ``wait % after`` = the rest of the wait / the run's wall time. Speed-up = online time
 / store time.
 
     python benchmarks/end_to_end.py            # < 2 min on 2 cores
@@ -99,8 +100,10 @@ def run_epochs(student: nn.Module, epochs: Iterable[Iterable[Any]], unpack) -> d
             rows += len(y)
             steps += 1
     seconds = time.perf_counter() - started
+    after_first = wait - (first_wait or 0.0)
     return {"seconds": seconds, "data_wait_s": wait, "data_wait_fraction": wait / seconds,
-            "first_batch_wait_s": first_wait, "teacher_s": teacher_s, "rows": rows, "steps": steps,
+            "first_batch_wait_s": first_wait, "wait_after_first_batch_fraction": after_first / seconds,
+            "teacher_s": teacher_s, "rows": rows, "steps": steps,
             "rows_per_s": rows / seconds, "final_loss": float(loss.detach())}
 
 
@@ -153,15 +156,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"samples={n} D={D} C={C} K={K} batch={BATCH} epochs={args.epochs}; "
           f"precompute (teachers once -> store): {precompute_s:.1f} s")
     print(f"{'run':<12} {'seconds':>8} {'rows/s':>9} {'data wait s':>12} {'wait %':>7} {'1st batch s':>12} "
-          f"{'teacher s':>10} {'speed-up':>9}")
+          f"{'wait % after':>13} {'teacher s':>10} {'speed-up':>9}")
     for name, r in results.items():
         r["speedup_vs_online"] = online_s / r["seconds"]
         print(f"{name:<12} {r['seconds']:>8.2f} {r['rows_per_s']:>9,.0f} {r['data_wait_s']:>12.3f} "
-              f"{100 * r['data_wait_fraction']:>6.1f}% {r['first_batch_wait_s']:>12.3f} {r['teacher_s']:>10.2f} "
+              f"{100 * r['data_wait_fraction']:>6.1f}% {r['first_batch_wait_s']:>12.3f} "
+              f"{100 * r['wait_after_first_batch_fraction']:>12.1f}% {r['teacher_s']:>10.2f} "
               f"{r['speedup_vs_online']:>8.1f}x")
     best = min((r for k, r in results.items() if k != "online"), key=lambda r: r["data_wait_fraction"])
     print(f"goal data wait <= 5 %: {'met' if best['data_wait_fraction'] <= 0.05 else 'NOT met'} "
-          f"(best {100 * best['data_wait_fraction']:.1f} %)")
+          f"(best {100 * best['data_wait_fraction']:.1f} % of the run; "
+          f"{100 * best['wait_after_first_batch_fraction']:.1f} % after its first batch)")
     report = {
         "benchmark": "end_to_end", "samples": n, "epochs": args.epochs, "input_dim": D, "classes": C, "teachers": K,
         "batch_size": BATCH,

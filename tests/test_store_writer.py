@@ -156,6 +156,24 @@ def test_unfinished_store_is_refused_then_resumed(tmp_path, layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+def test_resumed_writer_appends_after_the_completed_shards(tmp_path, layout):
+    root = store_path(tmp_path, layout)
+    x = teacher_logits(N, seed=25)
+    _crash_after(root, layout, x, 40)  # shards 0 and 1 complete; rows 32-39 lost in the buffer
+    w = st.create_targets(root, num_classes=10, num_teachers=3, layout=layout, dtype="float16", num_samples=N,
+                          shard_rows=SHARD, block_rows=BLOCK, resume=True)
+    assert w.rows_done == 32
+    with pytest.raises(ValueError, match=r"duplicate sample keys: \['sample-00030', 'sample-00031'\]"):
+        w.write(keys(4, 30), x[30:34])  # two of these rows are in the store already
+    w.write(keys(N - 32, 32), x[32:])
+    m = w.close()
+    ref = write_store(store_path(tmp_path, layout, "ref"), x, layout=layout, dtype="float16", num_samples=N,
+                      shard_rows=SHARD, block_rows=BLOCK)
+    assert [f.sha256 for s in m.shards for f in s.files] == [f.sha256 for s in ref.shards for f in s.files]
+    assert st.open_targets(root, verify="full")[:]["key"] == keys(N)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_resume_redoes_a_shard_whose_files_were_damaged(tmp_path, layout):
     root = store_path(tmp_path, layout)
     x = teacher_logits(48, seed=23)

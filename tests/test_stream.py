@@ -139,6 +139,36 @@ def test_iterating_again_moves_to_the_next_epoch(stores):
     assert indices(list(ds)) == e0
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_next_epochs_first_window_read_ahead_is_used_only_when_it_fits(stores, layout):
+    """The main process reads the next epoch's first window during an epoch's last one: the epoch that
+    follows must be exactly what a fresh stream gives, and a jump, a resume or a break must not use it."""
+    store = st.open_targets(stores[layout])
+
+    def fresh(epoch: int) -> list[tuple[list[int], list[str]]]:
+        ds = stream(store, batch_size=20, seed=9, buffer_size=60)
+        ds.set_epoch(epoch)
+        return [(b["index"].tolist(), b["key"]) for b in ds.loader()]
+
+    ds = stream(store, batch_size=20, seed=9, buffer_size=60)
+    loader = ds.loader()
+    seen = []
+    for _ in range(3):  # 0, 1, 2 in turn: each following epoch starts from the window read ahead
+        seen.append([(b["index"].tolist(), b["key"]) for b in loader])
+    assert seen == [fresh(0), fresh(1), fresh(2)]
+    ds.set_epoch(5)  # a jump: the window read ahead was epoch 3's
+    assert [(b["index"].tolist(), b["key"]) for b in loader] == fresh(5)
+    it = iter(loader)  # epoch 6: stop after one batch, save, resume elsewhere in the epoch
+    next(it)
+    state = ds.state_dict()
+    del it
+    again = stream(store, batch_size=20, seed=9, buffer_size=60)
+    again.load_state_dict(state)
+    assert [(b["index"].tolist(), b["key"]) for b in again.loader()] == fresh(6)[1:]
+    for b in ds.loader():  # the stream that stopped goes on with the rest of epoch 6 as well
+        check_rows(store, b)
+
+
 def test_persistent_workers_follow_whole_epochs(stores):
     ds = stream(stores["zarr"], batch_size=32, seed=1)
     loader = ds.loader(num_workers=2, persistent_workers=True)

@@ -78,6 +78,7 @@ class TargetWriter(ABC):
         self._buffered = 0
         self._next_shard = 0
         self._seen_keys: set[str] = set()
+        self._resumed = False
         self._records: dict[int, ShardRecord] = {}
         self._closed = False
         if mode == "attach":
@@ -100,6 +101,7 @@ class TargetWriter(ABC):
         if mode == "resume" and has_pending and not has_manifest:
             self._resume_spec()
             self._open_layout()
+            self._resumed = True  # write() and rows_done look for the completed shards on first use
             return
         if exists and mode != "overwrite":
             if has_manifest:
@@ -130,6 +132,29 @@ class TargetWriter(ABC):
         self.spec.created = pending["created"]
         self.spec.softtargets_version = pending["softtargets_version"]
         self.spec.provenance = pending["provenance"]
+
+    def _resume_appending(self) -> None:
+        """Let :meth:`write` go on after the leading run of shards an earlier run completed (checked), with
+        their keys counted as seen; a later shard that was done is written again, bitwise the same."""
+        if not self._resumed:
+            return
+        self._resumed = False
+        done = self.completed_shards()
+        while self._next_shard in done and self._next_shard < self.spec.num_shards:
+            self._records[self._next_shard] = done[self._next_shard]
+            self._seen_keys.update(self._read_shard_keys(self._next_shard))
+            self._next_shard += 1
+
+    @property
+    def rows_done(self) -> int:
+        """Rows already in the store when a resumed writer opened it: skip this many rows of the input and
+        :meth:`write` the rest (0 for a new store)."""
+        self._resume_appending()
+        return min(self._next_shard * self.spec.shard_rows, self.spec.num_samples or 0)
+
+    @abstractmethod
+    def _read_shard_keys(self, shard_id: int) -> list[str]:
+        """The keys of a shard this writer's store holds (for a resumed writer's duplicate check)."""
 
     @abstractmethod
     def _create_layout(self) -> None:
@@ -164,6 +189,7 @@ class TargetWriter(ABC):
             inputs: wds ``sample`` layout only: ``B`` dicts of extension -> bytes or numpy array.
         """
         self._check_open()
+        self._resume_appending()
         stored, keys_arr, labels_arr = self.encode(keys, logits, labels, inputs)
         fresh = set(keys_arr.tolist())
         if len(fresh) != len(keys_arr) or not self._seen_keys.isdisjoint(fresh):

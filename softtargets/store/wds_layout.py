@@ -94,6 +94,17 @@ class WdsWriter(TargetWriter):
     def _shard_files(self, shard_id: int) -> list[str]:
         return [shard_name(shard_id)]
 
+    def _read_shard_keys(self, shard_id: int) -> list[str]:
+        keys: list[str] = []
+        data = self.fs.cat_file(join(self.root, shard_name(shard_id)))
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for info in tar:
+                if info.name.endswith(".keys.npy"):
+                    keys += npy_load(tar.extractfile(info).read()).tolist()
+                elif info.name.endswith(".key.txt"):
+                    keys.append(tar.extractfile(info).read().decode())
+        return keys
+
     def _write_shard_files(
         self, shard_id: int, start: int, keys: np.ndarray, logits: np.ndarray, labels: np.ndarray,
         inputs: list[dict] | None,

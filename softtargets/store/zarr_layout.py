@@ -114,6 +114,10 @@ class ZarrWriter(TargetWriter):
         # open_array ignores config=; with_config keeps write_empty_chunks (one file per shard, always).
         self._arrays = {name: group[name].with_config(ARRAY_CONFIG) for name in ARRAYS}
 
+    def _read_shard_keys(self, shard_id: int) -> list[str]:
+        start, stop = self.spec.shard_range(shard_id)
+        return self._arrays["keys"][start:stop].tolist()
+
     def _shard_files(self, shard_id: int) -> list[str]:
         out = []
         for name in ARRAYS:
@@ -269,7 +273,7 @@ class ZarrStore(TargetStore):
     def _decoded(self, name: str, shard_id: int, maps: dict[str, np.ndarray]) -> np.ndarray | None:
         if name not in maps:
             return None
-        return self._decoders[name].decode(maps[name], self.manifest.shards[shard_id].rows)
+        return self._decoders[name].read(maps[name], self.manifest.shards[shard_id].rows)
 
     def _shard_meta(self, shard_id: int) -> tuple[np.ndarray, np.ndarray] | None:
         """``(keys, labels)`` of a whole shard, kept once read (decoding a shard's keys costs as much as
@@ -302,8 +306,9 @@ class ZarrStore(TargetStore):
         else:
             keys, labels = self.arrays["keys"][a:b].astype(object), self.arrays["labels"][a:b]
         rows = self.manifest.shards[shard_id].rows
-        view = self._decoders["logits"].view(maps["logits"], rows) if "logits" in maps else None
-        logits = self.arrays["logits"][a:b] if view is None else view[lo:hi]
+        logits = self._decoders["logits"].read(maps["logits"], rows, lo, hi) if "logits" in maps else None
+        if logits is None:
+            logits = self.arrays["logits"][a:b]
         return {"key": keys, "logits": logits, "label": labels}
 
     def _read_keys(self, shard_id: int) -> list[str]:

@@ -2,8 +2,8 @@
 
 A shard file (sharding codec, index at the end) is its encoded inner chunks followed by an
 index of two little-endian uint64 per inner chunk (offset, size; 2^64-1 for a chunk never
-written) and a crc32c of that index. For the codec chains softtargets writes, a whole shard is
-decoded here with numcodecs, one call per inner chunk: ``bytes`` (raw), ``zstd`` on top, and
+written) and a crc32c of that index. For the codec chains softtargets writes, rows are decoded
+here with numcodecs, one call per inner chunk they lie in: ``bytes`` (raw), ``zstd`` on top, and
 ``vlen-utf8`` strings (as Python ``str`` objects, not numpy ``StringDType``). Uncompressed
 chunks stored in order are *viewed* in place. zarr's own per-call overhead is ~1 ms per inner
 chunk here, more than copying the chunk; other chains return None and zarr reads them.
@@ -103,17 +103,20 @@ class ShardDecoder:
             return None
         return buf[:rows * (size // self.chunk_rows)].view(self.dtype).reshape(rows, *self.trailing)
 
-    def decode(self, buf: np.ndarray, rows: int) -> np.ndarray | None:
-        """The first ``rows`` rows (a view where :meth:`view` can, else decoded chunk by chunk), or None
-        where the file is not what the array's metadata describes (then zarr reads it, and reports it)."""
+    def read(self, buf: np.ndarray, rows: int, lo: int = 0, hi: int | None = None) -> np.ndarray | None:
+        """Rows ``[lo, hi)`` (default: all) of a shard of ``rows`` rows whose file's bytes are ``buf``: a view
+        where :meth:`view` can, else the inner chunks holding them decoded. None where the file is not what
+        the array's metadata describes (then zarr reads it, and reports it)."""
+        hi = rows if hi is None else hi
         whole = self.view(buf, rows)
         if whole is not None:
-            return whole
+            return whole[lo:hi]
         chunks = self._index(buf, rows)
         if chunks is None:
             return None
+        first = lo // self.chunk_rows
         parts = []
-        for offset, size in chunks.tolist():
+        for offset, size in chunks[first:-(-hi // self.chunk_rows)].tolist():
             data = buf[offset:offset + size]
             if self.compressor is not None:
                 data = np.frombuffer(self.compressor.decode(data), np.uint8)
@@ -126,4 +129,7 @@ class ShardDecoder:
             if part.size != self.chunk_rows * int(np.prod(self.trailing, dtype=np.int64)):
                 return None
             parts.append(part.reshape(self.chunk_rows, *self.trailing))
-        return np.concatenate(parts)[:rows] if parts else np.zeros((0, *self.trailing), self.dtype)
+        if not parts:
+            return np.zeros((0, *self.trailing), self.dtype)
+        out = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return out[lo - first * self.chunk_rows:hi - first * self.chunk_rows]

@@ -99,6 +99,9 @@ class TargetStream(IterableDataset):
         self.join = None if dataset is None else DatasetJoin(dataset, by, len(store), dataset_keys)
         self.epoch = 0
         self._consumed = BatchSet()
+        self._buffers: Buffers | None = None
+        # The next epoch's first window, read ahead at the end of an epoch: (epoch, its batch numbers, window).
+        self._early: tuple[int, np.ndarray, Arranged] | None = None
 
     # -- the plan ---------------------------------------------------------------------------------
 
@@ -208,17 +211,29 @@ class TargetStream(IterableDataset):
         wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
         bundle = bundle and info is not None and not self.has_extras
         plan = self.plan()
-        buffers = Buffers() if info is None else None  # workers send shared-memory windows
+        main = info is None  # the main process keeps window buffers, and the next epoch's first window
+        buffers = self._main_buffers() if main else None  # workers send shared-memory windows
         share = self._shares(self._consumed.complement(plan.num_batches), wid, nw)
-        windows = share * self.config.batch_size // self.config.window_rows
-        groups = np.split(share, np.flatnonzero(np.diff(windows)) + 1) if len(share) else []
+        items = [(plan, group) for group in self._groups(share)]
+        early, self._early = self._early, None
+        if early is not None and not (items and early[0] == plan.epoch and np.array_equal(early[1], items[0][1])):
+            early = None
+        following = self.plan(plan.epoch + 1)
+        if main and items and following.num_batches:  # the next epoch's first window, read meanwhile
+            items.append((following, self._groups(np.arange(following.num_batches))[0]))
 
-        def arrange(group: np.ndarray) -> Arranged:
-            k = plan.window_of(int(group[0]))
-            window = Window.read(self.store, plan.segments(*plan.window_range(k)), self.packed)
-            return window.arrange(plan.window_permutation(k), self._logits_dtype, buffers)
+        def arrange(item: tuple[EpochPlan, np.ndarray]) -> Arranged:
+            p, group = item
+            if early is not None and item is items[0]:
+                return early[2]
+            k = p.window_of(int(group[0]))
+            window = Window.read(self.store, p.segments(*p.window_range(k)), self.packed)
+            return window.arrange(p.window_permutation(k), self._logits_dtype, buffers)
 
-        for group, arranged in ahead(groups, arrange):
+        for (p, group), arranged in ahead(items, arrange):
+            if p is not plan:
+                self._early = (p.epoch, group, arranged)
+                break
             if bundle:
                 for run in np.split(group, np.flatnonzero(np.diff(group) != 1) + 1):
                     yield self._bundle(plan, arranged, run)
@@ -232,6 +247,20 @@ class TargetStream(IterableDataset):
         if info is not None:
             # A worker's copy that outlives this pass (persistent_workers) moves on to the next epoch.
             self.epoch, self._consumed = self.epoch + 1, BatchSet()
+
+    def _groups(self, share: np.ndarray) -> list[np.ndarray]:
+        """``share`` (ascending batch numbers) cut where a new window starts."""
+        windows = share * self.config.batch_size // self.config.window_rows
+        return np.split(share, np.flatnonzero(np.diff(windows)) + 1) if len(share) else []
+
+    def _main_buffers(self) -> Buffers:
+        if self._buffers is None:
+            self._buffers = Buffers()
+        return self._buffers
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for DataLoader workers without the main process's window buffers and read-ahead."""
+        return {**self.__dict__, "_buffers": None, "_early": None}
 
     def _batch(self, plan: EpochPlan, arranged: Arranged, j: int) -> dict[str, Any]:
         batch = arranged.batch(*plan.batch_offsets(j))
