@@ -11,7 +11,9 @@ software path, not a disk). For each store:
 * ``stream``: one whole epoch of ``stream(store, batch_size=256, shuffle=True)`` through
   ``DataLoader(batch_size=None)`` with ``num_workers`` 0 and 2 (worker start-up included),
   reading each batch's last logit; ``verify="none"`` unless the row says ``lazy`` (each
-  shard's sha256 checked on first read in each worker process);
+  shard's sha256 checked on first read in each worker process); ``read_ahead=False`` (every
+  process on one core) unless the row says ``read-ahead`` (the next window arranged on a
+  second thread: what training wants, nothing to gain when nothing runs between batches);
 * ``wds per-sample``: the baseline the issue names — plain ``webdataset.WebDataset(urls).decode()``
   over a one-row-per-tar-sample copy of the store's first rows (``logits.npy`` + ``cls`` per
   sample, written with ``webdataset.TarWriter``, 8 tars, ``mtime=0``), through
@@ -32,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -91,18 +94,18 @@ def bench_store(path: Path, layout: str, k: int, n: int, repeats: int) -> list[d
 
     row("store.rows", best_of(read_all, repeats))
 
-    for workers, verify in ((0, "none"), (2, "none"), (2, "lazy")):
+    for workers, verify, read_ahead in ((0, "none", False), (0, "none", True), (2, "none", False), (2, "lazy", False)):
         batches = 0
 
-        def epoch(workers: int = workers, verify: str = verify) -> None:
+        def epoch(workers: int = workers, verify: str = verify, read_ahead: bool = read_ahead) -> None:
             nonlocal batches
-            ds = stream(st.open_targets(path, verify=verify), batch_size=BATCH, seed=0)
+            ds = stream(st.open_targets(path, verify=verify), batch_size=BATCH, seed=0, read_ahead=read_ahead)
             batches = 0
             for b in ds.loader(num_workers=workers):
                 float(b["teacher_logits"].reshape(-1)[-1])  # the batch's tensor is real, not a lazy view
                 batches += 1
 
-        label = f"stream nw={workers}" + (" lazy" if verify == "lazy" else "")
+        label = f"stream nw={workers}" + (" lazy" if verify == "lazy" else "") + (" read-ahead" if read_ahead else "")
         row(label, best_of(epoch, repeats if verify == "none" else 1), batches)
     return rows_out
 
@@ -189,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         # Per-sample rows are compared with the zarr store's memcpy (the same bytes).
         mem = memcpy[("zarr" if r["layout"] == "wds-sample" else r["layout"], r["K"])]
         r["ratio_to_memcpy"] = r["rows_per_s"] / mem
-        base = per_sample.get((r["K"], r["case"].split(" lazy")[0][-4:])) if "nw=" in r["case"] else None
+        workers = re.search(r"nw=\d", r["case"])
+        base = per_sample.get((r["K"], workers.group())) if workers else None
         r["ratio_to_wds_per_sample"] = None if base is None else r["rows_per_s"] / base
         bps = "" if r["batches_per_s"] is None else f"{r['batches_per_s']:.1f}"
         vs = "" if base is None else f"{r['ratio_to_wds_per_sample']:.1f}x"

@@ -342,3 +342,18 @@ def test_stream_joins_a_dataset_by_key_and_index(stores):
                 assert torch.equal(b["input"][:, 0].long(), b["index"])
     with pytest.raises(ValueError, match="300 rows"):
         stream(stores["zarr"], batch_size=8, dataset=Items(np.arange(10)), by="index")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_read_ahead_changes_timing_not_batches(stores, layout):
+    """Reading the next window (and the next joined batch) on a thread yields the very same batches."""
+    def run(read_ahead: bool) -> list[tuple]:
+        ds = stream(stores[layout], batch_size=30, seed=4, buffer_size=90, dataset=Items(np.arange(N)),
+                    read_ahead=read_ahead)
+        out = []
+        for _ in range(2):
+            out += [(b["epoch"], b["batch_idx"], b["index"].tolist(), b["key"], b["input"][:, 0].tolist(),
+                     b["teacher_logits"].view(torch.int16).tolist()) for b in ds.loader()]
+        return out
+
+    assert run(True) == run(False)

@@ -33,6 +33,7 @@ def stream(
     dataset: Any = None,
     by: str = "index",
     dataset_keys: Sequence[str] | Callable[[int], str] | None = None,
+    read_ahead: bool = True,
     verify: str = "lazy",
     storage_options: dict | None = None,
 ) -> TargetStream:
@@ -60,6 +61,10 @@ def stream(
         dataset, by, dataset_keys: join a map-style dataset's items as ``input``: item ``i`` for
             store row ``i`` (``by="index"``), or the item whose key (``dataset_keys`` or the
             dataset's ``keys``) equals the row's key (``by="key"``).
+        read_ahead: read and arrange the next shuffle window (and fetch a joined dataset's next batch)
+            on a thread while the current one is handed out, and the next epoch's first window during an
+            epoch's last: the training step then rarely waits. ``False``: all on the calling thread
+            (one core; a little faster when nothing else runs between batches).
 
     Batches: ``key`` list[str], ``index`` int64 [B], ``teacher_logits`` [B, C] / [B, K, C] in the
     stored dtype, ``label`` int64 [B] (-1 unlabelled), ``epoch`` and ``batch_idx`` ints, plus inputs.
@@ -70,7 +75,7 @@ def stream(
     return TargetStream(
         store, batch_size=batch_size, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
         remainder=remainder, drop_last=drop_last, buffer_size=buffer_size, inputs=inputs, decode=decode,
-        dataset=dataset, by=by, dataset_keys=dataset_keys,
+        dataset=dataset, by=by, dataset_keys=dataset_keys, read_ahead=read_ahead,
     )
 
 

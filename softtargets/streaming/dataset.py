@@ -8,9 +8,10 @@ layout: ``.npy`` members decoded and stacked, e.g. ``input`` [B, ...]) or a map-
 joined (``input``). Use it with ``DataLoader(stream, batch_size=None, num_workers=n)``, or
 :meth:`TargetStream.loader`.
 
-Windows: each worker (or the main process) reads and arranges the next shuffle window in a
-thread while its current one is handed out, so up to three windows of ``buffer_size`` rows are
-in memory at once (the current one, the next, and one a caller still holds a batch of).
+Windows: with ``read_ahead`` (the default) each worker (or the main process) reads and arranges
+the next shuffle window in a thread while its current one is handed out, so up to three windows
+of ``buffer_size`` rows are in memory at once (the current one, the next, and one a caller still
+holds a batch of).
 
 Progress and resumption: see :meth:`TargetStream.state_dict`.
 """
@@ -18,7 +19,7 @@ Progress and resumption: see :meth:`TargetStream.state_dict`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import numpy as np
@@ -72,6 +73,7 @@ class TargetStream(IterableDataset):
         dataset: Any = None,
         by: str = "index",
         dataset_keys: Sequence[str] | Callable[[int], str] | None = None,
+        read_ahead: bool = True,
     ):
         super().__init__()
         m = store.manifest
@@ -97,11 +99,12 @@ class TargetStream(IterableDataset):
         if dataset is not None and self.packed:
             raise ValueError("the store packs its own inputs; pass inputs=False to join a dataset instead")
         self.join = None if dataset is None else DatasetJoin(dataset, by, len(store), dataset_keys)
+        self.read_ahead = bool(read_ahead)
         self.epoch = 0
         self._consumed = BatchSet()
         self._buffers: Buffers | None = None
-        # The next epoch's first window, read ahead at the end of an epoch: (epoch, its batch numbers, window).
-        self._early: tuple[int, np.ndarray, Arranged] | None = None
+        # The next epoch's first window, read ahead during an epoch's last: (epoch, its batch numbers, window).
+        self._early: tuple[int, np.ndarray, Future[Arranged]] | None = None
 
     # -- the plan ---------------------------------------------------------------------------------
 
@@ -219,27 +222,27 @@ class TargetStream(IterableDataset):
         if early is not None and not (items and early[0] == plan.epoch and np.array_equal(early[1], items[0][1])):
             early = None
         following = self.plan(plan.epoch + 1)
-        if main and items and following.num_batches:  # the next epoch's first window, read meanwhile
-            items.append((following, self._groups(np.arange(following.num_batches))[0]))
+        after = (following, self._groups(np.arange(following.num_batches))[0]) if following.num_batches else None
+        run = ahead if self.read_ahead else in_order
 
         def arrange(item: tuple[EpochPlan, np.ndarray]) -> Arranged:
             p, group = item
             if early is not None and item is items[0]:
-                return early[2]
+                return early[2].result()
             k = p.window_of(int(group[0]))
             window = Window.read(self.store, p.segments(*p.window_range(k)), self.packed)
             return window.arrange(p.window_permutation(k), self._logits_dtype, buffers)
 
-        for (p, group), arranged in ahead(items, arrange):
-            if p is not plan:
-                self._early = (p.epoch, group, arranged)
-                break
+        for i, ((_, group), arranged) in enumerate(run(items, arrange)):
+            if self.read_ahead and main and after is not None and i == len(items) - 1:
+                # This epoch's last window is being handed out: read the next epoch's first meanwhile.
+                self._early = (following.epoch, after[1], in_background(arrange, after))
             if bundle:
                 for run in np.split(group, np.flatnonzero(np.diff(group) != 1) + 1):
                     yield self._bundle(plan, arranged, run)
                 continue
             batches = [(j, self._batch(plan, arranged, j)) for j in group.tolist()] if not self.has_extras else \
-                ahead(group.tolist(), lambda j, arranged=arranged: self._batch(plan, arranged, j))  # inputs too
+                run(group.tolist(), lambda j, arranged=arranged: self._batch(plan, arranged, j))  # inputs too
             for _, batch in batches:
                 if mark and info is None:
                     self.mark(batch)
@@ -341,6 +344,21 @@ def ahead(items: list[T], fn: Callable[[T], R]) -> Iterator[tuple[T, R]]:
             yield item, result
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def in_order(items: list[T], fn: Callable[[T], R]) -> Iterator[tuple[T, R]]:
+    """``(item, fn(item))`` in order, on the calling thread."""
+    for item in items:
+        yield item, fn(item)
+
+
+def in_background(fn: Callable[[T], R], item: T) -> Future[R]:
+    """``fn(item)`` on a thread of its own, not waited for by anyone who does not ask for the result."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="softtargets-window")
+    try:
+        return pool.submit(fn, item)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def _as_is(item: dict[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ and ``torch.index_select``, are ~10x slower.
 from __future__ import annotations
 
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,21 +120,23 @@ class Buffers:
     def __init__(self, keep: int = 3):
         self.keep = keep
         self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()  # read-ahead threads take buffers too
 
     def tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
-        buf = None
-        for candidate in self._free:
-            # References: the list, ``candidate`` and getrefcount's argument; anything more is a live batch.
-            if sys.getrefcount(candidate) == 3 and candidate.nbytes >= nbytes:
-                buf = candidate
-                break
-        if buf is None:
-            buf = np.empty(nbytes, dtype=np.uint8)
-            self._free.append(buf)
-            if len(self._free) > self.keep:
-                self._free.pop(0)
-        return torch.from_numpy(buf[:nbytes]).view(dtype).reshape(shape)
+        with self._lock:
+            buf = None
+            for candidate in self._free:
+                # References: the list, ``candidate`` and getrefcount's argument; anything more is a live batch.
+                if sys.getrefcount(candidate) == 3 and candidate.nbytes >= nbytes:
+                    buf = candidate
+                    break
+            if buf is None:
+                buf = np.empty(nbytes, dtype=np.uint8)
+                self._free.append(buf)
+                if len(self._free) > self.keep:
+                    self._free.pop(0)
+            return torch.from_numpy(buf[:nbytes]).view(dtype).reshape(shape)
 
 
 def _shared(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
