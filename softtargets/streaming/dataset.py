@@ -242,7 +242,8 @@ class TargetStream(IterableDataset):
                     yield self._bundle(plan, arranged, run)
                 continue
             batches = [(j, self._batch(plan, arranged, j)) for j in group.tolist()] if not self.has_extras else \
-                run(group.tolist(), lambda j, arranged=arranged: self._batch(plan, arranged, j))  # inputs too
+                (in_order if self.join is not None and self.join.cheap else run)(  # inputs too
+                    group.tolist(), lambda j, arranged=arranged: self._batch(plan, arranged, j))
             for _, batch in batches:
                 if mark and info is None:
                     self.mark(batch)

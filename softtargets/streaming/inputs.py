@@ -81,6 +81,8 @@ class DatasetJoin:
                 f"cannot join by index: the dataset has {len(dataset)} items, the store {num_rows} rows"
             )
         self.dataset, self.by = dataset, by
+        # A TensorDataset joins by one gather: cheaper on the calling thread than handed to another.
+        self.cheap = isinstance(dataset, TensorDataset)
         self._position: dict[str, int] | None = None
         if by == "key":
             self._position = {k: i for i, k in enumerate(dataset_keys(dataset, keys))}

@@ -117,7 +117,7 @@ class Buffers:
     the page faults of fresh memory, ~1/3 of arranging a window. Private buffers come from numpy,
     which asks Linux for huge pages."""
 
-    def __init__(self, keep: int = 3):
+    def __init__(self, keep: int = 4):
         self.keep = keep
         self._free: list[np.ndarray] = []
         self._lock = threading.Lock()  # read-ahead threads take buffers too
