@@ -9,9 +9,10 @@ joined (``input``). Use it with ``DataLoader(stream, batch_size=None, num_worker
 :meth:`TargetStream.loader`.
 
 Windows: with ``read_ahead`` (the default) each worker (or the main process) reads and arranges
-the next shuffle window in a thread while its current one is handed out, so up to three windows
-of ``buffer_size`` rows are in memory at once (the current one, the next, and one a caller still
-holds a batch of).
+the next shuffle window in a thread while its current one is handed out (the main process also
+reads the next epoch's first window during an epoch's last), so up to four windows of
+``buffer_size`` rows are in memory at once (the current one, the next, the next epoch's first,
+and one a caller still holds a batch of).
 
 Progress and resumption: see :meth:`TargetStream.state_dict`.
 """
