@@ -264,13 +264,9 @@ class TransferSet(Dataset):
     def key(self, i: int) -> str:
         """The key of sample ``i`` (reads item ``i`` when keys come from the items)."""
         i = self._check_index(i)
-        if self._key_list is not None:
-            return self._key_list[i]
-        if self._key_fn is not None:
-            return str(self._key_fn(i))
-        if self._mode == "item":
+        if self._key_list is None and self._key_fn is None and self._mode == "item":
             return self[i].key
-        return str(i)
+        return self._keys_of([i])[0]
 
     def all_keys(self) -> list[str]:
         """Every key in index order (reads every item when keys come from the items)."""

@@ -6,6 +6,7 @@ import hashlib
 import os
 import re
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import fsspec
@@ -64,22 +65,27 @@ def file_record(fs: fsspec.AbstractFileSystem, root: str, rel: str, data: bytes 
     return FileRecord(path=rel, bytes=len(data), sha256=sha256_hex(data))
 
 
-def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so a reader never sees it half written.
+def atomic_write(
+    fs: fsspec.AbstractFileSystem, path: str, data: bytes | Sequence[Any], fsync: bool = True
+) -> None:
+    """Write ``data`` (bytes, or bytes-like parts written one after another) to ``path`` so a reader
+    never sees it half written.
 
-    Local files go to a temporary name in the same folder, are fsynced, then renamed;
-    object stores and memory filesystems put whole objects already.
+    Local files go to a temporary name in the same folder, are fsynced (unless ``fsync=False``),
+    then renamed; object stores and memory filesystems put whole objects already.
     """
+    parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
     if not is_local(fs):
-        fs.pipe_file(path, data)
+        fs.pipe_file(path, parts[0] if len(parts) == 1 else b"".join(parts))
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            f.writelines(parts)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -14,7 +14,7 @@ Every array is chunked along samples (``block_rows`` rows per inner chunk) insid
 shards of ``shard_rows`` rows, so 10^8 rows stay ~10^3 files per array. A shard is
 written whole by one writer: zarr loses rows when writers share a shard. The writer encodes
 those shard files itself, byte for byte as zarr would, for the codec chains it creates
-(:meth:`ZarrWriter._shard_parts`; blosc still goes through zarr).
+(:meth:`.zarr_shards.ShardFormat.encode`; blosc still goes through zarr).
 
 Reading a local store: shard files are memory-mapped and decoded whole by
 :mod:`.zarr_shards` (uncompressed logits, the default, are viewed in place: no read at all);
@@ -24,31 +24,19 @@ keys and labels are decoded once per shard and kept. Remote stores are read thro
 from __future__ import annotations
 
 import hashlib
-import os
-import uuid
 from typing import Any
 
-import numcodecs
 import numpy as np
 import zarr
 import zarr.storage
-from zarr.codecs import (
-    BloscCodec,
-    BytesCodec,
-    Crc32cCodec,
-    Endian,
-    ShardingCodec,
-    ShardingCodecIndexLocation,
-    VLenUTF8Codec,
-    ZstdCodec,
-)
+from zarr.codecs import BloscCodec, ZstdCodec
 
 from ..manifest import FileRecord, Manifest
 from .base import StoreError, TargetStore, TargetWriter
 from .encoding import NUMPY_STORAGE
-from .files import file_record, is_local, join
+from .files import atomic_write, file_record, is_local, join
 from .mapped import MappedFiles
-from .zarr_shards import ShardDecoder
+from .zarr_shards import ShardFormat
 
 ARRAYS = ("logits", "labels", "keys")
 COMPRESSORS = {
@@ -58,10 +46,13 @@ COMPRESSORS = {
 }
 # Write and read every chunk, including those equal to the fill value, so each shard is one file.
 ARRAY_CONFIG = {"write_empty_chunks": True}
-_VLEN_UTF8 = numcodecs.VLenUTF8()
-_CRC32C = numcodecs.CRC32C(location="end")
 # Reader-side cache of whole shards' keys and labels (a key as a Python str ~ 70 bytes, a label 8).
 META_BYTES_PER_ROW = 80
+
+
+def shard_file(name: str, arr: zarr.Array, shard_id: int) -> str:
+    """Relative path of array ``name``'s file for shard ``shard_id`` (sharded along axis 0 only)."""
+    return f"{name}/{arr.metadata.encode_chunk_key((shard_id,) + (0,) * (arr.ndim - 1))}"
 
 
 def _zarr_store(fs: Any, root: str, read_only: bool) -> Any:
@@ -119,12 +110,7 @@ class ZarrWriter(TargetWriter):
         return self._arrays["keys"][start:stop].tolist()
 
     def _shard_files(self, shard_id: int) -> list[str]:
-        out = []
-        for name in ARRAYS:
-            arr = self._arrays[name]
-            coords = (shard_id,) + (0,) * (arr.ndim - 1)
-            out.append(f"{name}/{arr.metadata.encode_chunk_key(coords)}")
-        return out
+        return [shard_file(name, self._arrays[name], shard_id) for name in ARRAYS]
 
     def _write_shard_files(
         self, shard_id: int, start: int, keys: np.ndarray, logits: np.ndarray, labels: np.ndarray,
@@ -138,85 +124,22 @@ class ZarrWriter(TargetWriter):
             arr = self._arrays[name]
             if arr.shape[0] < stop:  # appending without a known size: one process grows the arrays
                 arr.resize((stop, *arr.shape[1:]))
-            parts = self._shard_parts(arr, shard_id, data)
-            if parts is None:
+            shard_format = ShardFormat.of(arr)
+            if shard_format is None:  # a chain zarr must encode (blosc)
                 arr[start:stop] = data
                 records.append(file_record(self.fs, self.root, rel))
             else:
-                records.append(self._put(rel, parts))
+                records.append(self._put(rel, shard_format.encode(shard_id, data, arr.shape[0])))
         return records
 
     def _put(self, rel: str, parts: list[Any]) -> FileRecord:
-        """Write a shard file from its parts (bytes-like) as zarr's stores do: locally to a temporary name,
-        then renamed (no fsync); hashed as written, so the file is neither joined nor read back."""
-        path = join(self.root, rel)
+        """Write a shard file from its parts (bytes-like) atomically, without the fsync zarr's stores skip too;
+        hashed as written, so the file is neither joined nor read back."""
         digest = hashlib.sha256()
         for part in parts:
             digest.update(part)
-        record = FileRecord(path=rel, bytes=sum(memoryview(p).nbytes for p in parts), sha256=digest.hexdigest())
-        if not is_local(self.fs):
-            self.fs.pipe_file(path, b"".join(parts))
-            return record
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{uuid.uuid4().hex}.partial"  # the name zarr's LocalStore uses (cleaned up at finalize)
-        try:
-            with open(tmp, "wb") as f:
-                f.writelines(parts)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return record
-
-    @staticmethod
-    def _shard_parts(arr: zarr.Array, shard_id: int, data: np.ndarray) -> list[Any] | None:
-        """The file of shard ``shard_id`` of ``arr`` holding ``data`` (its rows), byte for byte as zarr writes it,
-        as a list of bytes-like parts (uncompressed chunks are views of ``data``).
-
-        zarr's own write path costs ~3 ms of Python per array and shard (9 ms a shard): on a writer
-        thread, time taken from the compute thread's GIL. Encoded here for the chains this layout
-        creates: ``bytes`` (little endian) or ``vlen-utf8``, then any ``zstd``; index at the end,
-        ``bytes`` + ``crc32c``; sharded along axis 0 only. ``None`` for others (``blosc``): zarr writes.
-        Inner chunks go in order (the Morton order of a 1-D grid); the one holding the array's last
-        row is padded with the fill value; those past the end are absent (index entry ``2**64 - 1``).
-        """
-        codecs = arr.metadata.codecs
-        sharding = codecs[0] if len(codecs) == 1 else None
-        if not isinstance(sharding, ShardingCodec) or sharding.index_location != ShardingCodecIndexLocation.end:
-            return None
-        index_codecs = [(type(c), getattr(c, "endian", None)) for c in sharding.index_codecs]
-        if index_codecs != [(BytesCodec, Endian.little), (Crc32cCodec, None)]:
-            return None
-        serializer, *compressors = sharding.codecs
-        strings = isinstance(serializer, VLenUTF8Codec)
-        if not (strings or isinstance(serializer, BytesCodec) and serializer.endian == Endian.little):
-            return None
-        if not all(isinstance(c, ZstdCodec) for c in compressors):
-            return None
-        shard_shape, block_shape = arr.metadata.chunk_grid.chunk_shape, sharding.chunk_shape
-        if tuple(shard_shape[1:]) != arr.shape[1:] or tuple(block_shape[1:]) != arr.shape[1:]:
-            return None
-        shard_rows, block = shard_shape[0], block_shape[0]
-        zstd = [numcodecs.Zstd(level=c.level, checksum=c.checksum) for c in compressors]
-        present = -(-min(shard_rows, arr.shape[0] - shard_id * shard_rows) // block)  # inner chunks zarr writes
-        if len(data) < present * block:
-            fill = np.full((present * block - len(data), *data.shape[1:]), arr.metadata.fill_value, dtype=data.dtype)
-            data = np.concatenate([data, fill])
-        parts: list[Any] = []
-        index = np.full((shard_rows // block, 2), 2**64 - 1, dtype="<u8")  # (offset, bytes) per inner chunk
-        offset = 0
-        for i in range(present):
-            chunk = data[i * block:(i + 1) * block]
-            if strings:
-                blob: Any = _VLEN_UTF8.encode(chunk.astype(object))
-            else:
-                blob = memoryview(np.ascontiguousarray(chunk, dtype=chunk.dtype.newbyteorder("<"))).cast("B")
-            for codec in zstd:
-                blob = codec.encode(blob)
-            parts.append(blob)
-            index[i] = offset, len(blob)
-            offset += len(blob)
-        return [*parts, _CRC32C.encode(index.tobytes())]
+        atomic_write(self.fs, join(self.root, rel), parts, fsync=False)
+        return FileRecord(path=rel, bytes=sum(memoryview(p).nbytes for p in parts), sha256=digest.hexdigest())
 
     def _finish_layout(self) -> None:
         for arr in self._arrays.values():
@@ -236,7 +159,7 @@ class ZarrStore(TargetStore):
         self._meta: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._meta_bytes = 0
         # Local stores: shard files mapped and decoded here; None where zarr must decode an array.
-        self._decoders = {name: ShardDecoder.of(arr) for name, arr in self.arrays.items()} if is_local(fs) else {}
+        self._formats = {name: ShardFormat.of(arr) for name, arr in self.arrays.items()} if is_local(fs) else {}
         self._maps = MappedFiles()
         if self.arrays["logits"].shape != manifest.logits_shape:
             raise StoreError(
@@ -246,12 +169,8 @@ class ZarrStore(TargetStore):
 
     def _files(self, shard_id: int) -> dict[str, str]:
         """Array name -> relative path of its shard ``shard_id`` file, for the arrays decoded here."""
-        files = {}
-        for name, decoder in self._decoders.items():
-            if decoder is not None:
-                arr = self.arrays[name]
-                files[name] = f"{name}/{arr.metadata.encode_chunk_key((shard_id,) + (0,) * (arr.ndim - 1))}"
-        return files
+        return {name: shard_file(name, self.arrays[name], shard_id)
+                for name, shard_format in self._formats.items() if shard_format is not None}
 
     def _held_files(self, shard_id: int) -> dict[str, Any]:
         files = self._files(shard_id)
@@ -273,7 +192,7 @@ class ZarrStore(TargetStore):
     def _decoded(self, name: str, shard_id: int, maps: dict[str, np.ndarray]) -> np.ndarray | None:
         if name not in maps:
             return None
-        return self._decoders[name].read(maps[name], self.manifest.shards[shard_id].rows)
+        return self._formats[name].read(maps[name], self.manifest.shards[shard_id].rows)
 
     def _shard_meta(self, shard_id: int) -> tuple[np.ndarray, np.ndarray] | None:
         """``(keys, labels)`` of a whole shard, kept once read (decoding a shard's keys costs as much as
@@ -306,7 +225,7 @@ class ZarrStore(TargetStore):
         else:
             keys, labels = self.arrays["keys"][a:b].astype(object), self.arrays["labels"][a:b]
         rows = self.manifest.shards[shard_id].rows
-        logits = self._decoders["logits"].read(maps["logits"], rows, lo, hi) if "logits" in maps else None
+        logits = self._formats["logits"].read(maps["logits"], rows, lo, hi) if "logits" in maps else None
         if logits is None:
             logits = self.arrays["logits"][a:b]
         return {"key": keys, "logits": logits, "label": labels}

@@ -1,12 +1,14 @@
-"""A zarr v3 shard file read in one piece, without zarr's asynchronous pipeline.
+"""zarr v3 shard files written and read in one piece, without zarr's asynchronous pipeline.
 
 A shard file (sharding codec, index at the end) is its encoded inner chunks followed by an
 index of two little-endian uint64 per inner chunk (offset, size; 2^64-1 for a chunk never
-written) and a crc32c of that index. For the codec chains softtargets writes, rows are decoded
-here with numcodecs, one call per inner chunk they lie in: ``bytes`` (raw), ``zstd`` on top, and
-``vlen-utf8`` strings (as Python ``str`` objects, not numpy ``StringDType``). Uncompressed
-chunks stored in order are *viewed* in place. zarr's own per-call overhead is ~1 ms per inner
-chunk here, more than copying the chunk; other chains return None and zarr reads them.
+written) and a crc32c of that index. For the codec chains softtargets creates -- ``bytes``
+(raw, little-endian) or ``vlen-utf8`` strings, then any ``zstd``, index ``bytes`` + ``crc32c``,
+sharded along axis 0 only -- :class:`ShardFormat` encodes whole shards byte for byte as zarr
+does (the writer's path) and decodes rows with numcodecs, one call per inner chunk they lie in
+(strings as Python ``str``, not numpy ``StringDType``); uncompressed chunks stored in order are
+*viewed* in place. zarr's own per-call overhead is ~1 ms per inner chunk here (~3 ms of Python per
+array and shard to write), more than copying the chunk. Other chains get None: zarr does the work.
 """
 
 from __future__ import annotations
@@ -18,54 +20,93 @@ from typing import Any
 import numcodecs
 import numpy as np
 import zarr
-from zarr.codecs import BytesCodec, ShardingCodec, ShardingCodecIndexLocation, VLenUTF8Codec, ZstdCodec
+from zarr.codecs import (
+    BytesCodec,
+    Crc32cCodec,
+    Endian,
+    ShardingCodec,
+    ShardingCodecIndexLocation,
+    VLenUTF8Codec,
+    ZstdCodec,
+)
 
 EMPTY_CHUNK = 2**64 - 1
-_CRC32C = numcodecs.CRC32C()
+_CRC32C = numcodecs.CRC32C(location="end")
 _VLEN_UTF8 = numcodecs.VLenUTF8()
 
 
 @dataclass(frozen=True)
-class ShardDecoder:
-    """How to decode one array's shard files: inner chunks of ``chunk_rows`` rows of shape ``trailing``,
-    ``chunks_per_shard`` index entries, values of ``dtype`` (object for strings)."""
+class ShardFormat:
+    """One array's shard files: inner chunks of ``chunk_rows`` rows of shape ``trailing``,
+    ``chunks_per_shard`` index entries, values of ``dtype`` (object for strings), ``zstd`` codecs
+    applied in order after serialising, ``fill_value`` padding the last inner chunk."""
 
     chunk_rows: int
     chunks_per_shard: int
     dtype: np.dtype
     trailing: tuple[int, ...]
     strings: bool
-    compressor: Any  # numcodecs codec or None
+    zstd: tuple[Any, ...]  # numcodecs.Zstd, in encoding order
+    fill_value: Any
 
     @classmethod
-    def of(cls, arr: zarr.Array) -> ShardDecoder | None:
-        """The decoder for ``arr``'s shards, or None where zarr must read them (another codec chain,
-        a big-endian machine, chunks that split a row)."""
+    def of(cls, arr: zarr.Array) -> ShardFormat | None:
+        """The format of ``arr``'s shards, or None where zarr must do the work (another codec chain,
+        a big-endian machine, chunks or shards that split a row)."""
         codecs = arr.metadata.codecs
         if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec) or sys.byteorder != "little":
             return None
         sharding = codecs[0]
-        if sharding.index_location != ShardingCodecIndexLocation.end or tuple(sharding.chunk_shape[1:]) != tuple(
-            arr.shape[1:]
-        ):
+        index_codecs = [(type(c), getattr(c, "endian", None)) for c in sharding.index_codecs]
+        if sharding.index_location != ShardingCodecIndexLocation.end or index_codecs != [
+            (BytesCodec, Endian.little), (Crc32cCodec, None)
+        ]:
             return None
-        first, *rest = sharding.codecs
-        compressor = None
-        if rest:
-            if len(rest) != 1 or not isinstance(rest[0], ZstdCodec):
-                return None
-            compressor = numcodecs.Zstd(level=rest[0].level)
-        if isinstance(first, VLenUTF8Codec):
+        shard_shape, chunk_shape = arr.metadata.chunk_grid.chunk_shape, sharding.chunk_shape
+        if tuple(shard_shape[1:]) != tuple(arr.shape[1:]) or tuple(chunk_shape[1:]) != tuple(arr.shape[1:]):
+            return None
+        serializer, *compressors = sharding.codecs
+        if not all(isinstance(c, ZstdCodec) for c in compressors):
+            return None
+        if isinstance(serializer, VLenUTF8Codec):
             dtype, strings = np.dtype(object), True
-        elif isinstance(first, BytesCodec) and isinstance(arr.dtype, np.dtype) and arr.dtype.kind in "fiu":
-            if arr.dtype.itemsize > 1 and (first.endian is None or first.endian.value != "little"):
+        elif isinstance(serializer, BytesCodec) and isinstance(arr.dtype, np.dtype) and arr.dtype.kind in "fiu":
+            if serializer.endian != Endian.little and not (serializer.endian is None and arr.dtype.itemsize == 1):
                 return None
             dtype, strings = np.dtype(arr.dtype), False
         else:
             return None
-        shard_rows = arr.metadata.chunk_grid.chunk_shape[0]
-        return cls(sharding.chunk_shape[0], shard_rows // sharding.chunk_shape[0], dtype, tuple(arr.shape[1:]),
-                   strings, compressor)
+        zstd = tuple(numcodecs.Zstd(level=c.level, checksum=c.checksum) for c in compressors)
+        return cls(chunk_shape[0], shard_shape[0] // chunk_shape[0], dtype, tuple(arr.shape[1:]), strings, zstd,
+                   arr.metadata.fill_value)
+
+    def encode(self, shard_id: int, data: np.ndarray, array_rows: int) -> list[Any]:
+        """The file of shard ``shard_id`` holding ``data`` (its rows) of an array of ``array_rows`` rows, byte
+        for byte as zarr writes it, as bytes-like parts (uncompressed chunks are views of ``data``).
+
+        Inner chunks go in order (the Morton order of a 1-D grid); the one holding the array's last row
+        is padded with the fill value; those past the end are absent (index entry ``2**64 - 1``).
+        """
+        shard_rows, block = self.chunks_per_shard * self.chunk_rows, self.chunk_rows
+        present = -(-min(shard_rows, array_rows - shard_id * shard_rows) // block)  # inner chunks zarr writes
+        if len(data) < present * block:
+            fill = np.full((present * block - len(data), *data.shape[1:]), self.fill_value, dtype=data.dtype)
+            data = np.concatenate([data, fill])
+        parts: list[Any] = []
+        index = np.full((self.chunks_per_shard, 2), EMPTY_CHUNK, dtype="<u8")  # (offset, bytes) per inner chunk
+        offset = 0
+        for i in range(present):
+            chunk = data[i * block:(i + 1) * block]
+            if self.strings:
+                blob: Any = _VLEN_UTF8.encode(chunk.astype(object))
+            else:
+                blob = memoryview(np.ascontiguousarray(chunk, dtype=chunk.dtype.newbyteorder("<"))).cast("B")
+            for codec in self.zstd:
+                blob = codec.encode(blob)
+            parts.append(blob)
+            index[i] = offset, len(blob)
+            offset += len(blob)
+        return [*parts, _CRC32C.encode(index.tobytes())]
 
     @property
     def _chunk_bytes(self) -> int:
@@ -90,7 +131,7 @@ class ShardDecoder:
         """The first ``rows`` rows as a view of the shard file's bytes ``buf`` (no copy), or None where the
         chunks are compressed or not stored one after another in order. The whole index must be exactly
         that layout's (a stronger check than its crc32c)."""
-        if self.strings or self.compressor is not None:
+        if self.strings or self.zstd:
             return None
         size, entries = self._chunk_bytes, 16 * self.chunks_per_shard
         written = -(-rows // self.chunk_rows)
@@ -118,8 +159,8 @@ class ShardDecoder:
         parts = []
         for offset, size in chunks[first:-(-hi // self.chunk_rows)].tolist():
             data = buf[offset:offset + size]
-            if self.compressor is not None:
-                data = np.frombuffer(self.compressor.decode(data), np.uint8)
+            for codec in reversed(self.zstd):
+                data = np.frombuffer(codec.decode(data), np.uint8)
             if self.strings:
                 part = _VLEN_UTF8.decode(data)
             elif len(data) == self._chunk_bytes:
