@@ -1,10 +1,11 @@
 """Stage one's overhead: `softtargets.precompute` against a bare loop of teacher forward passes.
 
-    python benchmarks/precompute.py                # ~3 min on 2 CPU cores
+    python benchmarks/precompute.py                # ~4 min on 2 CPU cores
     python benchmarks/precompute.py --samples 4096 --repeats 1
+    python benchmarks/precompute.py --hidden 256   # teachers of ~5 ms per batch
 
-The same in-memory inputs and the same K teachers (MLPs 512-1024-1024-1000, ~2.6 M parameters,
-~10-30 ms per batch of 256 on 2 CPU cores) run:
+The same in-memory inputs and the same K teachers (MLPs 512-H-H-1000, H = ``--hidden`` = 1024 by
+default: ~2.6 M parameters, ~15 ms per batch of 256 on one core of this VM) run:
 
 * ``bare``: ``for each batch: [t(x) for t in teachers]`` under ``torch.inference_mode()``, nothing kept;
 * ``local``: ``precompute(..., scheduler="local")``, per-teacher float16 logits into a Zarr store
@@ -16,7 +17,10 @@ The same in-memory inputs and the same K teachers (MLPs 512-1024-1024-1000, ~2.6
 Teachers run on ``--threads`` torch threads (default 1; the other core is left to the writer
 thread, as a GPU run leaves the CPU to it). Overhead = (engine - bare) / bare, wall clock, minimum
 of ``--repeats`` interleaved runs; also in CPU seconds of this process (bare and local only: dask
-computes in its worker), which a busy machine disturbs less. The load average goes into the JSON.
+computes in its worker), which a busy machine disturbs less. ``fixed ms`` is the local engine's
+cost per run that does not grow with the data (creating the store, fingerprinting the teachers,
+writing the manifest...): precompute minus the bare loop over a single batch (best of the repeats).
+The load average goes into the JSON.
 Prints a table and writes JSON (default ``benchmarks/results/precompute.json``).
 """
 
@@ -41,10 +45,10 @@ from softtargets.precompute import precompute
 IN, HIDDEN, CLASSES = 512, 1024, 1000
 
 
-def teacher(seed: int) -> nn.Module:
+def teacher(seed: int, hidden: int = HIDDEN) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(IN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(),
-                         nn.Linear(HIDDEN, CLASSES)).eval()
+    return nn.Sequential(nn.Linear(IN, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, CLASSES)).eval()
 
 
 def bare_loop(models: list[nn.Module], x: torch.Tensor, batch_size: int) -> tuple[float, float]:
@@ -72,10 +76,11 @@ def run_precompute(models: list[nn.Module], data: TensorDataset, out: Path, batc
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=6144)
+    parser.add_argument("--samples", type=int, default=24576)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--shard-rows", type=int, default=1024)
     parser.add_argument("--teachers", type=int, nargs="+", default=[1, 5])
+    parser.add_argument("--hidden", type=int, default=HIDDEN, help="teachers' hidden width (sets ms per batch)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for the teachers (here and in the warm dask worker); the other cores "
@@ -106,16 +111,21 @@ def main() -> None:
                                                        dashboard_address=":0", silence_logs=logging.ERROR))
             warm = stack.enter_context(Client(cluster))
         for k in args.teachers:
-            models = [teacher(i) for i in range(k)]
+            models = [teacher(i, args.hidden) for i in range(k)]
             with torch.inference_mode():  # warm-up: first calls allocate
                 for m in models:
                     m(x[: args.batch_size])
             times: dict[str, list[tuple[float, float]]] = {e: [] for e in ("bare", *engines) if e != "dask"}
+            one = x[: args.batch_size]
+            small: dict[str, list[float]] = {"bare": [], "local": []}  # one batch: the fixed cost per run
             for _ in range(args.repeats):  # interleaved, so drifting machine load hits all alike
                 times["bare"].append(bare_loop(models, x, args.batch_size))
                 if "local" in engines:
                     times["local"].append(run_precompute(models, data, tmp / "l.zarr", args.batch_size,
                                                          args.shard_rows, "local"))
+                    small["bare"].append(bare_loop(models, one, args.batch_size)[0])
+                    small["local"].append(run_precompute(models, TensorDataset(one), tmp / "s.zarr",
+                                                         args.batch_size, args.shard_rows, "local")[0])
                 if warm is not None:
                     times["dask-warm"].append(run_precompute(models, data, tmp / "w.zarr", args.batch_size,
                                                              args.shard_rows, warm))
@@ -136,26 +146,30 @@ def main() -> None:
                     "cpu_overhead_pct": None if cpu is None or engine == "bare" else round(
                         100 * (cpu - bare_cpu) / bare_cpu, 1),
                     "ms_per_batch_per_teacher": round(1000 * bare / batches / k, 2) if engine == "bare" else None,
+                    "fixed_ms": round(1000 * (min(small["local"]) - min(small["bare"])), 1)
+                    if engine == "local" else None,
                 })
     shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"{args.samples} samples, batch {args.batch_size}, shards of {args.shard_rows}, "
-          f"teachers {IN}-{HIDDEN}-{HIDDEN}-{CLASSES}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
+          f"teachers {IN}-{args.hidden}-{args.hidden}-{CLASSES}, {os.cpu_count()} CPUs, "
+          f"torch threads {torch.get_num_threads()}")
     print(f"{'K':>2} {'engine':<10} {'wall s':>7} {'samples/s':>10} {'overhead':>9} {'CPU s':>7} {'CPU over':>9}"
-          "   wall s of each run")
+          f" {'fixed ms':>9}   wall s of each run")
     for r in rows:
         over = "" if r["overhead_pct"] is None else f"{r['overhead_pct']:+.1f} %"
         cpu = "" if r["cpu_seconds"] is None else f"{r['cpu_seconds']:.2f}"
         cpu_over = "" if r["cpu_overhead_pct"] is None else f"{r['cpu_overhead_pct']:+.1f} %"
+        fixed = "" if r["fixed_ms"] is None else f"{r['fixed_ms']:.1f}"
         print(f"{r['teachers']:>2} {r['engine']:<10} {r['seconds']:>7.2f} {r['samples_per_s']:>10.0f} {over:>9} "
-              f"{cpu:>7} {cpu_over:>9}   {r['all_seconds']}")
+              f"{cpu:>7} {cpu_over:>9} {fixed:>9}   {r['all_seconds']}")
     for k in args.teachers:
         ms = next(r["ms_per_batch_per_teacher"] for r in rows if r["teachers"] == k and r["engine"] == "bare")
         print(f"K={k}: bare forward {ms} ms per batch per teacher")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     args.out.write_text(json.dumps({
-        "benchmark": "precompute", "samples": args.samples, "batch_size": args.batch_size,
+        "benchmark": "precompute", "samples": args.samples, "batch_size": args.batch_size, "hidden": args.hidden,
         "shard_rows": args.shard_rows, "repeats": args.repeats, "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "platform": platform.platform(), "load_average": load,
         "rows": rows,

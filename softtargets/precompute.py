@@ -8,14 +8,15 @@ done when complete). The driver, :func:`precompute`, creates the store, runs the
 are not done yet (in this process, or as dask tasks: :mod:`softtargets.cluster`) and writes the
 manifest last.
 
-Per batch, on the device: every teacher's forward pass under ``torch.inference_mode()`` (and
-optional autocast), the logits gathered into one ``[B, K, C]`` float32 tensor, a per-teacher finiteness mask
-``[B, K]`` (left to the writer thread for per-teacher stores on CPU), and the store's reduction
-(:func:`softtargets.temperature.reduce_teachers`). A background writer thread, fed by a bounded
-queue, takes the results off the device, checks and encodes them batch by batch (zero-mean,
-storage dtype) into the shard's buffer and writes each shard once its last batch is in, so the
-device does not wait on storage. On CPU the batch and shard buffers go back to a pool for reuse
-(fresh ones would be paid for in page faults every batch).
+Per batch, the compute loop runs every teacher's forward pass under ``torch.inference_mode()`` (and
+optional autocast). The rest is done where it costs the compute loop least. On CUDA, on the device:
+the logits gathered into one ``[B, K, C]`` float32 tensor, a per-teacher finiteness mask ``[B, K]``,
+the store's reduction (:func:`softtargets.temperature.reduce_teachers`), an asynchronous copy to the
+host. On CPU all of that happens on the writer thread, so the teachers' core only runs teachers.
+The background writer thread, fed by a bounded queue, checks and encodes each batch (zero-mean,
+storage dtype) into its shard's buffer and writes each shard once its last batch is in, so the
+device does not wait on storage. Gather and shard buffers go back to a pool for reuse (fresh ones
+would be paid for in page faults every batch).
 
 Non-finite teacher logits (``nonfinite``): ``"error"`` (default) stops the run with
 :class:`NonFiniteError` naming the teacher and the sample keys. ``"uniform"`` replaces the
@@ -26,7 +27,6 @@ rules then average it in as such) and lists ``{key: [teacher, ...]}`` in the man
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .background import prefetched
 from .cluster import TaskFailure
 from .config import import_object
 from .manifest import Manifest, ShardRecord
@@ -222,7 +223,7 @@ class _Item:
 
     shard: int
     keys: list[str]
-    logits: torch.Tensor  # [B, K, C] or [B, C] float32
+    logits: torch.Tensor | list[torch.Tensor]  # [B, K, C] or [B, C] float32; CPU: the K teachers' [B, C]
     bad: torch.Tensor | None  # [B, K] bool: teacher k gave a non-finite row; None: not checked yet
     labels: torch.Tensor  # [B] int64
     x: torch.Tensor | None  # [B, ...] inputs, when packed
@@ -245,27 +246,35 @@ _END = object()
 
 
 class _ShardWriterThread(threading.Thread):
-    """Takes computed batches from a bounded queue and writes each shard once all its rows are in."""
+    """Takes computed batches from a bounded queue and writes each shard once all its rows are in.
+
+    The queue is two ``SimpleQueue`` s (C code: a put costs the compute loop microseconds): the
+    items, and ``queue_size`` tokens of room that the compute loop takes and the writer gives back.
+    """
 
     def __init__(self, runner: ShardRunner, queue_size: int) -> None:
         super().__init__(name="softtargets-writer", daemon=True)
         self.runner = runner
-        self.queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.room: queue.SimpleQueue[None] = queue.SimpleQueue()
+        for _ in range(queue_size):
+            self.room.put(None)
         self.parts: dict[int, _Part] = {}
         self.records: list[ShardRecord] = []
         self.error: BaseException | None = None
 
     def put(self, item: Any) -> None:
-        """Queue ``item``; raises the writer's error if it has failed."""
+        """Queue ``item`` once there is room; raises the writer's error if it has failed."""
         while True:
             if self.error is not None:
                 raise self.error
             try:
-                self.queue.put(item, timeout=0.05)
-                return
-            except queue.Full:
+                self.room.get(timeout=0.05)
+                break
+            except queue.Empty:
                 if not self.is_alive():
                     raise RuntimeError("the shard writer thread stopped") from self.error
+        self.queue.put(item)
 
     def finish(self) -> list[ShardRecord]:
         """Wait for every queued shard to be written; returns their records in write order."""
@@ -281,10 +290,7 @@ class _ShardWriterThread(threading.Thread):
         Nothing computed is thrown away that a resume could keep; errors of the writer itself
         (if it is the one that failed) are left to the caller's exception.
         """
-        while self.is_alive() and self.error is None:
-            with contextlib.suppress(queue.Full):
-                self.queue.put(_END, timeout=0.05)
-                break
+        self.queue.put(_END)  # past the room tokens: the compute loop has stopped
         self.join()
 
     def run(self) -> None:
@@ -299,6 +305,7 @@ class _ShardWriterThread(threading.Thread):
                     if item is _END:
                         return
                     self._take(item)
+                    self.room.put(None)
         except BaseException as exc:  # handed to the compute thread
             self.error = exc
         finally:
@@ -312,13 +319,16 @@ class _ShardWriterThread(threading.Thread):
         part = self.parts.get(item.shard)
         if part is None:
             part = self.parts[item.shard] = _Part(runner._shard_buffer(stop - start))
-        if item.bad is None:
-            item.bad = _nonfinite_rows(item.logits, runner.options.nonfinite)
+        gathered = None
+        if isinstance(item.logits, list):  # CPU: the teachers' outputs, combined here
+            gathered = runner._gather(item.logits)
+            item.bad = _nonfinite_rows(gathered, runner.options.nonfinite)
+            item.logits = reduce_teachers(gathered, runner.spec.content, runner.spec.temperature or 1.0)
         if item.bad.any():
             part.nonfinite.update(runner._nonfinite(item))
         runner._encode(item, part)
-        if item.event is None:  # CPU: the logits buffer goes back to the compute loop
-            runner._free.put(item.logits)
+        if gathered is not None:
+            runner._free.put(gathered)
         if part.rows == stop - start:
             self.records.append(runner._write(item.shard, self.parts.pop(item.shard)))
             runner._free_shards.put(part.logits)
@@ -386,7 +396,7 @@ class ShardRunner:
         self.writer = writer
         self._batches: list[range] = []
         self._dataloader: DataLoader | None = None
-        # Buffers handed back for reuse (fresh pages each batch or shard would cost page faults):
+        # Buffers handed back for reuse by writer threads (fresh pages each batch or shard would cost page faults):
         self._free: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()  # CPU [B, K, C] float32 logits
         self._free_shards: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()  # a shard's stored logits
         self._workers = int(options.num_workers)
@@ -408,22 +418,26 @@ class ShardRunner:
 
         ``on_rows(n)`` is called after each batch's forward pass. On an error, shards whose rows
         were all computed are still written (a resume keeps them), then the error is raised.
+        Batches are fetched on a helper thread, two ahead, so this loop only runs teachers.
         """
         sink = _ShardWriterThread(self, self.options.queue_size)
         sink.start()
         try:
-            with _device_lock(self.device):
-                for batch in self._loader(shard_ids):
-                    sink.put(self._forward(batch))
+            with _device_lock(self.device), torch.inference_mode():
+                for shard, batch in prefetched(self._loader(shard_ids), name="softtargets-loader"):
+                    sink.put(self._forward(shard, batch))
                     if on_rows is not None:
                         on_rows(len(batch.keys))
-            return sink.finish()
+            records = sink.finish()
+            self.writer.sync()  # on disk before the driver's manifest says so
+            return records
         except BaseException:
             sink.drain()
             raise
 
-    def _loader(self, shard_ids: Sequence[int]) -> Iterator[Batch]:
-        """Batches of ``batch_size`` rows in shard order; each shard's first batch starts at its first row.
+    def _loader(self, shard_ids: Sequence[int]) -> Iterator[tuple[int, Batch]]:
+        """``(shard id, batch)``: batches of ``batch_size`` rows in shard order; each shard's first batch
+        starts at its first row.
 
         Each batch is fetched whole by :meth:`TransferSet.batch` (one slice of a ``TensorDataset``).
         With ``num_workers=0`` that happens right here (pinned for CUDA); otherwise one DataLoader per
@@ -436,10 +450,11 @@ class ShardRunner:
             start, stop = self.spec.shard_range(sid)
             batches += [range(lo, min(lo + bs, stop)) for lo in range(start, stop, bs)]
         cuda = self.device.type == "cuda"
+        rows = self.spec.shard_rows
         if not self._workers:
             for indices in batches:
-                batch = self.transfer_set.batch(indices)
-                yield batch._replace(x=batch.x.pin_memory()) if cuda else batch
+                batch = self.transfer_set.batch(indices, copy=False)  # x may view the dataset: only read
+                yield indices[0] // rows, batch._replace(x=batch.x.pin_memory()) if cuda else batch
             return
         self._batches[:] = batches  # the loader's batch sampler, read at each iter()
         if self._dataloader is None:
@@ -447,51 +462,37 @@ class ShardRunner:
                 _BatchFetcher(self.transfer_set), sampler=self._batches, batch_size=None, collate_fn=_as_is,
                 num_workers=self._workers, persistent_workers=True, pin_memory=cuda,
             )
-        yield from self._dataloader
+        for indices, batch in zip(batches, self._dataloader, strict=True):
+            yield indices[0] // rows, batch
 
-    def _buffer(self, shape: tuple[int, int, int]) -> torch.Tensor:
-        """A ``[B, K, C]`` float32 buffer on the device for one batch's logits: on CPU, one the writer
-        thread is done with if there is one, else a new one."""
-        if self.device.type == "cpu":
-            reused = _reuse(self._free, shape)
-            if reused is not None:
-                return reused
-        return torch.empty(shape, dtype=torch.float32, device=self.device)
-
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.options.autocast is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=AUTOCAST[self.options.autocast])
-
-    def _forward(self, batch: Batch) -> _Item:
-        """All K teachers on one batch; the store's reduction on the device; async copy to the host."""
-        shard = int(batch.indices[0]) // self.spec.shard_rows
+    def _forward(self, shard: int, batch: Batch) -> _Item:
+        """All K teachers on one batch of ``shard`` (call under ``torch.inference_mode()``). On CUDA also the
+        store's reduction and an async copy to the host; on CPU the outputs go to the writer thread as
+        they are (it gathers and reduces them)."""
         b, c = len(batch.keys), self.spec.num_classes
-        with torch.inference_mode():
-            x = batch.x.to(self.device, non_blocking=True)
-            logits = self._buffer((b, len(self.teachers), c))
-            with self._autocast():
-                for k, t in enumerate(self.teachers):
-                    out = t.module(x)
-                    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (b, c):
-                        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                        raise ValueError(f"teacher {t.name!r} returned {got} for a batch of {b} "
-                                         f"(shard {shard}); expected logits [{b}, {c}]")
-                    logits[:, k].copy_(out)  # [B, K, C] float32, no stacking copy
-            # Per-teacher logits on CPU are checked on the writer thread (nothing is reduced here, so the
-            # check can wait); otherwise before the reduction mixes a NaN row into the others.
-            deferred = self.device.type == "cpu" and self.spec.content == "per_teacher"
-            bad = None if deferred else _nonfinite_rows(logits, self.options.nonfinite)
-            reduced = reduce_teachers(logits, self.spec.content, self.spec.temperature or 1.0)
-            x_host = batch.x if self.options.pack_inputs else None
-            if self.device.type != "cuda":
-                return _Item(shard, batch.keys, reduced, bad, batch.labels, x_host)
-            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (reduced, bad)]
-            for dst, src in zip(host, (reduced, bad), strict=True):
-                dst.copy_(src, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            return _Item(shard, batch.keys, host[0], host[1], batch.labels, x_host, event)
+        x = batch.x.to(self.device, non_blocking=True)
+        if self.options.autocast is None:
+            outputs = [t.module(x) for t in self.teachers]
+        else:
+            with torch.autocast(device_type=self.device.type, dtype=AUTOCAST[self.options.autocast]):
+                outputs = [t.module(x) for t in self.teachers]
+        for t, out in zip(self.teachers, outputs, strict=True):
+            if not isinstance(out, torch.Tensor) or tuple(out.shape) != (b, c):
+                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ValueError(f"teacher {t.name!r} returned {got} for a batch of {b} "
+                                 f"(shard {shard}); expected logits [{b}, {c}]")
+        x_host = batch.x if self.options.pack_inputs else None
+        if self.device.type != "cuda":
+            return _Item(shard, batch.keys, outputs, None, batch.labels, x_host)
+        logits = torch.stack(outputs, dim=1).float()  # [B, K, C] float32 (autocast may give bf16/fp16)
+        bad = _nonfinite_rows(logits, self.options.nonfinite)  # before the reduction mixes rows
+        reduced = reduce_teachers(logits, self.spec.content, self.spec.temperature or 1.0)
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (reduced, bad)]
+        for dst, src in zip(host, (reduced, bad), strict=True):
+            dst.copy_(src, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return _Item(shard, batch.keys, host[0], host[1], batch.labels, x_host, event)
 
     # -- on the writer thread ---------------------------------------------------------------------
 
@@ -510,6 +511,18 @@ class ShardRunner:
                                  "Fix the teacher or drop those samples, or pass nonfinite='uniform' to store a "
                                  "uniform distribution for them (listed in the manifest)")
         return found
+
+    def _gather(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """The K teachers' ``[B, C]`` outputs (any float dtype) as one ``[B, K, C]`` float32 tensor, in a
+        buffer of this runner's (written in place later: never the teachers' own tensors)."""
+        b, c = outputs[0].shape
+        shape = (b, len(outputs), c)
+        buffer = _reuse(self._free, shape)
+        if buffer is None:
+            buffer = torch.empty(shape, dtype=torch.float32)
+        for k, out in enumerate(outputs):
+            buffer[:, k].copy_(out)
+        return buffer
 
     def _shard_buffer(self, rows: int) -> np.ndarray:
         """An array for a shard's stored logits ``[rows, K, C]`` or ``[rows, C]``: a written shard's, or new."""

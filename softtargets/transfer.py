@@ -295,18 +295,20 @@ class TransferSet(Dataset):
         i = self._check_index(i)
         return self._sample(i, self.dataset[i])
 
-    def batch(self, indices: Sequence[int]) -> Batch:
+    def batch(self, indices: Sequence[int], copy: bool = True) -> Batch:
         """The :class:`Batch` of samples ``indices``: equal to ``collate([self[i] for i in indices])``.
 
         Fetched in one go where the dataset allows: a ``TensorDataset`` is sliced (integer labels
         checked as a whole), a dataset with ``__getitems__`` (torch's batched-read hook) is asked
         for all items at once; other datasets are read item by item. A ``range`` is bounds-checked
-        by its ends, other index sequences element by element.
+        by its ends, other index sequences element by element. ``copy=False`` lets ``x`` be a view
+        of a ``TensorDataset``'s tensor (for a caller that only reads it in this process: sent to
+        another process, a view would share the whole tensor).
         """
         idx = self._check_indices(indices)
         if not idx:
             raise ValueError("cannot collate an empty batch")
-        fast = self._tensor_batch(idx)
+        fast = self._tensor_batch(idx, copy)
         if fast is not None:
             return fast
         getitems = getattr(self.dataset, "__getitems__", None)
@@ -316,9 +318,9 @@ class TransferSet(Dataset):
                              f"{len(idx)} indices")
         return self.collate([self._sample(i, item) for i, item in zip(idx, items, strict=True)])
 
-    def _tensor_batch(self, idx: range | list[int]) -> Batch | None:
-        """``TensorDataset`` rows by tensor indexing (copies; a run of rows is sliced and cloned, ~3x
-        faster than a gather); ``None`` where the per-item path must decide."""
+    def _tensor_batch(self, idx: range | list[int], copy: bool = True) -> Batch | None:
+        """``TensorDataset`` rows by tensor indexing (a run of rows is sliced, and cloned if ``copy``:
+        ~3x faster than a gather); ``None`` where the per-item path must decide."""
         if not isinstance(self.dataset, TensorDataset) or self._unpack is not unpack_item or self._mode == "item":
             return None
         tensors = self.dataset.tensors
@@ -339,7 +341,7 @@ class TransferSet(Dataset):
                 return None
         keys = self._keys_of(idx)
         x = tensors[0][run]
-        x = x.clone(memory_format=torch.contiguous_format) if isinstance(run, slice) else x
+        x = x.clone(memory_format=torch.contiguous_format) if copy and isinstance(run, slice) else x
         return Batch(indices=rows, keys=keys, x=x, labels=labels)
 
     def _sample(self, i: int, item: Any) -> Sample:

@@ -20,7 +20,7 @@ import os
 import posixpath
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, ClassVar
 
 import fsspec
@@ -31,7 +31,7 @@ from .. import __version__
 from ..manifest import MANIFEST_NAME, FileRecord, Manifest, ManifestError, ShardRecord, provenance, utc_now
 from ..temperature import Rule, ensemble_log_probs
 from .encoding import FLOAT16_MAX, NUMPY_STORAGE, decode_logits, encode_keys, encode_labels, encode_logits
-from .files import atomic_write, join, list_sizes, remove_temporaries, sha256_hex, url_to_fs
+from .files import atomic_write, fsync_files, is_local, join, list_sizes, remove_temporaries, sha256_hex, url_to_fs
 
 PENDING_NAME = ".softtargets-pending.json"
 MARKER_DIR = ".softtargets-shards"
@@ -81,6 +81,8 @@ class TargetWriter(ABC):
         self._resumed = False
         self._records: dict[int, ShardRecord] = {}
         self._closed = False
+        self._syncing: list[Future[None]] = []  # shard files being flushed to disk, on _syncer's thread
+        self._syncer: ThreadPoolExecutor | None = None
         if mode == "attach":
             self._open_layout()
             return
@@ -309,9 +311,29 @@ class TargetWriter(ABC):
             id=shard_id, start=start, rows=stop - start, files=files,
             labeled=int((labels_arr >= 0).sum()), clipped=clipped,
         )
-        atomic_write(self.fs, marker, json.dumps(dataclasses.asdict(rec)).encode())
+        atomic_write(self.fs, marker, json.dumps(dataclasses.asdict(rec)).encode(), fsync=False)
         self._records[shard_id] = rec
+        self._sync_later([self._path(f.path) for f in files])
         return rec
+
+    def _sync_later(self, paths: list[str]) -> None:
+        """fsync ``paths`` (local files) on a helper thread: the caller goes on, :meth:`sync` waits.
+
+        Shard files are written without waiting for the disk (a killed process loses nothing that
+        is renamed into place; a resume re-hashes every shard it keeps); the manifest, which says
+        the store is complete, is written only after they are on disk.
+        """
+        if not is_local(self.fs):
+            return
+        if self._syncer is None:
+            self._syncer = ThreadPoolExecutor(1, thread_name_prefix="softtargets-fsync")
+        self._syncing.append(self._syncer.submit(fsync_files, paths))
+
+    def sync(self) -> None:
+        """Wait until every shard this writer wrote is on disk (raises the first fsync error)."""
+        pending, self._syncing = self._syncing, []
+        for future in pending:
+            future.result()
 
     def completed_shards(self, verify: bool = True) -> dict[int, ShardRecord]:
         """Shards an earlier (possibly crashed) run finished, with files checked against their markers."""
@@ -333,9 +355,9 @@ class TargetWriter(ABC):
     def finalize(self, records: Sequence[ShardRecord] | None = None) -> Manifest:
         """Check that every shard is done, then write the card and, last, ``manifest.json``."""
         spec = self.spec
-        by_id = {**self.completed_shards(verify=False), **self._records}
-        for rec in records or ():
-            by_id[rec.id] = rec
+        by_id = {**self._records, **{rec.id: rec for rec in records or ()}}
+        if len(by_id) < spec.num_shards:  # shards of earlier runs or other processes: their markers
+            by_id = {**self.completed_shards(verify=False), **by_id}
         missing = [i for i in range(spec.num_shards) if i not in by_id]
         if missing:
             raise StoreError(f"{self.url}: shards {missing[:10]} of {spec.num_shards} were never written")
@@ -347,6 +369,7 @@ class TargetWriter(ABC):
         spec.clipped_values = sum(s.clipped for s in spec.shards)
         self._finish_layout()
         remove_temporaries(self.fs, self.root)
+        self.sync()
         from ..card import dataset_card
 
         atomic_write(self.fs, self._path(CARD_NAME), dataset_card(spec, self.url).encode())

@@ -65,6 +65,17 @@ def file_record(fs: fsspec.AbstractFileSystem, root: str, rel: str, data: bytes 
     return FileRecord(path=rel, bytes=len(data), sha256=sha256_hex(data))
 
 
+def fsync_files(paths: Sequence[str]) -> None:
+    """Flush local files to the disk: a killed process leaves its writes in the page cache, a power
+    cut does not."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def atomic_write(
     fs: fsspec.AbstractFileSystem, path: str, data: bytes | Sequence[Any], fsync: bool = True
 ) -> None:

@@ -116,7 +116,7 @@ class WdsWriter(TargetWriter):
                 sink.write(sample)
         data = buf.getvalue()
         rel = shard_name(shard_id)
-        atomic_write(self.fs, join(self.root, rel), data)
+        atomic_write(self.fs, join(self.root, rel), data, fsync=False)  # flushed by sync()
         return [file_record(self.fs, self.root, rel, data)]
 
     def _samples(

@@ -133,7 +133,7 @@ class ZarrWriter(TargetWriter):
         return records
 
     def _put(self, rel: str, parts: list[Any]) -> FileRecord:
-        """Write a shard file from its parts (bytes-like) atomically, without the fsync zarr's stores skip too;
+        """Write a shard file from its parts (bytes-like) atomically (flushed to disk later: ``sync()``);
         hashed as written, so the file is neither joined nor read back."""
         digest = hashlib.sha256()
         for part in parts:

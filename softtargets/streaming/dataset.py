@@ -20,13 +20,14 @@ Progress and resumption: see :meth:`TargetStream.state_dict`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from concurrent.futures import Future
+from typing import Any
 
 import numpy as np
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..background import ahead, in_background, in_order
 from ..store import TargetStore
 from ..store.encoding import TORCH_DTYPES
 from .inputs import DatasetJoin, Decoder, collate_packed
@@ -34,8 +35,6 @@ from .plan import EpochPlan, SplitConfig, Units, batches_per_rank, unit_rows_for
 from .progress import BatchSet
 from .window import Arranged, Buffers, Window
 
-T = TypeVar("T")
-R = TypeVar("R")
 STATE_FORMAT = "softtargets.stream/1"
 DEFAULT_BUFFER_BYTES = 64 << 20
 ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -329,38 +328,6 @@ class StreamLoader(DataLoader):
         finally:
             if persistent:
                 self._workers_at = start + 1 if finished else -1
-
-
-def ahead(items: list[T], fn: Callable[[T], R]) -> Iterator[tuple[T, R]]:
-    """``(item, fn(item))`` in order, ``fn`` of the next item running in a thread meanwhile: the next window
-    is read and arranged while the caller trains on this one (numpy and hashlib release the GIL)."""
-    if not items:
-        return
-    pool = ThreadPoolExecutor(1, thread_name_prefix="softtargets-window")
-    try:
-        pending = pool.submit(fn, items[0])
-        for i, item in enumerate(items):
-            result = pending.result()
-            if i + 1 < len(items):
-                pending = pool.submit(fn, items[i + 1])
-            yield item, result
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def in_order(items: list[T], fn: Callable[[T], R]) -> Iterator[tuple[T, R]]:
-    """``(item, fn(item))`` in order, on the calling thread."""
-    for item in items:
-        yield item, fn(item)
-
-
-def in_background(fn: Callable[[T], R], item: T) -> Future[R]:
-    """``fn(item)`` on a thread of its own, not waited for by anyone who does not ask for the result."""
-    pool = ThreadPoolExecutor(1, thread_name_prefix="softtargets-window")
-    try:
-        return pool.submit(fn, item)
-    finally:
-        pool.shutdown(wait=False)
 
 
 def _as_is(item: dict[str, Any]) -> dict[str, Any]:
