@@ -12,7 +12,9 @@ Windows: with ``read_ahead`` (the default) each worker (or the main process) rea
 the next shuffle window in a thread while its current one is handed out (the main process also
 reads the next epoch's first window during an epoch's last), so up to four windows of
 ``buffer_size`` rows are in memory at once (the current one, the next, the next epoch's first,
-and one a caller still holds a batch of).
+and one a caller still holds a batch of). In the main process the batches themselves (slices of
+the window, keys, joined inputs) are made on a helper thread too, two ahead of the training loop:
+``next()`` takes a finished batch off a queue.
 
 Progress and resumption: see :meth:`TargetStream.state_dict`.
 """
@@ -27,7 +29,7 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..background import ahead, in_background, in_order
+from ..background import ahead, in_background, in_order, prefetched
 from ..store import TargetStore
 from ..store.encoding import TORCH_DTYPES
 from .inputs import DatasetJoin, Decoder, collate_packed
@@ -211,10 +213,23 @@ class TargetStream(IterableDataset):
         """Batches of this worker's share; with ``bundle`` (in workers, target-only streams), one item per
         run of consecutive batches of a window: a single shared-memory tensor to send instead of one per batch."""
         info = get_worker_info()
-        wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
-        bundle = bundle and info is not None and not self.has_extras
-        plan = self.plan()
         main = info is None  # the main process keeps window buffers, and the next epoch's first window
+        batches = self._produce(info, bundle and not main and not self.has_extras)
+        if main and self.read_ahead:
+            batches = prefetched(batches, depth=2, name="softtargets-batches")
+        for batch in batches:
+            if mark and main:
+                self.mark(batch)  # here, as the batch is handed out (not when it was made)
+            yield batch
+        if not main:
+            # A worker's copy that outlives this pass (persistent_workers) moves on to the next epoch.
+            self.epoch, self._consumed = self.epoch + 1, BatchSet()
+
+    def _produce(self, info: Any, bundle: bool) -> Iterator[dict[str, Any]]:
+        """The batches (or bundles) of this worker's share, window by window."""
+        wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
+        plan = self.plan()
+        main = info is None
         buffers = self._main_buffers() if main else None  # workers send shared-memory windows
         share = self._shares(self._consumed.complement(plan.num_batches), wid, nw)
         items = [(plan, group) for group in self._groups(share)]
@@ -241,16 +256,13 @@ class TargetStream(IterableDataset):
                 for run in np.split(group, np.flatnonzero(np.diff(group) != 1) + 1):
                     yield self._bundle(plan, arranged, run)
                 continue
-            batches = [(j, self._batch(plan, arranged, j)) for j in group.tolist()] if not self.has_extras else \
-                (in_order if self.join is not None and self.join.cheap else run)(  # inputs too
-                    group.tolist(), lambda j, arranged=arranged: self._batch(plan, arranged, j))
-            for _, batch in batches:
-                if mark and info is None:
-                    self.mark(batch)
+            if not self.has_extras:
+                yield from (self._batch(plan, arranged, j) for j in group.tolist())
+                continue
+            cheap = self.join is not None and self.join.cheap
+            for _, batch in (in_order if cheap else run)(  # inputs too
+                    group.tolist(), lambda j, arranged=arranged: self._batch(plan, arranged, j)):
                 yield batch
-        if info is not None:
-            # A worker's copy that outlives this pass (persistent_workers) moves on to the next epoch.
-            self.epoch, self._consumed = self.epoch + 1, BatchSet()
 
     def _groups(self, share: np.ndarray) -> list[np.ndarray]:
         """``share`` (ascending batch numbers) cut where a new window starts."""
