@@ -18,18 +18,7 @@ R = TypeVar("R")
 
 def ahead(items: list[T], fn: Callable[[T], R], name: str = "softtargets-ahead") -> Iterator[tuple[T, R]]:
     """``(item, fn(item))`` in order, ``fn`` of the next item running in a thread meanwhile."""
-    if not items:
-        return
-    pool = ThreadPoolExecutor(1, thread_name_prefix=name)
-    try:
-        pending = pool.submit(fn, items[0])
-        for i, item in enumerate(items):
-            result = pending.result()
-            if i + 1 < len(items):
-                pending = pool.submit(fn, items[i + 1])
-            yield item, result
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    return prefetched(((item, fn(item)) for item in items), depth=1, name=name)
 
 
 def in_order(items: list[T], fn: Callable[[T], R]) -> Iterator[tuple[T, R]]:
