@@ -27,6 +27,7 @@ rules then average it in as such) and lists ``{key: [teacher, ...]}`` in the man
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -471,11 +472,10 @@ class ShardRunner:
         they are (it gathers and reduces them)."""
         b, c = len(batch.keys), self.spec.num_classes
         x = batch.x.to(self.device, non_blocking=True)
-        if self.options.autocast is None:
+        autocast = contextlib.nullcontext() if self.options.autocast is None else torch.autocast(
+            device_type=self.device.type, dtype=AUTOCAST[self.options.autocast])
+        with autocast:
             outputs = [t.module(x) for t in self.teachers]
-        else:
-            with torch.autocast(device_type=self.device.type, dtype=AUTOCAST[self.options.autocast]):
-                outputs = [t.module(x) for t in self.teachers]
         for t, out in zip(self.teachers, outputs, strict=True):
             if not isinstance(out, torch.Tensor) or tuple(out.shape) != (b, c):
                 got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
