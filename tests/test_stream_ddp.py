@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 
 import softtargets as st
 from softtargets.streaming import stream
+from tests.store_data import keys, store_path, write_store
 
 C, WORLD, BATCH = 10, 2, 16
 ODD_N = 301  # the remainder policy matters
@@ -65,13 +66,11 @@ def _rank_main(rank: int, port: int, stores: dict[str, str], out: str) -> None:
         dist.destroy_process_group()
 
 
-def _write(path: Path, layout: str, n: int) -> str:
-    g = torch.Generator().manual_seed(0)
-    w = st.create_targets(path, num_classes=C, content="geometric", dtype="float16", layout=layout,
-                          shard_rows=64, block_rows=16)
-    w.write([f"s{i:04d}" for i in range(n)], torch.randn(n, C, generator=g))
-    w.close()
-    return str(path)
+def _write(root: Path, name: str, layout: str, n: int) -> str:
+    path = str(store_path(root, layout, name))
+    write_store(path, torch.randn(n, C, generator=torch.Generator().manual_seed(0)), layout=layout,
+                content="geometric", dtype="float16", shard_rows=64, block_rows=16)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +78,8 @@ def ddp_result(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
     root = tmp_path_factory.mktemp("ddp")
     stores = {}
     for layout in LAYOUTS:
-        stores[f"odd-{layout}"] = _write(root / f"odd.{layout}", layout, ODD_N)
-        stores[f"exact-{layout}"] = _write(root / f"exact.{layout}", layout, EXACT_N)
+        stores[f"odd-{layout}"] = _write(root, "odd", layout, ODD_N)
+        stores[f"exact-{layout}"] = _write(root, "exact", layout, EXACT_N)
     out = root / "result.json"
     mp.spawn(_rank_main, args=(_free_port(), stores, str(out)), nprocs=WORLD, join=True)
     return stores, json.loads(out.read_text())
@@ -98,7 +97,7 @@ def test_exact_split_covers_every_key_once(ddp_result, layout):
     assert sorted(i for r in ranks for i in r["seen"]) == list(range(EXACT_N))
     assert [r["steps"] for r in ranks] == [r["len"] for r in ranks] == [EXACT_N // (WORLD * BATCH)] * WORLD
     for r in ranks:  # keys and indices travel together
-        assert r["keys"] == [f"s{i:04d}" for i in r["seen"]]
+        assert r["keys"] == [keys(1, i)[0] for i in r["seen"]]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -7,13 +7,12 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
-import softtargets as st
 from softtargets.streaming import stream
+from tests.store_data import store_path, write_store
 
 N, C, STOP = 300, 10, 5
 KW = dict(batch_size=16, seed=11, rank=1, world_size=2, remainder="pad", buffer_size=48)
@@ -35,18 +34,11 @@ RESUME = textwrap.dedent("""
 """)
 
 
-def _write(path: Path, layout: str) -> str:
-    g = torch.Generator().manual_seed(3)
-    w = st.create_targets(path, num_classes=C, content="geometric", dtype="float16", layout=layout,
-                          shard_rows=64, block_rows=16)
-    w.write([f"k{i:04d}" for i in range(N)], torch.randn(N, C, generator=g))
-    w.close()
-    return str(path)
-
-
 @pytest.mark.parametrize("layout", ["zarr", "wds"])
 def test_resume_in_a_fresh_process(tmp_path, layout):
-    store = _write(tmp_path / f"t.{layout}", layout)
+    store = str(store_path(tmp_path, layout))
+    write_store(store, torch.randn(N, C, generator=torch.Generator().manual_seed(3)), layout=layout,
+                content="geometric", dtype="float16", shard_rows=64, block_rows=16)
     whole = stream(store, **KW)
     whole.set_epoch(EPOCH)
     uninterrupted = [b["index"].tolist() for b in whole.loader(num_workers=0)]
