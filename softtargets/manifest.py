@@ -1,6 +1,6 @@
 """The manifest: what a target store holds, as a dataclass <-> ``manifest.json``.
 
-The JSON form is defined by ``schemas/manifest.schema.json`` (``format_version`` 1) and
+The JSON form is defined by ``schemas/manifest.schema.json`` and
 validated with :mod:`jsonschema` on every read and write. A store is complete only
 when its ``manifest.json`` exists; writers write it last.
 """
@@ -20,7 +20,9 @@ from typing import Any
 
 import jsonschema
 
-FORMAT_VERSION = 1
+# 2: zarr inner chunks end with a crc32c, and files record ``chunks_sha256``. Readers read 1 and 2.
+FORMAT_VERSION = 2
+READS_FORMATS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 SCHEMA_NAME = "manifest.schema.json"
 CONTENTS = ("per_teacher", "geometric", "arithmetic")
@@ -34,11 +36,15 @@ class ManifestError(ValueError):
 
 @dataclass
 class FileRecord:
-    """One data file of a store: path relative to the root, size in bytes, sha256 hex."""
+    """One data file of a store: path relative to the root, size in bytes, sha256 hex; for zarr shard files
+    of format 2, ``chunks_sha256``: sha256 hex of the file's inner-chunk crc32c trailers and its shard index
+    (:func:`softtargets.store.zarr_shards.chunks_digest`), which lets a reader check the chunks it reads
+    without hashing the whole file."""
 
     path: str
     bytes: int
     sha256: str
+    chunks_sha256: str | None = None
 
 
 @dataclass
@@ -121,7 +127,10 @@ class Manifest:
         return sum(f.bytes for s in self.shards for f in s.files)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for shard in d["shards"]:
+            shard["files"] = [{k: v for k, v in f.items() if v is not None} for f in shard["files"]]
+        return d
 
     def to_json(self) -> str:
         d = self.to_dict()
@@ -162,14 +171,14 @@ def _validator() -> Any:
 
 
 def validate(d: Any, source: str = "manifest") -> None:
-    """Raise :class:`ManifestError` naming ``source`` unless ``d`` is a valid format-1 manifest."""
+    """Raise :class:`ManifestError` naming ``source`` unless ``d`` is a valid manifest of a format this reads."""
     if not isinstance(d, dict):
         raise ManifestError(f"{source}: a manifest is a JSON object, got {type(d).__name__}")
     version = d.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READS_FORMATS:
         raise ManifestError(
             f"{source}: unknown format_version {version!r}; this softtargets reads format_version "
-            f"{FORMAT_VERSION} (a newer softtargets may read it)"
+            f"{' and '.join(map(str, READS_FORMATS))} (a newer softtargets may read it)"
         )
     e = jsonschema.exceptions.best_match(_validator().iter_errors(d))  # as jsonschema.validate does
     if e is not None:

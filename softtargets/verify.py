@@ -5,7 +5,8 @@ stops at the first problem), so a broken store can still be examined whole:
 
 1. ``manifest.json``: valid JSON, schema, known ``format_version``; the shard table
    covers rows ``[0, num_samples)`` with no gap or overlap (ids, starts, row counts).
-2. every data file: present, of its recorded size, with its recorded sha256;
+2. every data file: present, of its recorded size, with its recorded sha256 (zarr, format 2:
+   and its ``chunks_sha256``, which lazy readers check);
 3. every shard whose files pass: decoded, holding exactly its rows (wds: every block's
    ``index.npy`` continues the last; zarr: array shapes, chunking and dtype), keys
    non-empty, labels in ``[-1, C)`` and as many labeled as recorded, logits finite;
@@ -40,6 +41,7 @@ from .store.encoding import NUMPY_STORAGE
 from .store.files import join, list_sizes, url_to_fs
 from .store.wds_layout import npy_load
 from .store.zarr_layout import _zarr_store
+from .store.zarr_shards import chunks_digest, index_ends
 from .unique_keys import KeyChecker, str_array
 
 READ_BYTES = 4 << 20  # hashing reads zarr shard files in pieces of this size
@@ -204,8 +206,29 @@ class _ZarrChecker(_Checker):
             elif self.arrays is not None:
                 self.arrays[name] = arr
 
+    def chunks_match(self, f: FileRecord) -> bool:
+        """Whether file ``f`` (sound by its sha256) has the ``chunks_sha256`` its manifest records (format 2),
+        which lazy readers check: its index and each chunk's crc32c trailer, read in small pieces."""
+        if f.chunks_sha256 is None or self.arrays is None:
+            return True
+        arr = self.arrays[f.path.split("/", 1)[0]]
+        per_shard = arr.metadata.chunk_grid.chunk_shape[0] // arr.chunks[0]
+        n = 16 * per_shard + 4
+        with self.fs.open(join(self.root, f.path), "rb") as fh:
+            fh.seek(max(0, f.bytes - n))
+            index = fh.read(n)
+            ends = index_ends(index, per_shard) or []
+            trailers = []
+            for end in ends:
+                fh.seek(end - 4)
+                trailers.append(fh.read(4))
+        if not ends or chunks_digest(trailers, index) != f.chunks_sha256:
+            self.problem(f.path, "chunk checksums or shard index do not match the manifest's chunks_sha256")
+            return False
+        return True
+
     def check_shard(self, rec: ShardRecord) -> np.ndarray | None:
-        good = [self.hash_file(f) for f in rec.files]  # every file, so every bad one is named
+        good = [self.hash_file(f) and self.chunks_match(f) for f in rec.files]  # every file: every bad one named
         if not all(good) or self.arrays is None:
             return None
         try:

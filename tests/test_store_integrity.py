@@ -118,7 +118,7 @@ def test_missing_manifest(damaged, verify):
         (lambda m: m.update(num_classes="ten"), r"schema-invalid at num_classes"),
         (lambda m: m.pop("shards"), r"schema-invalid.*'shards' is a required property"),
         (lambda m: m.update(dtype="float8"), r"schema-invalid at dtype"),
-        (lambda m: m.update(format_version=2), r"unknown format_version 2"),
+        (lambda m: m.update(format_version=3), r"unknown format_version 3"),
         (lambda m: m.pop("format_version"), r"unknown format_version None"),
     ],
     ids=["wrong-type", "missing-field", "bad-enum", "future-version", "no-version"],
@@ -148,10 +148,67 @@ def test_checksum_mismatch_lazy_fails_on_first_read_of_that_shard(damaged):
     store = st.open_targets(root, verify="lazy")  # sizes match: opening succeeds
     assert len(store[0:16]["key"]) == 16  # shard 0 is intact and readable
     assert store[39]["key"] == "sample-00039"  # so is shard 2
+    why = "inner chunk 0 .* does not match its crc32c" if m.layout == "zarr" else "sha256 does not match"
     for read in (lambda: store[20], lambda: store.rows(16, 32), lambda: store.probs([17], 2.0)):
-        with pytest.raises(st.ChecksumError, match="sha256 does not match") as e:
+        with pytest.raises(st.ChecksumError, match=why) as e:
             read()
         assert where in str(e.value)
+
+
+@pytest.fixture
+def zarr_damaged(tmp_path) -> tuple[Path, st.Manifest]:
+    """A zarr store of 3 shards (16 rows, inner chunks of 8), for tests that corrupt it."""
+    root = tmp_path / "t.zarr"
+    return root, write_store(root, teacher_logits(N), layout="zarr", dtype="float16", shard_rows=16, block_rows=8)
+
+
+def test_zarr_lazy_checks_the_chunks_it_reads(zarr_damaged):
+    """Format 2, lazily: a flipped byte in inner chunk 1 of shard 1 (rows 24-31) fails the reads of those rows
+    only; each file's chunk checksums and index are matched against the manifest before any of its rows."""
+    root, m = zarr_damaged
+    path, where = _shard_file(root, m, 1)
+    assert m.shards[1].files[0].chunks_sha256 is not None
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 + 10] ^= 0x40  # inner chunk 1 of 2 (the index is 36 bytes)
+    path.write_bytes(bytes(data))
+    store = st.open_targets(root)
+    assert store[16:24]["key"] == [f"sample-{i:05d}" for i in range(16, 24)]  # chunk 0 checks out
+    with pytest.raises(st.ChecksumError, match=r"inner chunk 1 \(rows 8-15 of shard 1\)") as e:
+        store[27]
+    assert where in str(e.value)
+    with pytest.raises(st.ChecksumError, match="sha256 does not match"):
+        st.open_targets(root, verify="full")
+
+
+def test_zarr_shard_file_swapped_for_another_refused_lazily(zarr_damaged):
+    """A sound shard file of another shard, same size, is refused by its chunk checksums before a row is read."""
+    root, m = zarr_damaged
+    (a, _), (b, where) = _shard_file(root, m, 0), _shard_file(root, m, 1)
+    b.write_bytes(a.read_bytes())
+    store = st.open_targets(root)
+    with pytest.raises(st.ChecksumError, match="chunk checksums or shard index do not match the manifest") as e:
+        store[20]
+    assert where in str(e.value)
+
+
+def test_zarr_format_1_manifest_checked_by_sha256(zarr_damaged):
+    """A manifest without chunks_sha256 (format 1) makes the lazy reader hash each shard's files whole."""
+    root, m = zarr_damaged
+    d = json.loads((root / "manifest.json").read_text())
+    d["format_version"] = 1
+    for shard in d["shards"]:
+        for f in shard["files"]:
+            f.pop("chunks_sha256")
+    (root / "manifest.json").write_text(json.dumps(d))
+    path, where = _shard_file(root, m, 1)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 + 10] ^= 0x40  # inner chunk 1
+    path.write_bytes(bytes(data))
+    store = st.open_targets(root)
+    assert store.manifest.format_version == 1
+    with pytest.raises(st.ChecksumError, match="sha256 does not match") as e:
+        store[16]  # chunk 0: the whole file is hashed first
+    assert where in str(e.value)
 
 
 def test_checksum_mismatch_full_fails_at_open(damaged):

@@ -9,7 +9,11 @@ process (:meth:`TargetWriter.attach`).
 
 Readers check the manifest and the files' sizes when opened, and each file's sha256
 the first time this process reads it (``verify="lazy"``), or all at open
-(``"full"``), or never (``"none"``).
+(``"full"``), or never (``"none"``). Lazily, a local zarr store of format 2 checks
+less up front and the same bytes in the end: each shard file's chunk checksums and
+index against the manifest's ``chunks_sha256`` when first read, then each inner chunk
+against its crc32c when first read (a shuffle window waits for its own chunks, not for
+hashing every file it touches).
 """
 
 from __future__ import annotations
@@ -458,24 +462,29 @@ class TargetStore(ABC):
                         f"(truncated or replaced)"
                     )
 
-    def check_shard(self, shard_id: int, data: dict[str, bytes] | None = None) -> None:
-        """Check shard ``shard_id``'s files against the manifest's sha256 (once per process)."""
+    def check_shard(self, shard_id: int, data: dict[str, Any] | None = None) -> None:
+        """Check shard ``shard_id``'s files against the manifest (once per process; ``data``: the bytes of
+        files at hand, by relative path)."""
         if shard_id in self._verified or self.verify_mode == "none":
             return
         for f in self.manifest.shards[shard_id].files:
-            blob = (data or {}).get(f.path)
-            if blob is None:
-                try:
-                    blob = self.fs.cat_file(join(self.root, f.path))
-                except FileNotFoundError:
-                    raise StoreError(f"{self._file_url(f.path)}: missing (shard {shard_id})") from None
-            if len(blob) != f.bytes:
-                raise StoreError(f"{self._file_url(f.path)}: {len(blob)} bytes, the manifest says {f.bytes}")
-            if sha256_hex(blob) != f.sha256:
-                raise ChecksumError(
-                    f"{self._file_url(f.path)}: sha256 does not match the manifest (corrupt or altered file)"
-                )
+            self._check_file(shard_id, f, (data or {}).get(f.path))
         self._verified.add(shard_id)
+
+    def _check_file(self, shard_id: int, f: FileRecord, blob: Any) -> None:
+        """File ``f`` of shard ``shard_id`` has its recorded size and sha256 (``blob``: its bytes, or None
+        to read them)."""
+        if blob is None:
+            try:
+                blob = self.fs.cat_file(join(self.root, f.path))
+            except FileNotFoundError:
+                raise StoreError(f"{self._file_url(f.path)}: missing (shard {shard_id})") from None
+        if len(blob) != f.bytes:
+            raise StoreError(f"{self._file_url(f.path)}: {len(blob)} bytes, the manifest says {f.bytes}")
+        if sha256_hex(blob) != f.sha256:
+            raise ChecksumError(
+                f"{self._file_url(f.path)}: sha256 does not match the manifest (corrupt or altered file)"
+            )
 
     def check_shards(self, shard_ids: Iterable[int]) -> None:
         """:meth:`check_shard` for several shards at once, hashed on parallel threads (hashlib releases
@@ -490,6 +499,12 @@ class TargetStore(ABC):
             list(pool.map(lambda s: self.check_shard(s, held[s]), todo))
 
     # -- layout hooks -----------------------------------------------------------------------------
+
+    @property
+    def piece_rows(self) -> int:
+        """Rows from a shard's start at whose multiples :meth:`read_block` ranges are best cut (a range
+        inside one such piece can be a view rather than a copy)."""
+        return self.manifest.shard_rows
 
     def _held_files(self, shard_id: int) -> dict[str, Any]:
         """Relative path -> bytes of the shard's files this reader has at hand (memory-mapped), so hashing

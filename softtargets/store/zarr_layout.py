@@ -16,27 +16,31 @@ written whole by one writer: zarr loses rows when writers share a shard. The wri
 those shard files itself, byte for byte as zarr would, for the codec chains it creates
 (:meth:`.zarr_shards.ShardFormat.encode`; blosc still goes through zarr).
 
-Reading a local store: shard files are memory-mapped and decoded whole by
-:mod:`.zarr_shards` (uncompressed logits, the default, are viewed in place: no read at all);
-keys and labels are decoded once per shard and kept. Remote stores are read through zarr.
+Format 2 appends a crc32c to every inner chunk (zarr's ``crc32c`` codec) and records each
+file's ``chunks_sha256``, so a reader checks a chunk when it reads it (see ``store/base.py``).
+
+Reading a local store: shard files are memory-mapped and decoded by :mod:`.zarr_shards`
+(uncompressed logits, the default, are viewed in place: no read at all); keys and labels are
+decoded once per shard and kept. Remote stores are read through zarr.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from typing import Any
 
 import numpy as np
 import zarr
 import zarr.storage
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from ..manifest import FileRecord, Manifest
-from .base import StoreError, TargetStore, TargetWriter
+from .base import ChecksumError, StoreError, TargetStore, TargetWriter
 from .encoding import NUMPY_STORAGE
 from .files import atomic_write, file_record, is_local, join
 from .mapped import MappedFiles
-from .zarr_shards import ShardFormat
+from .zarr_shards import ShardFormat, file_chunks_digest
 
 ARRAYS = ("logits", "labels", "keys")
 COMPRESSORS = {
@@ -44,6 +48,7 @@ COMPRESSORS = {
     "zstd": ZstdCodec(level=3),
     "blosc": BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),
 }
+KEYS_COMPRESSOR = ZstdCodec(level=0, checksum=False)  # zarr's default for strings
 # Write and read every chunk, including those equal to the fill value, so each shard is one file.
 ARRAY_CONFIG = {"write_empty_chunks": True}
 # Reader-side cache of whole shards' keys and labels (a key as a Python str ~ 70 bytes, a label 8).
@@ -53,6 +58,11 @@ META_BYTES_PER_ROW = 80
 def shard_file(name: str, arr: zarr.Array, shard_id: int) -> str:
     """Relative path of array ``name``'s file for shard ``shard_id`` (sharded along axis 0 only)."""
     return f"{name}/{arr.metadata.encode_chunk_key((shard_id,) + (0,) * (arr.ndim - 1))}"
+
+
+def _chunks_per_shard(arr: zarr.Array) -> int:
+    """Index entries of ``arr``'s shard files (sharded along axis 0 only)."""
+    return arr.metadata.chunk_grid.chunk_shape[0] // arr.metadata.codecs[0].chunk_shape[0]
 
 
 def _zarr_store(fs: Any, root: str, read_only: bool) -> Any:
@@ -70,6 +80,8 @@ class ZarrWriter(TargetWriter):
     def _create_layout(self) -> None:
         spec = self.spec
         compressor = COMPRESSORS[spec.extra.get("compressor", "none")]
+        # Every inner chunk ends with its crc32c (format 2): readers check the chunks they read.
+        checked = (*([compressor] if compressor else []), Crc32cCodec())
         group = self._group("w")
         group.attrs["softtargets"] = {
             "format_version": spec.format_version, "content": spec.content, "dtype": spec.dtype,
@@ -82,18 +94,19 @@ class ZarrWriter(TargetWriter):
         shards = (spec.shard_rows,)
         logits = group.create_array(
             "logits", shape=(n, *trailing), dtype=NUMPY_STORAGE[spec.dtype], chunks=rows + trailing,
-            shards=shards + trailing, compressors=compressor, fill_value=0, config=ARRAY_CONFIG,
+            shards=shards + trailing, compressors=checked, fill_value=0, config=ARRAY_CONFIG,
             dimension_names=("sample", "teacher", "class")[-len(spec.logits_shape):] if spec.per_teacher
             else ("sample", "class"),
             attributes={"dtype": spec.dtype},
         )
         labels = group.create_array(
-            "labels", shape=(n,), dtype="int64", chunks=rows, shards=shards, compressors=compressor, fill_value=-1,
+            "labels", shape=(n,), dtype="int64", chunks=rows, shards=shards, compressors=checked, fill_value=-1,
             config=ARRAY_CONFIG,
             dimension_names=("sample",),
         )
         keys = group.create_array(
-            "keys", shape=(n,), dtype=str, chunks=rows, shards=shards, config=ARRAY_CONFIG,
+            "keys", shape=(n,), dtype=str, chunks=rows, shards=shards, compressors=(KEYS_COMPRESSOR, Crc32cCodec()),
+            config=ARRAY_CONFIG,
             dimension_names=("sample",),
         )
         # The arrays as created (no second open); with_config as in _open_layout.
@@ -127,19 +140,23 @@ class ZarrWriter(TargetWriter):
             shard_format = ShardFormat.of(arr)
             if shard_format is None:  # a chain zarr must encode (blosc)
                 arr[start:stop] = data
-                records.append(file_record(self.fs, self.root, rel))
+                blob = self.fs.cat_file(join(self.root, rel))
+                chunks = file_chunks_digest(np.frombuffer(blob, np.uint8), _chunks_per_shard(arr))
+                records.append(dataclasses.replace(file_record(self.fs, self.root, rel, blob), chunks_sha256=chunks))
             else:
-                records.append(self._put(rel, shard_format.encode(shard_id, data, arr.shape[0])))
+                parts = shard_format.encode(shard_id, data, arr.shape[0])
+                records.append(self._put(rel, parts, shard_format.parts_digest(parts)))
         return records
 
-    def _put(self, rel: str, parts: list[Any]) -> FileRecord:
+    def _put(self, rel: str, parts: list[Any], chunks_sha256: str | None) -> FileRecord:
         """Write a shard file from its parts (bytes-like) atomically (flushed to disk later: ``sync()``);
         hashed as written, so the file is neither joined nor read back."""
         digest = hashlib.sha256()
         for part in parts:
             digest.update(part)
         atomic_write(self.fs, join(self.root, rel), parts, fsync=False)
-        return FileRecord(path=rel, bytes=sum(memoryview(p).nbytes for p in parts), sha256=digest.hexdigest())
+        return FileRecord(path=rel, bytes=sum(memoryview(p).nbytes for p in parts), sha256=digest.hexdigest(),
+                          chunks_sha256=chunks_sha256)
 
     def _finish_layout(self) -> None:
         for arr in self._arrays.values():
@@ -161,11 +178,17 @@ class ZarrStore(TargetStore):
         # Local stores: shard files mapped and decoded here; None where zarr must decode an array.
         self._formats = {name: ShardFormat.of(arr) for name, arr in self.arrays.items()} if is_local(fs) else {}
         self._maps = MappedFiles()
+        # Files checked by chunks_sha256 (lazy, format 2): relative path -> chunks not yet checked (bool [chunks]).
+        self._unchecked: dict[str, np.ndarray] = {}
         if self.arrays["logits"].shape != manifest.logits_shape:
             raise StoreError(
                 f"{url}: logits array has shape {self.arrays['logits'].shape}, the manifest says "
                 f"{manifest.logits_shape}"
             )
+
+    @property
+    def piece_rows(self) -> int:
+        return self.manifest.block_rows  # one inner chunk; format 2's crc32c trailers sit between chunks
 
     def _files(self, shard_id: int) -> dict[str, str]:
         """Array name -> relative path of its shard ``shard_id`` file, for the arrays decoded here."""
@@ -181,6 +204,38 @@ class ZarrStore(TargetStore):
             except FileNotFoundError:
                 raise StoreError(f"{self._file_url(rel)}: missing (shard {shard_id})") from None
         return maps
+
+    def _check_file(self, shard_id: int, f: FileRecord, blob: Any) -> None:
+        """Lazily, a mapped format-2 file is checked by its chunk checksums and index here, and its chunks as
+        they are read (:meth:`_check_chunks`); otherwise by its sha256."""
+        name = f.path.split("/", 1)[0]
+        shard_format = self._formats.get(name) if self.verify_mode == "lazy" else None
+        if blob is None or f.chunks_sha256 is None or shard_format is None or not shard_format.crc:
+            return super()._check_file(shard_id, f, blob)
+        if len(blob) != f.bytes:
+            raise StoreError(f"{self._file_url(f.path)}: {len(blob)} bytes, the manifest says {f.bytes}")
+        if file_chunks_digest(blob, shard_format.chunks_per_shard) != f.chunks_sha256:
+            raise ChecksumError(f"{self._file_url(f.path)}: chunk checksums or shard index do not match the manifest "
+                                f"(corrupt or altered file)")
+        self._unchecked[f.path] = np.ones(shard_format.chunks_per_shard, dtype=bool)
+
+    def _check_chunks(self, name: str, shard_id: int, buf: np.ndarray, lo: int, hi: int) -> None:
+        """The inner chunks of array ``name`` holding rows ``[lo, hi)`` of shard ``shard_id`` (file bytes
+        ``buf``) match their crc32c, each checked once (only files :meth:`_check_file` left to this)."""
+        rel = self._files(shard_id)[name]
+        todo = self._unchecked.get(rel)
+        if todo is None:
+            return
+        shard_format = self._formats[name]
+        ids = [i for i in shard_format.chunks_of(lo, hi) if todo[i]]
+        rows = self.manifest.shards[shard_id].rows
+        bad = shard_format.bad_chunks(buf, rows, ids) if ids else []
+        if bad:
+            a = bad[0] * shard_format.chunk_rows
+            b = min(rows, a + shard_format.chunk_rows)
+            raise ChecksumError(f"{self._file_url(rel)}: inner chunk {bad[0]} (rows {a}-{b - 1} of shard {shard_id}) "
+                                f"does not match its crc32c (corrupt file)")
+        todo[ids] = False
 
     def _mapped(self, shard_id: int) -> dict[str, np.ndarray]:
         """Array name -> the bytes of its shard ``shard_id`` file, memory-mapped (arrays with a decoder only);
@@ -205,6 +260,8 @@ class ZarrStore(TargetStore):
         if self._meta_bytes + cost > self.meta_cache_bytes:
             return None
         maps = self._mapped(shard_id)
+        for name in maps.keys() & {"keys", "labels"}:
+            self._check_chunks(name, shard_id, maps[name], 0, s.rows)
         keys, labels = self._decoded("keys", shard_id, maps), self._decoded("labels", shard_id, maps)
         meta = (
             self.arrays["keys"][s.start:s.stop].astype(object) if keys is None else keys,
@@ -225,7 +282,10 @@ class ZarrStore(TargetStore):
         else:
             keys, labels = self.arrays["keys"][a:b].astype(object), self.arrays["labels"][a:b]
         rows = self.manifest.shards[shard_id].rows
-        logits = self._formats["logits"].read(maps["logits"], rows, lo, hi) if "logits" in maps else None
+        logits = None
+        if "logits" in maps:
+            self._check_chunks("logits", shard_id, maps["logits"], lo, hi)
+            logits = self._formats["logits"].read(maps["logits"], rows, lo, hi)
         if logits is None:
             logits = self.arrays["logits"][a:b]
         return {"key": keys, "logits": logits, "label": labels}

@@ -3,20 +3,27 @@
 A shard file (sharding codec, index at the end) is its encoded inner chunks followed by an
 index of two little-endian uint64 per inner chunk (offset, size; 2^64-1 for a chunk never
 written) and a crc32c of that index. For the codec chains softtargets creates -- ``bytes``
-(raw, little-endian) or ``vlen-utf8`` strings, then any ``zstd``, index ``bytes`` + ``crc32c``,
-sharded along axis 0 only -- :class:`ShardFormat` encodes whole shards byte for byte as zarr
-does (the writer's path) and decodes rows with numcodecs, one call per inner chunk they lie in
-(strings as Python ``str``, not numpy ``StringDType``); uncompressed chunks stored in order are
-*viewed* in place. zarr's own per-call overhead is ~1 ms per inner chunk here (~3 ms of Python per
-array and shard to write), more than copying the chunk. Other chains get None: zarr does the work.
+(raw, little-endian) or ``vlen-utf8`` strings, then any ``zstd``, then ``crc32c`` (format 2: each
+inner chunk ends with the crc32c of its bytes), index ``bytes`` + ``crc32c``, sharded along axis 0
+only -- :class:`ShardFormat` encodes whole shards byte for byte as zarr does (the writer's path) and
+decodes rows with numcodecs, one call per inner chunk they lie in (strings as Python ``str``, not
+numpy ``StringDType``); uncompressed chunks are *viewed* in place. zarr's own per-call overhead is
+~1 ms per inner chunk here (~3 ms of Python per array and shard to write), more than copying the
+chunk. Other chains get None: zarr does the work.
+
+:func:`chunks_digest` fingerprints a shard file by its chunk checksums and index (the manifest's
+``chunks_sha256``): a reader that matches it, then checks each chunk's crc32c as it first reads
+it, has checked every byte it used without hashing the whole file first.
 """
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from dataclasses import dataclass
 from typing import Any
 
+import google_crc32c
 import numcodecs
 import numpy as np
 import zarr
@@ -39,7 +46,8 @@ _VLEN_UTF8 = numcodecs.VLenUTF8()
 class ShardFormat:
     """One array's shard files: inner chunks of ``chunk_rows`` rows of shape ``trailing``,
     ``chunks_per_shard`` index entries, values of ``dtype`` (object for strings), ``zstd`` codecs
-    applied in order after serialising, ``fill_value`` padding the last inner chunk."""
+    applied in order after serialising, then a 4-byte crc32c trailer when ``crc``; ``fill_value``
+    padding the last inner chunk."""
 
     chunk_rows: int
     chunks_per_shard: int
@@ -48,6 +56,7 @@ class ShardFormat:
     strings: bool
     zstd: tuple[Any, ...]  # numcodecs.Zstd, in encoding order
     fill_value: Any
+    crc: bool = False
 
     @classmethod
     def of(cls, arr: zarr.Array) -> ShardFormat | None:
@@ -66,6 +75,8 @@ class ShardFormat:
         if tuple(shard_shape[1:]) != tuple(arr.shape[1:]) or tuple(chunk_shape[1:]) != tuple(arr.shape[1:]):
             return None
         serializer, *compressors = sharding.codecs
+        crc = bool(compressors) and isinstance(compressors[-1], Crc32cCodec)
+        compressors = compressors[:-1] if crc else compressors
         if not all(isinstance(c, ZstdCodec) for c in compressors):
             return None
         if isinstance(serializer, VLenUTF8Codec):
@@ -78,7 +89,7 @@ class ShardFormat:
             return None
         zstd = tuple(numcodecs.Zstd(level=c.level, checksum=c.checksum) for c in compressors)
         return cls(chunk_shape[0], shard_shape[0] // chunk_shape[0], dtype, tuple(arr.shape[1:]), strings, zstd,
-                   arr.metadata.fill_value)
+                   arr.metadata.fill_value, crc)
 
     def encode(self, shard_id: int, data: np.ndarray, array_rows: int) -> list[Any]:
         """The file of shard ``shard_id`` holding ``data`` (its rows) of an array of ``array_rows`` rows, byte
@@ -104,8 +115,12 @@ class ShardFormat:
             for codec in self.zstd:
                 blob = codec.encode(blob)
             parts.append(blob)
-            index[i] = offset, len(blob)
-            offset += len(blob)
+            size = len(blob)
+            if self.crc:  # a part of its own: the chunk stays a view of ``data``
+                parts.append(crc32c(blob))
+                size += 4
+            index[i] = offset, size
+            offset += size
         return [*parts, _CRC32C.encode(index.tobytes())]
 
     @property
@@ -146,10 +161,11 @@ class ShardFormat:
 
     def read(self, buf: np.ndarray, rows: int, lo: int = 0, hi: int | None = None) -> np.ndarray | None:
         """Rows ``[lo, hi)`` (default: all) of a shard of ``rows`` rows whose file's bytes are ``buf``: a view
-        where :meth:`view` can, else the inner chunks holding them decoded. None where the file is not what
-        the array's metadata describes (then zarr reads it, and reports it)."""
+        where the rows lie in one uncompressed chunk (or :meth:`view` can), else the inner chunks holding
+        them decoded and joined. Chunk checksums are not checked here (:meth:`bad_chunks`). None where
+        the file is not what the array's metadata describes (then zarr reads it, and reports it)."""
         hi = rows if hi is None else hi
-        whole = self.view(buf, rows)
+        whole = None if self.crc else self.view(buf, rows)
         if whole is not None:
             return whole[lo:hi]
         chunks = self._index(buf, rows)
@@ -158,7 +174,7 @@ class ShardFormat:
         first = lo // self.chunk_rows
         parts = []
         for offset, size in chunks[first:-(-hi // self.chunk_rows)].tolist():
-            data = buf[offset:offset + size]
+            data = buf[offset:offset + size - 4 * self.crc]
             for codec in reversed(self.zstd):
                 data = np.frombuffer(codec.decode(data), np.uint8)
             if self.strings:
@@ -174,3 +190,63 @@ class ShardFormat:
             return np.zeros((0, *self.trailing), self.dtype)
         out = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return out[lo - first * self.chunk_rows:hi - first * self.chunk_rows]
+
+    def chunks_of(self, lo: int, hi: int) -> range:
+        """Inner chunks holding rows ``[lo, hi)``."""
+        return range(lo // self.chunk_rows, -(-hi // self.chunk_rows))
+
+    def bad_chunks(self, buf: np.ndarray, rows: int, ids: list[int]) -> list[int]:
+        """Those of inner chunks ``ids`` (of a shard of ``rows`` rows, file bytes ``buf``) whose bytes do not
+        match their crc32c trailer, or that the index does not place inside the file."""
+        chunks = self._index(buf, rows)
+        if chunks is None or not self.crc:
+            return list(ids)
+        bad = []
+        for i in ids:
+            offset, size = (int(v) for v in chunks[i])
+            if size < 4 or crc32c(buf[offset:offset + size - 4]) != buf[offset + size - 4:offset + size].tobytes():
+                bad.append(i)
+        return bad
+
+    def parts_digest(self, parts: list[Any]) -> str | None:
+        """:func:`chunks_digest` of a file :meth:`encode` made (parts: chunk, crc, chunk, crc, ..., index)."""
+        return chunks_digest(parts[1:-1:2], parts[-1]) if self.crc else None
+
+
+def crc32c(data: Any) -> bytes:
+    """The crc32c of bytes-like ``data`` as zarr's ``crc32c`` codec stores it (4 bytes, little-endian)."""
+    return int(google_crc32c.value(np.frombuffer(data, np.uint8))).to_bytes(4, "little")  # takes arrays, not views
+
+
+def chunks_digest(trailers: Any, index: Any) -> str:
+    """sha256 hex of a shard file's chunk checksums (each inner chunk's 4-byte crc32c trailer, in index order)
+    followed by its index (entries and their crc32c): the manifest's ``chunks_sha256``."""
+    h = hashlib.sha256()
+    for t in trailers:
+        h.update(t)
+    h.update(index)
+    return h.hexdigest()
+
+
+def index_ends(index: Any, chunks_per_shard: int) -> list[int] | None:
+    """End offsets of the inner chunks a shard index (its last ``16 * chunks_per_shard + 4`` bytes) lists, in
+    index order, or None where its crc32c fails or a chunk is too short to hold a trailer."""
+    if len(index) != 16 * chunks_per_shard + 4:
+        return None
+    try:
+        spans = np.frombuffer(_CRC32C.decode(index), "<u8").reshape(-1, 2)
+    except RuntimeError:
+        return None
+    spans = spans[spans[:, 0] != EMPTY_CHUNK]
+    return None if (spans[:, 1] < 4).any() else spans.sum(axis=1).tolist()
+
+
+def file_chunks_digest(buf: np.ndarray, chunks_per_shard: int) -> str | None:
+    """:func:`chunks_digest` of the shard file whose bytes are ``buf`` (inner chunks ending in crc32c), or
+    None where its index is damaged or places a chunk outside the file."""
+    n = 16 * chunks_per_shard + 4
+    index = buf[max(0, len(buf) - n):]
+    ends = index_ends(index, chunks_per_shard)
+    if ends is None or any(e > len(buf) - n for e in ends):
+        return None
+    return chunks_digest((buf[e - 4:e] for e in ends), index)

@@ -38,7 +38,7 @@ class Window:
         """Rows ``[a, b)`` of each segment, in order, as the store's read-only blocks (views of mapped
         files or of decoded wds shards where it can)."""
         logits, index, label, key, members = [], [], [], [], []
-        pieces = [piece for a, b in segments for piece in _by_shard(store, a, b)]
+        pieces = [piece for a, b in segments for piece in _pieces(store, a, b)]
         store.check_shards(sid for sid, _, _ in pieces)  # all of the window's new shards at once
         for sid, lo, hi in pieces:
             base = store.shards[sid].start
@@ -147,12 +147,15 @@ def _shared(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape, strides)
 
 
-def _by_shard(store: TargetStore, a: int, b: int) -> list[tuple[int, int, int]]:
-    """``(shard id, lo, hi)`` pieces of rows ``[a, b)``, one per shard."""
+def _pieces(store: TargetStore, a: int, b: int) -> list[tuple[int, int, int]]:
+    """``(shard id, lo, hi)`` pieces of rows ``[a, b)``: none crosses a shard, nor a multiple of
+    ``store.piece_rows`` from its shard's start (what the store can hand out as one view)."""
     out = []
+    block = store.piece_rows
     while a < b:
         sid = store.shard_of(a)
-        hi = min(b, store.shards[sid].stop)
+        start = store.shards[sid].start
+        hi = min(b, store.shards[sid].stop, start + ((a - start) // block + 1) * block)
         out.append((sid, a, hi))
         a = hi
     return out
