@@ -164,10 +164,9 @@ def schema() -> dict[str, Any]:
 
 @cache
 def _validator() -> Any:
-    """A validator of :func:`schema`, the schema itself checked once (~50 ms) rather than per manifest."""
-    cls = jsonschema.validators.validator_for(schema())
-    cls.check_schema(schema())
-    return cls(schema())
+    """A validator of :func:`schema`, made once. The schema itself is checked by the tests, not here: that
+    costs ~50 ms, in every process (DataLoader workers included) before its first store opens."""
+    return jsonschema.validators.validator_for(schema())(schema())
 
 
 def validate(d: Any, source: str = "manifest") -> None:

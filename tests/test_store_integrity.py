@@ -10,10 +10,12 @@ import shutil
 import tarfile
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 
 import softtargets as st
+from softtargets.manifest import schema
 from tests.store_data import LAYOUTS, bits, flip_data_byte, store_path, teacher_logits, write_store
 
 N = 40  # shard_rows 16 -> shards of 16, 16, 8
@@ -110,6 +112,11 @@ def test_missing_manifest(damaged, verify):
     with pytest.raises(st.ManifestError, match="missing") as e:
         st.open_targets(root, verify=verify)
     assert f"{root}/manifest.json" in str(e.value)
+
+
+def test_manifest_schema_is_a_valid_json_schema():
+    """Readers do not check the schema itself (50 ms a process); this does."""
+    jsonschema.validators.validator_for(schema()).check_schema(schema())
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 import softtargets as st
 from softtargets.streaming import stream
+from softtargets.streaming.plan import EpochPlan, SplitConfig, Units
 
 N, C, K = 300, 10, 2
 LAYOUTS = ("zarr", "wds")
@@ -180,6 +181,21 @@ def test_persistent_workers_follow_whole_epochs(stores):
     ds.set_epoch(5)  # the workers' copies cannot follow a jump: refused, not silently wrong
     with pytest.raises(RuntimeError, match="persistent_workers"):
         next(iter(loader))
+
+
+def test_windows_ramp_up_then_stay_full():
+    """Windows of 160 rows (16 batches of 10): an epoch starts with windows of 2, 4 and 8 batches, then full ones;
+    together they cover the rank's rows once, and window_of agrees with window_range."""
+    units = Units.from_shards([(0, 1000)], 10, grouped=False)
+    plan = EpochPlan(units, SplitConfig(batch_size=10, window=160), epoch=0, rank=0)
+    ranges = [plan.window_range(k) for k in range(plan.window_of(plan.num_batches - 1) + 1)]
+    assert ranges[:5] == [(0, 20), (20, 60), (60, 140), (140, 300), (300, 460)]
+    assert ranges[-1] == (940, 1000) and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    assert plan.window_of(np.arange(100)).tolist() == [k for k, (a, b) in enumerate(ranges) for _ in range(a // 10,
+                                                                                                           b // 10)]
+    assert [plan.window_of(j) for j in (0, 1, 2, 13, 14, 99)] == [0, 0, 1, 2, 3, 8]
+    one = EpochPlan(units, SplitConfig(batch_size=10), epoch=0, rank=0)  # window = one batch: no ramp
+    assert [one.window_range(k) for k in (0, 1, 99)] == [(0, 10), (10, 20), (990, 1000)]
 
 
 def test_wds_units_never_leave_their_shard(stores):

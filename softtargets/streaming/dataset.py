@@ -37,7 +37,7 @@ from .plan import EpochPlan, SplitConfig, Units, batches_per_rank, unit_rows_for
 from .progress import BatchSet
 from .window import Arranged, Buffers, Window
 
-STATE_FORMAT = "softtargets.stream/1"
+STATE_FORMAT = "softtargets.stream/2"  # 2: windows ramp up at the start of an epoch
 DEFAULT_BUFFER_BYTES = 64 << 20
 ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -195,7 +195,7 @@ class TargetStream(IterableDataset):
         """Whether batches carry inputs computed per batch (packed inputs or a joined dataset)."""
         return self.packed or self.join is not None
 
-    def _shares(self, remaining: np.ndarray, wid: int, nw: int) -> np.ndarray:
+    def _shares(self, plan: EpochPlan, remaining: np.ndarray, wid: int, nw: int) -> np.ndarray:
         """This worker's part of the remaining batch numbers: a contiguous run of them.
 
         Target-only streams cut at window boundaries (no window is read by two workers);
@@ -204,7 +204,7 @@ class TargetStream(IterableDataset):
         n = len(remaining)
         cuts = [i * n // nw for i in range(nw + 1)]
         if not self.has_extras and n:
-            windows = remaining * self.config.batch_size // self.config.window_rows
+            windows = plan.window_of(remaining)
             starts = np.r_[0, np.flatnonzero(np.diff(windows)) + 1, n]
             cuts = [int(starts[np.abs(starts - c).argmin()]) for c in cuts]
         return remaining[cuts[wid]:cuts[wid + 1]]
@@ -231,13 +231,14 @@ class TargetStream(IterableDataset):
         plan = self.plan()
         main = info is None
         buffers = self._main_buffers() if main else None  # workers send shared-memory windows
-        share = self._shares(self._consumed.complement(plan.num_batches), wid, nw)
-        items = [(plan, group) for group in self._groups(share)]
+        share = self._shares(plan, self._consumed.complement(plan.num_batches), wid, nw)
+        items = [(plan, group) for group in self._groups(plan, share)]
         early, self._early = self._early, None
         if early is not None and not (items and early[0] == plan.epoch and np.array_equal(early[1], items[0][1])):
             early = None
         following = self.plan(plan.epoch + 1)
-        after = (following, self._groups(np.arange(following.num_batches))[0]) if following.num_batches else None
+        after = (following, self._groups(following, np.arange(following.num_batches))[0]) if following.num_batches \
+            else None
         run = ahead if self.read_ahead else in_order
 
         def arrange(item: tuple[EpochPlan, np.ndarray]) -> Arranged:
@@ -264,9 +265,10 @@ class TargetStream(IterableDataset):
                     group.tolist(), lambda j, arranged=arranged: self._batch(plan, arranged, j)):
                 yield batch
 
-    def _groups(self, share: np.ndarray) -> list[np.ndarray]:
+    @staticmethod
+    def _groups(plan: EpochPlan, share: np.ndarray) -> list[np.ndarray]:
         """``share`` (ascending batch numbers) cut where a new window starts."""
-        windows = share * self.config.batch_size // self.config.window_rows
+        windows = plan.window_of(share)
         return np.split(share, np.flatnonzero(np.diff(windows)) + 1) if len(share) else []
 
     def _main_buffers(self) -> Buffers:

@@ -17,10 +17,12 @@ same plan independently:
    to the start of the row sequence (those rows are seen twice this epoch).
    ``remainder="drop"``: ``L = floor(N / W)``; the last ``N - W L`` rows of the row
    sequence are skipped this epoch (different rows each epoch when shuffled).
-4. **Windows and batches.** A rank's ``L`` positions are cut into windows of
-   ``window`` rows (a multiple of ``batch_size``; the in-memory shuffle buffer); each
-   window's rows are permuted, then cut into batches. Batch ``j`` lies in window
-   ``j * batch_size // window``. Only the rank's last batch can be short; with
+4. **Windows and batches.** A rank's ``L`` positions are cut into batches, and runs of
+   batches into windows (the in-memory shuffle buffer) of ``window`` rows, except at the
+   start: the first window holds ``1 / RAMP`` of a full one (at least one batch) and each
+   next one twice the last, until full (so the first batch waits for a small window, and
+   each next window is read while a smaller one is handed out). Each window's rows are
+   permuted, then cut into batches. Only the rank's last batch can be short; with
    ``drop_last`` it is dropped. Every rank has the same number of batches.
 
 Seeds: the unit order uses ``SeedSequence([seed, epoch, 0])``, window ``k`` of rank ``r``
@@ -32,10 +34,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 
 REMAINDERS = ("pad", "drop")
+RAMP = 8  # an epoch's first window holds 1/RAMP of a full one (see step 4)
 SAMPLE_LAYOUT_UNIT_ROWS = 256
 
 
@@ -186,13 +190,29 @@ class EpochPlan:
 
     # -- windows -----------------------------------------------------------------------------------
 
-    def window_of(self, batch: int) -> int:
-        return batch * self.cfg.batch_size // self.cfg.window_rows
+    @cached_property
+    def _ramp(self) -> np.ndarray:
+        """First batches of the windows smaller than full, then the batch where full windows begin: int64 [m + 1]."""
+        full = self.cfg.window_rows // self.cfg.batch_size
+        sizes, size = [], max(1, full // RAMP)
+        while size < full:
+            sizes.append(size)
+            size *= 2
+        return np.cumsum([0, *sizes], dtype=np.int64)
+
+    def window_of(self, batch: Any) -> Any:
+        """The window holding batch ``batch`` (an int, or an int array of batch numbers)."""
+        ramp, full = self._ramp, self.cfg.window_rows // self.cfg.batch_size
+        b = np.asarray(batch, dtype=np.int64)
+        k = np.where(b < ramp[-1], np.searchsorted(ramp, b, side="right") - 1, len(ramp) - 1 + (b - ramp[-1]) // full)
+        return int(k) if k.ndim == 0 else k
 
     def window_range(self, k: int) -> tuple[int, int]:
         """Rank positions ``[lo, hi)`` of window ``k``."""
-        w = self.cfg.window_rows
-        return k * w, min((k + 1) * w, self.rows_per_rank)
+        ramp, full = self._ramp, self.cfg.window_rows // self.cfg.batch_size
+        a, b = (int(ramp[k]), int(ramp[k + 1])) if k < len(ramp) - 1 else (
+            int(ramp[-1]) + (k - len(ramp) + 1) * full, int(ramp[-1]) + (k - len(ramp) + 2) * full)
+        return a * self.cfg.batch_size, min(b * self.cfg.batch_size, self.rows_per_rank)
 
     def window_permutation(self, k: int) -> np.ndarray | None:
         """Order of window ``k``'s rows (offsets into the window), or ``None`` when not shuffling."""
