@@ -17,9 +17,12 @@ default: ~2.6 M parameters, ~15 ms per batch of 256 on one core of this VM) run:
 Teachers run on ``--threads`` torch threads (default 1; the other core is left to the writer
 thread, as a GPU run leaves the CPU to it). Overhead = (engine - bare) / bare, wall clock, minimum
 of ``--repeats`` interleaved runs; also in CPU seconds of this process (bare and local only: dask
-computes in its worker), which a busy machine disturbs less. ``fixed ms`` is the local engine's
-cost per run that does not grow with the data (creating the store, fingerprinting the teachers,
-writing the manifest...): precompute minus the bare loop over a single batch (best of the repeats).
+computes in its worker), which a busy machine disturbs less. ``paired`` is the median over the repeats
+of (engine run i - bare run i) / bare run i: each engine run against the bare loop run just before it,
+which cancels the drift of this shared VM's speed over minutes (dask-warm, local only). ``fixed ms`` is
+the local engine's cost per run that does not grow with the data (creating the store, fingerprinting the
+teachers, writing the manifest...): precompute minus the bare loop over a single batch (best of the
+repeats).
 The load average goes into the JSON.
 Prints a table and writes JSON (default ``benchmarks/results/precompute.json``).
 """
@@ -32,6 +35,7 @@ import logging
 import os
 import platform
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -133,6 +137,7 @@ def main() -> None:
                 times["dask"] = [run_precompute(models, data, tmp / "d.zarr", args.batch_size, args.shard_rows,
                                                 None)]
             bare, bare_cpu = min(w for w, _ in times["bare"]), min(c for _, c in times["bare"])
+            bares = [w for w, _ in times["bare"]]
             batches = -(-args.samples // args.batch_size)
             for engine, ts in times.items():
                 best = min(w for w, _ in ts)
@@ -142,6 +147,9 @@ def main() -> None:
                     "all_seconds": [round(w, 3) for w, _ in ts],
                     "samples_per_s": round(args.samples / best, 1),
                     "overhead_pct": None if engine == "bare" else round(100 * (best - bare) / bare, 1),
+                    "paired_overhead_pct": round(100 * statistics.median(
+                        (w - b) / b for (w, _), b in zip(ts, bares, strict=True)), 1)
+                    if engine in ("local", "dask-warm") else None,
                     "cpu_seconds": None if cpu is None else round(cpu, 3),
                     "cpu_overhead_pct": None if cpu is None or engine == "bare" else round(
                         100 * (cpu - bare_cpu) / bare_cpu, 1),
@@ -154,15 +162,16 @@ def main() -> None:
     print(f"{args.samples} samples, batch {args.batch_size}, shards of {args.shard_rows}, "
           f"teachers {IN}-{args.hidden}-{args.hidden}-{CLASSES}, {os.cpu_count()} CPUs, "
           f"torch threads {torch.get_num_threads()}")
-    print(f"{'K':>2} {'engine':<10} {'wall s':>7} {'samples/s':>10} {'overhead':>9} {'CPU s':>7} {'CPU over':>9}"
-          f" {'fixed ms':>9}   wall s of each run")
+    print(f"{'K':>2} {'engine':<10} {'wall s':>7} {'samples/s':>10} {'overhead':>9} {'paired':>8} {'CPU s':>7} "
+          f"{'CPU over':>9} {'fixed ms':>9}   wall s of each run")
     for r in rows:
         over = "" if r["overhead_pct"] is None else f"{r['overhead_pct']:+.1f} %"
         cpu = "" if r["cpu_seconds"] is None else f"{r['cpu_seconds']:.2f}"
         cpu_over = "" if r["cpu_overhead_pct"] is None else f"{r['cpu_overhead_pct']:+.1f} %"
         fixed = "" if r["fixed_ms"] is None else f"{r['fixed_ms']:.1f}"
+        paired = "" if r["paired_overhead_pct"] is None else f"{r['paired_overhead_pct']:+.1f} %"
         print(f"{r['teachers']:>2} {r['engine']:<10} {r['seconds']:>7.2f} {r['samples_per_s']:>10.0f} {over:>9} "
-              f"{cpu:>7} {cpu_over:>9} {fixed:>9}   {r['all_seconds']}")
+              f"{paired:>8} {cpu:>7} {cpu_over:>9} {fixed:>9}   {r['all_seconds']}")
     for k in args.teachers:
         ms = next(r["ms_per_batch_per_teacher"] for r in rows if r["teachers"] == k and r["engine"] == "bare")
         print(f"K={k}: bare forward {ms} ms per batch per teacher")

@@ -253,9 +253,10 @@ class _ShardWriterThread(threading.Thread):
     items, and ``queue_size`` tokens of room that the compute loop takes and the writer gives back.
     """
 
-    def __init__(self, runner: ShardRunner, queue_size: int) -> None:
+    def __init__(self, runner: ShardRunner, queue_size: int, prepare: Callable[[], None] | None = None) -> None:
         super().__init__(name="softtargets-writer", daemon=True)
         self.runner = runner
+        self.prepare = prepare
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.room: queue.SimpleQueue[None] = queue.SimpleQueue()
         for _ in range(queue_size):
@@ -300,6 +301,8 @@ class _ShardWriterThread(threading.Thread):
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
+            if self.prepare is not None:
+                self.prepare()
             with torch.inference_mode():
                 while True:
                     item = self.queue.get()
@@ -414,14 +417,16 @@ class ShardRunner:
 
     # -- the compute loop -------------------------------------------------------------------------
 
-    def run(self, shard_ids: Sequence[int], on_rows: Callable[[int], None] | None = None) -> list[ShardRecord]:
+    def run(self, shard_ids: Sequence[int], on_rows: Callable[[int], None] | None = None,
+            prepare: Callable[[], None] | None = None) -> list[ShardRecord]:
         """Compute and write ``shard_ids``; returns their records (in the order they were written).
 
         ``on_rows(n)`` is called after each batch's forward pass. On an error, shards whose rows
         were all computed are still written (a resume keeps them), then the error is raised.
         Batches are fetched on a helper thread, two ahead, so this loop only runs teachers.
+        ``prepare()``, if given, runs first on the writer thread (creating the store meanwhile).
         """
-        sink = _ShardWriterThread(self, self.options.queue_size)
+        sink = _ShardWriterThread(self, self.options.queue_size, prepare)
         sink.start()
         try:
             with _device_lock(self.device), torch.inference_mode():
@@ -729,17 +734,28 @@ def precompute(
         k = len(loaded) if content == "per_teacher" else 1
         auto_block, _ = default_rows(BYTES_PER_DTYPE.get(dtype, 4) * num_classes * k)
         block_rows = math.gcd(int(shard_rows), auto_block)
+    # A new store in this process is created on the writer thread while the first batches compute, once the
+    # teachers' fingerprints (hashed on helper threads meanwhile) are in: start-up does not wait for either.
+    defer = local and not resume
     writer = create_targets(
-        url, num_classes=num_classes, content=content, teachers=[t.info() for t in loaded], layout=layout or (
-            "wds" if pack_inputs else None), dtype=dtype, temperature=temperature, overflow=overflow, num_samples=n,
-        shard_rows=shard_rows, block_rows=block_rows, sample_layout="sample" if pack_inputs else "block",
+        url, num_classes=num_classes, content=content, teachers=None if defer else [t.info() for t in loaded],
+        num_teachers=len(loaded), layout=layout or ("wds" if pack_inputs else None), dtype=dtype,
+        temperature=temperature, overflow=overflow, num_samples=n, shard_rows=shard_rows, block_rows=block_rows,
+        sample_layout="sample" if pack_inputs else "block",
         inputs={INPUT_MEMBER: "the transfer-set input x of this row"} if pack_inputs else None,
         class_names=class_names, transfer_set={"name": ts.name, "fingerprint": ts.fingerprint},
-        compressor=compressor, overwrite=overwrite, resume=resume, storage_options=storage_options,
+        compressor=compressor, overwrite=overwrite, resume=resume, storage_options=storage_options, defer=defer,
     )
     spec = writer.spec
+
+    def prepare() -> None:
+        spec.teachers = [t.info() for t in loaded]
+        writer.prepare()
+        _check_settings(writer, options.settings(), resumed=resume)
+
     done = writer.completed_shards(verify=True) if resume else {}
-    _check_settings(writer, options.settings(), resumed=resume)
+    if not defer:
+        prepare()
     todo = [i for i in range(spec.num_shards) if i not in done]
     if done:
         log.info("resuming %s: %d of %d shards already complete, %d to do", url, len(done), spec.num_shards, len(todo))
@@ -750,7 +766,7 @@ def precompute(
             records: list[ShardRecord] = []
         elif local:
             runner = ShardRunner(loaded, ts, writer, options)
-            records = runner.run(todo, on_rows=bar.update)
+            records = runner.run(todo, on_rows=bar.update, prepare=prepare if defer else None)
         else:
             from .cluster import map_shards
 
@@ -761,6 +777,8 @@ def precompute(
             )
             records = map_shards(run_shard_task, job, todo, scheduler=scheduler, workers=workers, retries=retries,
                                  on_result=lambda rec: bar.update(rec.rows), name=f"softtargets-{job.token}")
+    if defer and not todo:
+        prepare()
     spec.extra["precompute"] = options.settings()
     nonfinite_rows = _collect_nonfinite(writer)
     if nonfinite_rows:

@@ -29,8 +29,8 @@ import hashlib
 import os
 import pickle
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,14 +65,20 @@ class Teacher:
     Attributes:
         name: unique name within the ensemble (recorded in the manifest).
         module: the network, in ``eval()`` mode; maps ``[B, ...] -> [B, C]`` logits.
-        sha256: :func:`fingerprint` of ``module``'s weights (hex digest).
         num_params: number of parameter elements.
+        digest: :func:`fingerprint` of ``module``'s weights (hex), or its future while a helper thread
+            hashes them (:func:`load_teachers`); read it as :attr:`sha256`.
     """
 
     name: str
     module: nn.Module
-    sha256: str
     num_params: int
+    digest: str | Future[str] = field(repr=False)
+
+    @property
+    def sha256(self) -> str:
+        """:func:`fingerprint` of the weights (hex digest); waits for the hashing when it is still running."""
+        return self.digest if isinstance(self.digest, str) else self.digest.result()
 
     def info(self) -> dict[str, Any]:
         """What the store manifest records: ``{"name", "sha256", "num_params"}``."""
@@ -296,8 +302,7 @@ def load_teacher(spec: TeacherSpec, name: str | None = None) -> Teacher:
         ValueError, TypeError: malformed spec.
     """
     teacher_name, module = _named_module(spec, name)
-    return Teacher(name=teacher_name, module=module, sha256=fingerprint(module),
-                   num_params=_num_params(module))
+    return Teacher(name=teacher_name, module=module, num_params=_num_params(module), digest=fingerprint(module))
 
 
 def _named_module(spec: TeacherSpec, name: str | None = None) -> tuple[str, nn.Module]:
@@ -327,22 +332,19 @@ def load_teachers(specs: Sequence[TeacherSpec]) -> list[Teacher]:
     teachers in the manifest, and a suffix that depends on list order would silently
     change what ``"t0"`` means between runs. Give the duplicates explicit names instead.
 
-    The teachers are fingerprinted on parallel threads (sha256 releases the GIL): ~7 ms per
-    10 MB of weights on one core here.
+    The teachers are fingerprinted on helper threads (sha256 releases the GIL; ~7 ms per 10 MB of
+    weights on one core here) while the caller goes on: reading a teacher's ``sha256`` waits for it.
+    The weights must not change meanwhile (moving a module to another device is fine).
     """
     if isinstance(specs, (nn.Module, Mapping)) or not isinstance(specs, Sequence):
         raise TypeError("load_teachers takes a sequence of teacher specs; use load_teacher for one")
     if not specs:
         raise ValueError("an ensemble needs at least one teacher")
     named = [_named_module(spec) for spec in specs]
-    workers = min(len(named), os.cpu_count() or 1)
-    if workers > 1:
-        with ThreadPoolExecutor(workers, thread_name_prefix="softtargets-fingerprint") as pool:
-            digests = list(pool.map(fingerprint, [m for _, m in named]))
-    else:
-        digests = [fingerprint(m) for _, m in named]
-    teachers = [Teacher(name=n, module=m, sha256=d, num_params=_num_params(m))
-                for (n, m), d in zip(named, digests, strict=True)]
+    pool = ThreadPoolExecutor(min(len(named), os.cpu_count() or 1), thread_name_prefix="softtargets-fingerprint")
+    teachers = [Teacher(name=n, module=m, num_params=_num_params(m), digest=pool.submit(fingerprint, m))
+                for n, m in named]
+    pool.shutdown(wait=False)  # its threads end once the hashing is done
     seen: dict[str, list[int]] = {}
     for i, teacher in enumerate(teachers):
         seen.setdefault(teacher.name, []).append(i)

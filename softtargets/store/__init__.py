@@ -75,6 +75,7 @@ def create_targets(
     overwrite: bool = False,
     resume: bool = False,
     storage_options: dict | None = None,
+    defer: bool = False,
 ) -> TargetWriter:
     """Begin a target store at ``url`` (a path or fsspec URL) and return its writer.
 
@@ -94,6 +95,8 @@ def create_targets(
         inputs: wds ``sample`` layout: tar member extensions of inputs packed beside targets -> description.
         compressor: zarr only: ``none`` (default; logits barely compress), ``zstd`` or ``blosc``.
         overwrite: replace an existing store. resume: continue an unfinished one.
+        defer: check the arguments now, touch storage only at the writer's :meth:`~TargetWriter.prepare`
+            (or its first write): a caller may fill in ``writer.spec.teachers`` meanwhile.
     """
     layout = layout or infer_layout(str(url))
     if layout not in LAYOUTS:
@@ -138,7 +141,8 @@ def create_targets(
     )
     mode = "overwrite" if overwrite else "resume" if resume else "create"
     writer_cls = LAYOUTS[layout][0]
-    return writer_cls(str(url), spec, mode=mode, fixed_rows=num_samples is not None, storage_options=storage_options)
+    return writer_cls(str(url), spec, mode=mode, fixed_rows=num_samples is not None, storage_options=storage_options,
+                      defer=defer)
 
 
 def _teacher_info(t: Any, i: int) -> dict[str, Any]:

@@ -72,7 +72,7 @@ class TargetWriter(ABC):
 
     def __init__(
         self, url: str, spec: Manifest, *, mode: str = "create", fixed_rows: bool = True,
-        storage_options: dict | None = None,
+        storage_options: dict | None = None, defer: bool = False,
     ):
         self.url = str(url)
         self.fixed_rows = fixed_rows or mode in ("attach", "resume")
@@ -87,12 +87,23 @@ class TargetWriter(ABC):
         self._closed = False
         self._syncing: list[Future[None]] = []  # shard files being flushed to disk, on _syncer's thread
         self._syncer: ThreadPoolExecutor | None = None
+        self._deferred: str | None = None
         if mode == "attach":
             self._open_layout()
             return
         if mode not in ("create", "overwrite", "resume"):
             raise ValueError(f"unknown mode {mode!r}; expected create, overwrite or resume")
-        self._prepare(mode)
+        if defer:
+            self._deferred = mode
+        else:
+            self._prepare(mode)
+
+    def prepare(self) -> None:
+        """Create (or open) the store on storage, for a writer made with ``defer=True``; once. Writing and
+        finalizing do it themselves; call it earlier to choose the moment (and the thread)."""
+        if self._deferred is not None:
+            mode, self._deferred = self._deferred, None
+            self._prepare(mode)
 
     # -- life cycle -------------------------------------------------------------------------------
 
@@ -291,6 +302,7 @@ class TargetWriter(ABC):
         ``encoded=True``: ``keys``, ``logits``, ``labels`` are what :meth:`encode` returned (for
         the whole shard, or its batches concatenated); ``inputs`` were checked there too.
         """
+        self.prepare()
         spec = self.spec
         if encoded:
             stored, keys_arr, labels_arr = logits, keys, labels
@@ -358,6 +370,7 @@ class TargetWriter(ABC):
 
     def finalize(self, records: Sequence[ShardRecord] | None = None) -> Manifest:
         """Check that every shard is done, then write the card and, last, ``manifest.json``."""
+        self.prepare()
         spec = self.spec
         by_id = {**self._records, **{rec.id: rec for rec in records or ()}}
         if len(by_id) < spec.num_shards:  # shards of earlier runs or other processes: their markers
