@@ -31,6 +31,7 @@ uses ``SeedSequence([seed, epoch, 1, r, k])``.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -191,27 +192,30 @@ class EpochPlan:
     # -- windows -----------------------------------------------------------------------------------
 
     @cached_property
-    def _ramp(self) -> np.ndarray:
-        """First batches of the windows smaller than full, then the batch where full windows begin: int64 [m + 1]."""
+    def _ramp(self) -> list[int]:
+        """First batches of the windows smaller than full, then the batch where full windows begin."""
         full = self.cfg.window_rows // self.cfg.batch_size
-        sizes, size = [], max(1, full // RAMP)
+        starts, size = [0], max(1, full // RAMP)
         while size < full:
-            sizes.append(size)
+            starts.append(starts[-1] + size)
             size *= 2
-        return np.cumsum([0, *sizes], dtype=np.int64)
+        return starts
 
     def window_of(self, batch: Any) -> Any:
         """The window holding batch ``batch`` (an int, or an int array of batch numbers)."""
         ramp, full = self._ramp, self.cfg.window_rows // self.cfg.batch_size
+        if isinstance(batch, (int, np.integer)):  # once per batch handed out: plain arithmetic
+            b = int(batch)
+            return bisect.bisect_right(ramp, b) - 1 if b < ramp[-1] else len(ramp) - 1 + (b - ramp[-1]) // full
         b = np.asarray(batch, dtype=np.int64)
-        k = np.where(b < ramp[-1], np.searchsorted(ramp, b, side="right") - 1, len(ramp) - 1 + (b - ramp[-1]) // full)
-        return int(k) if k.ndim == 0 else k
+        return np.where(b < ramp[-1], np.searchsorted(ramp, b, side="right") - 1,
+                        len(ramp) - 1 + (b - ramp[-1]) // full)
 
     def window_range(self, k: int) -> tuple[int, int]:
         """Rank positions ``[lo, hi)`` of window ``k``."""
         ramp, full = self._ramp, self.cfg.window_rows // self.cfg.batch_size
-        a, b = (int(ramp[k]), int(ramp[k + 1])) if k < len(ramp) - 1 else (
-            int(ramp[-1]) + (k - len(ramp) + 1) * full, int(ramp[-1]) + (k - len(ramp) + 2) * full)
+        a = ramp[k] if k < len(ramp) else ramp[-1] + (k - len(ramp) + 1) * full
+        b = ramp[k + 1] if k + 1 < len(ramp) else ramp[-1] + (k - len(ramp) + 2) * full
         return a * self.cfg.batch_size, min(b * self.cfg.batch_size, self.rows_per_rank)
 
     def window_permutation(self, k: int) -> np.ndarray | None:
