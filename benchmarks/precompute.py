@@ -16,10 +16,16 @@ default: ~2.6 M parameters, ~15 ms per batch of 256 on one core of this VM) run:
 
 Teachers run on ``--threads`` torch threads (default 1; the other core is left to the writer
 thread, as a GPU run leaves the CPU to it). Overhead = (engine - bare) / bare, wall clock, minimum
-of ``--repeats`` interleaved runs; also in CPU seconds of this process (bare and local only: dask
+of ``--repeats`` interleaved runs; ``local`` against bare runs made with no dask cluster alive (an idle
+cluster's heartbeats take CPU), ``dask-warm`` against bare runs made while its cluster idles; also in
+CPU seconds of this process (bare and local only: dask
 computes in its worker), which a busy machine disturbs less. ``paired`` is the median over the repeats
 of (engine run i - bare run i) / bare run i: each engine run against the bare loop run just before it,
-which cancels the drift of this shared VM's speed over minutes (dask-warm, local only). ``fixed ms`` is
+which cancels the drift of this shared VM's speed over minutes (dask-warm, local only). ``in-run`` (local
+only) is the median of (precompute wall - the time its own forward passes took) / that forward time,
+timed by hooks on the teachers: the software's overhead within one run, whatever the machine's speed
+that minute, but blind to forward passes slowed by the writer thread (which the other two include).
+``fixed ms`` is
 the local engine's cost per run that does not grow with the data (creating the store, fingerprinting the
 teachers, writing the manifest...): precompute minus the bare loop over a single batch (best of the
 repeats).
@@ -53,6 +59,26 @@ def teacher(seed: int, hidden: int = HIDDEN) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(IN, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                          nn.Linear(hidden, CLASSES)).eval()
+
+
+class ForwardClock:
+    """Seconds spent inside the teachers' forward passes (hooks on each model), read and reset per run."""
+
+    def __init__(self, models: list[nn.Module]):
+        self.seconds, self._t0 = 0.0, 0.0
+        for m in models:
+            m.register_forward_pre_hook(self._start)
+            m.register_forward_hook(self._stop)
+
+    def _start(self, *_: object) -> None:
+        self._t0 = time.perf_counter()
+
+    def _stop(self, *_: object) -> None:
+        self.seconds += time.perf_counter() - self._t0
+
+    def take(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
 
 
 def bare_loop(models: list[nn.Module], x: torch.Tensor, batch_size: int) -> tuple[float, float]:
@@ -94,8 +120,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "precompute.json")
     args = parser.parse_args()
 
-    import contextlib
-
     import dask
     from distributed import Client, LocalCluster
 
@@ -107,71 +131,82 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-precompute-"))
     rows = []
     engines = args.engines
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(dask.config.set(spawn_env))
-        warm = None
-        if "dask-warm" in engines:
-            cluster = stack.enter_context(LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
-                                                       dashboard_address=":0", silence_logs=logging.ERROR))
-            warm = stack.enter_context(Client(cluster))
+    with dask.config.set(spawn_env):
         for k in args.teachers:
             models = [teacher(i, args.hidden) for i in range(k)]
             with torch.inference_mode():  # warm-up: first calls allocate
                 for m in models:
                     m(x[: args.batch_size])
-            times: dict[str, list[tuple[float, float]]] = {e: [] for e in ("bare", *engines) if e != "dask"}
+            clock = ForwardClock(models)
+            beyond: list[float] = []  # local runs: (wall - time in forward passes) / time in forward passes
+            times: dict[str, list[tuple[float, float]]] = {"bare": []}
             one = x[: args.batch_size]
             small: dict[str, list[float]] = {"bare": [], "local": []}  # one batch: the fixed cost per run
-            for _ in range(args.repeats):  # interleaved, so drifting machine load hits all alike
-                times["bare"].append(bare_loop(models, x, args.batch_size))
-                if "local" in engines:
+            if "local" in engines:  # no cluster alive meanwhile: its heartbeats would take CPU from both
+                times["local"] = []
+                for _ in range(args.repeats):  # interleaved, so drifting machine load hits both alike
+                    times["bare"].append(bare_loop(models, x, args.batch_size))
+                    clock.take()
                     times["local"].append(run_precompute(models, data, tmp / "l.zarr", args.batch_size,
                                                          args.shard_rows, "local"))
+                    forward = clock.take()
+                    beyond.append((times["local"][-1][0] - forward) / forward)
                     small["bare"].append(bare_loop(models, one, args.batch_size)[0])
                     small["local"].append(run_precompute(models, TensorDataset(one), tmp / "s.zarr",
                                                          args.batch_size, args.shard_rows, "local")[0])
-                if warm is not None:
-                    times["dask-warm"].append(run_precompute(models, data, tmp / "w.zarr", args.batch_size,
-                                                             args.shard_rows, warm))
+            references = {"local": times["bare"]}
+            if "dask-warm" in engines:  # against bare runs made while the warm cluster idles
+                times["dask-warm"], references["dask-warm"] = [], []
+                with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0",
+                                  silence_logs=logging.ERROR) as cluster, Client(cluster) as warm:
+                    for _ in range(args.repeats):
+                        references["dask-warm"].append(bare_loop(models, x, args.batch_size))
+                        times["dask-warm"].append(run_precompute(models, data, tmp / "w.zarr", args.batch_size,
+                                                                 args.shard_rows, warm))
+                times["bare"] = times["bare"] or references["dask-warm"]
             if "dask" in engines:  # the default engine as a user gets it: a fresh LocalCluster, once
                 times["dask"] = [run_precompute(models, data, tmp / "d.zarr", args.batch_size, args.shard_rows,
                                                 None)]
+            if not times["bare"]:
+                times["bare"] = [bare_loop(models, x, args.batch_size) for _ in range(args.repeats)]
             bare, bare_cpu = min(w for w, _ in times["bare"]), min(c for _, c in times["bare"])
-            bares = [w for w, _ in times["bare"]]
             batches = -(-args.samples // args.batch_size)
             for engine, ts in times.items():
                 best = min(w for w, _ in ts)
                 cpu = min(c for _, c in ts) if engine in ("bare", "local") else None
+                ref = references.get(engine)
+                base = bare if ref is None else min(b for b, _ in ref)
                 rows.append({
                     "teachers": k, "engine": engine, "seconds": round(best, 3),
                     "all_seconds": [round(w, 3) for w, _ in ts],
                     "samples_per_s": round(args.samples / best, 1),
-                    "overhead_pct": None if engine == "bare" else round(100 * (best - bare) / bare, 1),
-                    "paired_overhead_pct": round(100 * statistics.median(
-                        (w - b) / b for (w, _), b in zip(ts, bares, strict=True)), 1)
-                    if engine in ("local", "dask-warm") else None,
+                    "overhead_pct": None if engine == "bare" else round(100 * (best - base) / base, 1),
+                    "paired_overhead_pct": None if ref is None else round(100 * statistics.median(
+                        (w - b) / b for (w, _), (b, _) in zip(ts, ref, strict=True)), 1),
                     "cpu_seconds": None if cpu is None else round(cpu, 3),
                     "cpu_overhead_pct": None if cpu is None or engine == "bare" else round(
                         100 * (cpu - bare_cpu) / bare_cpu, 1),
                     "ms_per_batch_per_teacher": round(1000 * bare / batches / k, 2) if engine == "bare" else None,
                     "fixed_ms": round(1000 * (min(small["local"]) - min(small["bare"])), 1)
                     if engine == "local" else None,
+                    "beyond_forward_pct": round(100 * statistics.median(beyond), 1) if engine == "local" else None,
                 })
     shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"{args.samples} samples, batch {args.batch_size}, shards of {args.shard_rows}, "
           f"teachers {IN}-{args.hidden}-{args.hidden}-{CLASSES}, {os.cpu_count()} CPUs, "
           f"torch threads {torch.get_num_threads()}")
-    print(f"{'K':>2} {'engine':<10} {'wall s':>7} {'samples/s':>10} {'overhead':>9} {'paired':>8} {'CPU s':>7} "
-          f"{'CPU over':>9} {'fixed ms':>9}   wall s of each run")
+    print(f"{'K':>2} {'engine':<10} {'wall s':>7} {'samples/s':>10} {'overhead':>9} {'paired':>8} {'in-run':>7} "
+          f"{'CPU s':>7} {'CPU over':>9} {'fixed ms':>9}   wall s of each run")
     for r in rows:
         over = "" if r["overhead_pct"] is None else f"{r['overhead_pct']:+.1f} %"
         cpu = "" if r["cpu_seconds"] is None else f"{r['cpu_seconds']:.2f}"
         cpu_over = "" if r["cpu_overhead_pct"] is None else f"{r['cpu_overhead_pct']:+.1f} %"
         fixed = "" if r["fixed_ms"] is None else f"{r['fixed_ms']:.1f}"
         paired = "" if r["paired_overhead_pct"] is None else f"{r['paired_overhead_pct']:+.1f} %"
+        in_run = "" if r.get("beyond_forward_pct") is None else f"{r['beyond_forward_pct']:+.1f} %"
         print(f"{r['teachers']:>2} {r['engine']:<10} {r['seconds']:>7.2f} {r['samples_per_s']:>10.0f} {over:>9} "
-              f"{paired:>8} {cpu:>7} {cpu_over:>9} {fixed:>9}   {r['all_seconds']}")
+              f"{paired:>8} {in_run:>7} {cpu:>7} {cpu_over:>9} {fixed:>9}   {r['all_seconds']}")
     for k in args.teachers:
         ms = next(r["ms_per_batch_per_teacher"] for r in rows if r["teachers"] == k and r["engine"] == "bare")
         print(f"K={k}: bare forward {ms} ms per batch per teacher")

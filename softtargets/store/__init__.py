@@ -175,7 +175,9 @@ def open_targets(
     The manifest must exist, match the schema and a known ``format_version``; every listed
     file must exist at its recorded size (checked at open where the filesystem can list),
     and match its sha256 (``verify``: ``lazy`` = on first read of each shard, ``full`` = now,
-    ``none`` = never).
+    ``none`` = never). Lazily, a local zarr store of format 2 is checked by the bytes read:
+    each file's chunk checksums and index against its ``chunks_sha256``, then each inner chunk
+    against its crc32c, as first read (``full`` and ``softtargets verify`` hash every file).
     """
     url = os.fspath(url)
     fs, root = url_to_fs(url, **(storage_options or {}))
