@@ -50,6 +50,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from softtargets.cluster import worker_config
 from softtargets.precompute import precompute
 
 IN, HIDDEN, CLASSES = 512, 1024, 1000
@@ -124,8 +125,7 @@ def main() -> None:
     from distributed import Client, LocalCluster
 
     torch.set_num_threads(args.threads)
-    spawn_env = {f"distributed.nanny.pre-spawn-environ.{v}": args.threads
-                 for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    spawn_env = worker_config(args.threads)  # the warm cluster's workers, set up as softtargets sets up its own
     x = torch.randn(args.samples, IN, generator=torch.Generator().manual_seed(0))
     data = TensorDataset(x)
     tmp = Path(tempfile.mkdtemp(prefix="bench-precompute-"))

@@ -595,14 +595,14 @@ def _make_runner(job: PrecomputeJob) -> ShardRunner:
 _NOT_RETRIED = (NonFiniteError, ValueError, TypeError, OverflowError, ImportError)
 
 
-def run_shard_task(job: PrecomputeJob, shard_id: int) -> ShardRecord | TaskFailure:
-    """Dask task: compute and write shard ``shard_id`` of ``job``'s store.
+def run_shard_task(job: PrecomputeJob, shard_ids: list[int]) -> list[ShardRecord] | TaskFailure:
+    """Dask task: compute and write shards ``shard_ids`` of ``job``'s store (one compute loop); their records.
 
     Deterministic errors (bad teacher output, NaN/Inf, bad data, import errors) come back as
     :class:`TaskFailure`; others (I/O, a lost DataLoader worker) raise, and dask retries them.
     """
     try:
-        return runner_for(job).run([shard_id])[0]
+        return runner_for(job).run(shard_ids)
     except _NOT_RETRIED as exc:
         return TaskFailure(exc)
 
