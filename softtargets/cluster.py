@@ -4,8 +4,8 @@
 at most ``MAX_SHARDS_PER_TASK`` shards, about four tasks per worker), with the payload shipped once
 as a task of its own (so the scheduler can recompute it if the worker holding it dies), collects
 the results as they finish and cancels the rest on the first failure. A task runs its shards through
-one compute loop (a task per shard cost ~14 ms of hand-over each: thread starts, a device-lock
-hand-off, a flush to disk before returning). Tasks must be idempotent: dask recomputes a task whose
+one compute loop (a task per shard costs a few ms per shard: thread starts, a device-lock hand-off,
+a flush to disk before returning). Tasks must be idempotent: dask recomputes a task whose
 worker was lost, and retries one that raised (``retries``); shards it had finished are written again,
 bitwise the same. A task returns :class:`TaskFailure` for errors that a retry would only repeat.
 
