@@ -14,7 +14,10 @@ computes while the other finishes writing its shard), not daemonic (so DataLoade
 start inside them), no resources (a task asking for a resource nobody has would wait forever).
 Dask workers pin no GPU themselves; a shard task picks GPU ``worker name % GPUs``. On a cluster
 of your own, start one worker per GPU with ``CUDA_VISIBLE_DEVICES`` set and
-``DASK_DISTRIBUTED__WORKER__DAEMON=False`` when the loader uses workers.
+``DASK_DISTRIBUTED__WORKER__DAEMON=False`` when the loader uses workers, and without dask's
+``MALLOC_TRIM_THRESHOLD_`` (see :func:`worker_config`): put
+``distributed: {nanny: {pre-spawn-environ: {MALLOC_TRIM_THRESHOLD_: null}}}`` in the workers' dask config
+file (an environment variable cannot: dask lowercases the key it names).
 """
 
 from __future__ import annotations
