@@ -258,3 +258,31 @@ def test_resume_redoes_only_missing_shards_and_matches_a_clean_run(tmp_path):
     for d in (clean, resumed):
         del d["created"], d["provenance"]
     assert resumed == clean and m.num_samples == N
+
+
+class ThreadCounting(nn.Module):
+    """An MLP that records torch's thread count at each forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp(3)
+        self.threads: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.threads.append(torch.get_num_threads())
+        return self.net(x)
+
+
+def test_teachers_keep_the_callers_torch_threads(tmp_path):
+    """The writer thread runs its own torch ops on one thread; the teachers keep the caller's count, during the
+    run and after it."""
+    before = torch.get_num_threads()
+    teacher = ThreadCounting()
+    try:
+        torch.set_num_threads(3)
+        run([{"name": "t", "module": teacher}], Synthetic(), tmp_path / "t.zarr", "local")
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert after == 3
+    assert len(teacher.threads) > N // BATCH and set(teacher.threads) == {3}  # the probe, then every batch
