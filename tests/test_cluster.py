@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 
 import pytest
@@ -33,8 +34,9 @@ def test_local_cluster_workers_and_map_shards():
     MALLOC_TRIM_THRESHOLD_ not (it would make every large activation fresh mmapped memory), not daemonic;
     map_shards hands each shard's result to on_result and returns them all."""
     with dask_client(None, workers=1) as client:
-        env = client.run(lambda: (os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("OMP_NUM_THREADS")))
-        assert list(env.values()) == [(None, str(max(1, os.cpu_count() or 1)))]
+        env = client.run(lambda: (os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("OMP_NUM_THREADS"),
+                                  multiprocessing.current_process().daemon))
+        assert list(env.values()) == [(None, str(max(1, os.cpu_count() or 1)), False)]
         seen: list[tuple[int, int]] = []
         results = map_shards(_pair, 7, list(range(10)), scheduler=client, on_result=seen.append, name="pairs")
     assert sorted(results) == sorted(seen) == [(7, i) for i in range(10)]
