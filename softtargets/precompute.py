@@ -13,10 +13,12 @@ optional autocast). The rest is done where it costs the compute loop least. On C
 the logits gathered into one ``[B, K, C]`` float32 tensor, a per-teacher finiteness mask ``[B, K]``,
 the store's reduction (:func:`softtargets.temperature.reduce_teachers`), an asynchronous copy to the
 host. On CPU all of that happens on the writer thread, so the teachers' core only runs teachers.
-The background writer thread, fed by a bounded queue, checks and encodes each batch (zero-mean,
-storage dtype) into its shard's buffer and writes each shard once its last batch is in, so the
-device does not wait on storage. Gather and shard buffers go back to a pool for reuse (fresh ones
-would be paid for in page faults every batch).
+The background writer thread, fed by a bounded queue, checks and encodes the batches (zero-mean,
+storage dtype) into their shard's buffer and writes each shard once its last batch is in, so the
+device does not wait on storage. Batches reach it in groups (up to half the queue, never across
+a shard's end): one wake-up and one set of tensor operations per group, so the writer takes the
+GIL from the compute loop a few times per group rather than a few times per batch. Gather and
+shard buffers go back to a pool for reuse (fresh ones would be paid for in page faults every batch).
 
 Non-finite teacher logits (``nonfinite``): ``"error"`` (default) stops the run with
 :class:`NonFiniteError` naming the teacher and the sample keys. ``"uniform"`` replaces the
@@ -52,7 +54,7 @@ from .manifest import Manifest, ShardRecord
 from .store import BYTES_PER_DTYPE, attach_writer, create_targets, default_rows
 from .store.base import MARKER_DIR, TargetWriter
 from .store.encoding import NUMPY_STORAGE
-from .store.files import atomic_write, join, url_to_fs
+from .store.files import atomic_write, join, remove_file, url_to_fs
 from .teachers import Teacher, TeacherSpec, load_teachers, num_classes_of
 from .temperature import reduce_teachers
 from .transfer import Batch, TransferSet, as_transfer_set, check_unique_keys
@@ -99,7 +101,8 @@ class RunOptions:
             also runs on CPU. Outputs are cast to float32 before the ensemble rule.
         nonfinite: ``"error"`` or ``"uniform"`` (see the module docstring).
         pack_inputs: also write each sample's input as ``input.npy`` (wds ``sample`` layout).
-        queue_size: batches in flight between the compute loop and the writer thread.
+        queue_size: batches in flight between the compute loop and the writer thread, handed over
+            in groups of up to ``queue_size // 2``.
     """
 
     batch_size: int = 256
@@ -220,7 +223,8 @@ def _device_lock(device: torch.device) -> threading.Lock:
 
 @dataclass
 class _Item:
-    """One computed batch on its way to the writer thread (CPU tensors once ``event`` completes)."""
+    """One computed batch on its way to the writer thread (CPU tensors once ``event`` completes), or there
+    a group of them combined (``ShardRunner._combine``)."""
 
     shard: int
     keys: list[str]
@@ -249,8 +253,10 @@ _END = object()
 class _ShardWriterThread(threading.Thread):
     """Takes computed batches from a bounded queue and writes each shard once all its rows are in.
 
-    The queue is two ``SimpleQueue`` s (C code: a put costs the compute loop microseconds): the
-    items, and ``queue_size`` tokens of room that the compute loop takes and the writer gives back.
+    The queue is two ``SimpleQueue`` s (C code: a put costs the compute loop microseconds): groups of
+    items, and ``queue_size`` tokens of room, one per batch, that the compute loop takes and the
+    writer gives back. A group is handed over at its shard's last batch or at ``queue_size // 2``
+    batches, so the compute loop always has room for the next group while the writer works.
     """
 
     def __init__(self, runner: ShardRunner, queue_size: int, prepare: Callable[[], None] | None = None) -> None:
@@ -261,12 +267,15 @@ class _ShardWriterThread(threading.Thread):
         self.room: queue.SimpleQueue[None] = queue.SimpleQueue()
         for _ in range(queue_size):
             self.room.put(None)
+        self.group_size = max(1, queue_size // 2)
+        self._group: list[_Item] = []  # the compute loop's batches not handed over yet
         self.parts: dict[int, _Part] = {}
         self.records: list[ShardRecord] = []
         self.error: BaseException | None = None
 
-    def put(self, item: Any) -> None:
-        """Queue ``item`` once there is room; raises the writer's error if it has failed."""
+    def put(self, item: _Item, shard_done: bool) -> None:
+        """Queue ``item`` once there is room (``shard_done``: it is its shard's last batch); raises the
+        writer's error if it has failed."""
         while True:
             if self.error is not None:
                 raise self.error
@@ -276,11 +285,16 @@ class _ShardWriterThread(threading.Thread):
             except queue.Empty:
                 if not self.is_alive():
                     raise RuntimeError("the shard writer thread stopped") from self.error
-        self.queue.put(item)
+        self._group.append(item)
+        if shard_done or len(self._group) == self.group_size:
+            self.queue.put(self._group)
+            self._group = []
 
     def finish(self) -> list[ShardRecord]:
         """Wait for every queued shard to be written; returns their records in write order."""
-        self.put(_END)
+        if self._group:  # not a shard's end: the loop stopped early
+            raise RuntimeError("finish() before the last batch of a shard")
+        self.queue.put(_END)
         self.join()
         if self.error is not None:
             raise self.error
@@ -289,9 +303,11 @@ class _ShardWriterThread(threading.Thread):
     def drain(self) -> None:
         """After a failure upstream: write the shards whose rows are all queued, drop partial ones.
 
-        Nothing computed is thrown away that a resume could keep; errors of the writer itself
-        (if it is the one that failed) are left to the caller's exception.
+        Nothing computed is thrown away that a resume could keep (batches not handed over belong to
+        a shard whose last batch never came); errors of the writer itself (if it is the one that
+        failed) are left to the caller's exception.
         """
+        self._group = []
         self.queue.put(_END)  # past the room tokens: the compute loop has stopped
         self.join()
 
@@ -305,29 +321,24 @@ class _ShardWriterThread(threading.Thread):
                 self.prepare()
             with torch.inference_mode():
                 while True:
-                    item = self.queue.get()
-                    if item is _END:
+                    group = self.queue.get()
+                    if group is _END:
                         return
-                    self._take(item)
-                    self.room.put(None)
+                    self._take(group)
+                    for _ in group:
+                        self.room.put(None)
         except BaseException as exc:  # handed to the compute thread
             self.error = exc
         finally:
             torch.set_num_threads(threads)
 
-    def _take(self, item: _Item) -> None:
-        if item.event is not None:
-            item.event.synchronize()
+    def _take(self, group: list[_Item]) -> None:
         runner = self.runner
+        item, gathered = runner._combine(group)
         start, stop = runner.spec.shard_range(item.shard)
         part = self.parts.get(item.shard)
         if part is None:
             part = self.parts[item.shard] = _Part(runner._shard_buffer(stop - start))
-        gathered = None
-        if isinstance(item.logits, list):  # CPU: the teachers' outputs, combined here
-            gathered = runner._gather(item.logits)
-            item.bad = _nonfinite_rows(gathered, runner.options.nonfinite)
-            item.logits = reduce_teachers(gathered, runner.spec.content, runner.spec.temperature or 1.0)
         if item.bad.any():
             part.nonfinite.update(runner._nonfinite(item))
         runner._encode(item, part)
@@ -430,8 +441,8 @@ class ShardRunner:
         sink.start()
         try:
             with _device_lock(self.device), torch.inference_mode():
-                for shard, batch in prefetched(self._loader(shard_ids), name="softtargets-loader"):
-                    sink.put(self._forward(shard, batch))
+                for shard, shard_done, batch in prefetched(self._loader(shard_ids), name="softtargets-loader"):
+                    sink.put(self._forward(shard, batch), shard_done)
                     if on_rows is not None:
                         on_rows(len(batch.keys))
             records = sink.finish()
@@ -441,9 +452,9 @@ class ShardRunner:
             sink.drain()
             raise
 
-    def _loader(self, shard_ids: Sequence[int]) -> Iterator[tuple[int, Batch]]:
-        """``(shard id, batch)``: batches of ``batch_size`` rows in shard order; each shard's first batch
-        starts at its first row.
+    def _loader(self, shard_ids: Sequence[int]) -> Iterator[tuple[int, bool, Batch]]:
+        """``(shard id, last batch of the shard, batch)``: batches of ``batch_size`` rows in shard order;
+        each shard's first batch starts at its first row.
 
         Each batch is fetched whole by :meth:`TransferSet.batch` (one slice of a ``TensorDataset``).
         With ``num_workers=0`` that happens right here (pinned for CUDA); otherwise one DataLoader per
@@ -457,10 +468,12 @@ class ShardRunner:
             batches += [range(lo, min(lo + bs, stop)) for lo in range(start, stop, bs)]
         cuda = self.device.type == "cuda"
         rows = self.spec.shard_rows
+        ends = {self.spec.shard_range(sid)[1] for sid in shard_ids}
         if not self._workers:
             for indices in batches:
                 batch = self.transfer_set.batch(indices, copy=False)  # x may view the dataset: only read
-                yield indices[0] // rows, batch._replace(x=batch.x.pin_memory()) if cuda else batch
+                yield indices[0] // rows, indices.stop in ends, (batch._replace(x=batch.x.pin_memory()) if cuda
+                                                                 else batch)
             return
         self._batches[:] = batches  # the loader's batch sampler, read at each iter()
         if self._dataloader is None:
@@ -469,7 +482,7 @@ class ShardRunner:
                 num_workers=self._workers, persistent_workers=True, pin_memory=cuda,
             )
         for indices, batch in zip(batches, self._dataloader, strict=True):
-            yield indices[0] // rows, batch
+            yield indices[0] // rows, indices.stop in ends, batch
 
     def _forward(self, shard: int, batch: Batch) -> _Item:
         """All K teachers on one batch of ``shard`` (call under ``torch.inference_mode()``). On CUDA also the
@@ -517,16 +530,39 @@ class ShardRunner:
                                  "uniform distribution for them (listed in the manifest)")
         return found
 
-    def _gather(self, outputs: list[torch.Tensor]) -> torch.Tensor:
-        """The K teachers' ``[B, C]`` outputs (any float dtype) as one ``[B, K, C]`` float32 tensor, in a
-        buffer of this runner's (written in place later: never the teachers' own tensors)."""
-        b, c = outputs[0].shape
-        shape = (b, len(outputs), c)
+    def _combine(self, group: list[_Item]) -> tuple[_Item, torch.Tensor | None]:
+        """One item for a group of consecutive batches of one shard, checked (``bad``) and reduced for
+        the store; and, on CPU, the gathered buffer (back to the pool once encoded)."""
+        first = group[0]
+        keys = first.keys if len(group) == 1 else [k for it in group for k in it.keys]
+        labels = first.labels if len(group) == 1 else torch.cat([it.labels for it in group])
+        x = None if first.x is None else first.x if len(group) == 1 else torch.cat([it.x for it in group])
+        if not isinstance(first.logits, list):  # CUDA: reduced and checked on the device already
+            for it in group:
+                it.event.synchronize()
+            logits = first.logits if len(group) == 1 else torch.cat([it.logits for it in group])
+            bad = first.bad if len(group) == 1 else torch.cat([it.bad for it in group])
+            return _Item(first.shard, keys, logits, bad, labels, x), None
+        gathered = self._gather([it.logits for it in group])
+        bad = _nonfinite_rows(gathered, self.options.nonfinite)
+        logits = reduce_teachers(gathered, self.spec.content, self.spec.temperature or 1.0)
+        return _Item(first.shard, keys, logits, bad, labels, x), gathered
+
+    def _gather(self, batches: list[list[torch.Tensor]]) -> torch.Tensor:
+        """Each batch's K teacher outputs ``[B, C]`` (any float dtype) as one ``[rows, K, C]`` float32 tensor,
+        in a buffer of this runner's (written in place later: never the teachers' own tensors)."""
+        k, c = len(batches[0]), batches[0][0].shape[1]
+        shape = (sum(len(outs[0]) for outs in batches), k, c)
         buffer = _reuse(self._free, shape)
         if buffer is None:
             buffer = torch.empty(shape, dtype=torch.float32)
-        for k, out in enumerate(outputs):
-            buffer[:, k].copy_(out)
+        if k == 1:
+            torch.cat([outs[0] for outs in batches], out=buffer[:, 0])
+            return buffer
+        row = 0
+        for outs in batches:
+            torch.stack(outs, dim=1, out=buffer[row:row + len(outs[0])])
+            row += len(outs[0])
         return buffer
 
     def _shard_buffer(self, rows: int) -> np.ndarray:
@@ -539,9 +575,7 @@ class ShardRunner:
         """Check and encode ``item`` for the store (``TargetWriter.encode``) and add it to ``part``."""
         inputs = [{INPUT_MEMBER: x.numpy()} for x in item.x] if self.options.pack_inputs else None
         rows = slice(part.rows, part.rows + len(item.keys))
-        # item.logits is this runner's own buffer: zero-meaned in place, cast into the shard's buffer.
-        _, keys, labels = self.writer.encode(item.keys, item.logits, item.labels, inputs, out=part.logits[rows],
-                                             overwrite_input=True)
+        _, keys, labels = self.writer.encode(item.keys, item.logits, item.labels, inputs, out=part.logits[rows])
         part.keys.append(keys)
         part.labels.append(labels)
         part.inputs += inputs or ()
@@ -553,8 +587,8 @@ class ShardRunner:
         side = join(self.writer.root, f"{MARKER_DIR}/{shard:06d}{_NONFINITE_SUFFIX}")
         if part.nonfinite:
             atomic_write(self.writer.fs, side, json.dumps(part.nonfinite, sort_keys=True).encode())
-        elif self.writer.fs.exists(side):
-            self.writer.fs.rm(side)
+        else:
+            remove_file(self.writer.fs, side)
         return self.writer.write_shard(shard, keys, part.logits, labels, inputs, encoded=True)
 
 

@@ -13,7 +13,7 @@ import torch
 import zarr
 
 from softtargets.store import create_targets
-from softtargets.store.encoding import NUMPY_STORAGE, encode_logits
+from softtargets.store.encoding import NUMPY_STORAGE, TORCH_DTYPES, encode_logits
 from softtargets.store.zarr_layout import ARRAY_CONFIG, COMPRESSORS
 from softtargets.store.zarr_shards import ShardFormat
 
@@ -59,13 +59,16 @@ def test_shard_files_are_byte_for_byte_zarr(tmp_path, compressor, trailing, shar
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 @pytest.mark.parametrize("shape", [(7, 3, 20), (7, 20)])
-def test_encoding_into_a_buffer_in_place_gives_the_same_bits(dtype, shape):
+def test_encoding_into_a_buffer_gives_the_bits_of_zero_meaning_then_casting(dtype, shape):
     logits = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 30 + 5
-    want, _ = encode_logits(logits, dtype)
+    before = logits.clone()
+    shifted = (logits - logits.mean(dim=-1, keepdim=True)).to(TORCH_DTYPES[dtype])
+    want = (shifted.view(torch.uint16) if dtype == "bfloat16" else shifted).numpy()
     out = np.full(shape, 7, NUMPY_STORAGE[dtype])
-    scratch = logits.clone()
-    got, clipped = encode_logits(scratch, dtype, out=out, overwrite_input=True)
+    got, clipped = encode_logits(logits, dtype, out=out)
     assert got is out and clipped == 0 and out.tobytes() == want.tobytes()
+    assert encode_logits(logits, dtype)[0].tobytes() == want.tobytes()
+    assert torch.equal(logits, before)  # the input is left as it was
     with pytest.raises(ValueError, match="out is"):
         encode_logits(logits, dtype, out=np.empty((1, *shape[1:]), NUMPY_STORAGE[dtype]))
 
@@ -78,5 +81,5 @@ def test_writer_encodes_batches_into_one_shard_as_it_encodes_the_shard(tmp_path)
     whole, _, _ = writer.encode(keys, logits)
     buffer = np.empty((10, 3, 20), np.float16)
     for rows in (slice(0, 4), slice(4, 10)):
-        writer.encode(keys[rows], logits[rows].clone(), out=buffer[rows], overwrite_input=True)
+        writer.encode(keys[rows], logits[rows], out=buffer[rows])
     assert buffer.tobytes() == whole.tobytes()

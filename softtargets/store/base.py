@@ -35,7 +35,17 @@ from .. import __version__
 from ..manifest import MANIFEST_NAME, FileRecord, Manifest, ManifestError, ShardRecord, provenance, utc_now
 from ..temperature import Rule, ensemble_log_probs
 from .encoding import FLOAT16_MAX, NUMPY_STORAGE, decode_logits, encode_keys, encode_labels, encode_logits
-from .files import atomic_write, fsync_files, is_local, join, list_sizes, remove_temporaries, sha256_hex, url_to_fs
+from .files import (
+    atomic_write,
+    fsync_files,
+    is_local,
+    join,
+    list_sizes,
+    remove_file,
+    remove_temporaries,
+    sha256_hex,
+    url_to_fs,
+)
 
 PENDING_NAME = ".softtargets-pending.json"
 MARKER_DIR = ".softtargets-shards"
@@ -222,18 +232,17 @@ class TargetWriter(ABC):
 
     def encode(
         self, keys: Any, logits: Any, labels: Any = None, inputs: list[dict] | None = None, *,
-        out: np.ndarray | None = None, overwrite_input: bool = False,
+        out: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Check a batch of rows and encode it for this store: ``(stored logits, keys, labels)`` as numpy.
 
-        Arguments as for :meth:`write`; ``out`` and ``overwrite_input`` as for
-        :func:`~softtargets.store.encoding.encode_logits` (``out`` shaped like ``logits``). Rows are
-        encoded independently of each other, so a shard encoded batch by batch into one array is
-        bitwise what :meth:`write_shard` would encode (pass it with ``encoded=True``).
+        Arguments as for :meth:`write`; ``out`` as for :func:`~softtargets.store.encoding.encode_logits`
+        (shaped like ``logits``). Rows are encoded independently of each other, so a shard encoded
+        batch by batch into one array is bitwise what :meth:`write_shard` would encode (pass it with
+        ``encoded=True``).
         """
         spec = self.spec
-        stored, _ = encode_logits(logits, spec.dtype, spec.normalization, spec.overflow, out=out,
-                                  overwrite_input=overwrite_input)
+        stored, _ = encode_logits(logits, spec.dtype, spec.normalization, spec.overflow, out=out)
         if spec.per_teacher and stored.ndim == 2 and spec.num_teachers == 1:
             stored = stored[:, None, :]
         want = spec.logits_shape[1:]
@@ -317,11 +326,8 @@ class TargetWriter(ABC):
         clipping = spec.dtype == "float16" and spec.overflow == "clip"
         clipped = int((np.abs(stored) == FLOAT16_MAX).sum()) if clipping else 0
         marker = self._path(_marker(shard_id))
-        if self.fs.exists(marker):
-            self.fs.rm(marker)
-        for rel in self._shard_files(shard_id):
-            if self.fs.exists(self._path(rel)):
-                self.fs.rm(self._path(rel))
+        for path in (marker, *(self._path(rel) for rel in self._shard_files(shard_id))):
+            remove_file(self.fs, path)
         files = self._write_shard_files(shard_id, start, keys_arr, stored, labels_arr, inputs)
         rec = ShardRecord(
             id=shard_id, start=start, rows=stop - start, files=files,

@@ -12,8 +12,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..temperature import zero_mean
-
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 NUMPY_STORAGE = {"float32": np.dtype("float32"), "float16": np.dtype("float16"), "bfloat16": np.dtype("uint16")}
 FLOAT16_MAX = 65504.0
@@ -34,7 +32,7 @@ def as_tensor(x: Any) -> torch.Tensor:
 
 def encode_logits(
     logits: Any, dtype: str, normalization: str = "zero_mean", overflow: str = "error", *,
-    out: np.ndarray | None = None, overwrite_input: bool = False,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """Logits ``[B, C]`` or ``[B, K, C]`` (any float dtype) -> (stored numpy array, values clipped).
 
@@ -42,8 +40,9 @@ def encode_logits(
     zero-meaning) are refused (``overflow="error"``) or clipped (``"clip"``), never inf.
 
     ``out``: a numpy array of the stored dtype and the logits' shape that receives the result
-    (and is returned). ``overwrite_input``: ``logits`` is a scratch CPU tensor the caller is done
-    with, zero-meaned in place. Both only save allocations; the stored bits are the same.
+    (and is returned): it saves an allocation, the stored bits are the same. ``logits`` is not
+    modified. Three passes over it: row means, row min/max, and the shifted values cast into
+    place (the shifted array itself is never made, unless values must be clipped).
     """
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"unknown storage dtype {dtype!r}; expected one of {tuple(TORCH_DTYPES)}")
@@ -51,18 +50,19 @@ def encode_logits(
     if not t.is_floating_point():
         raise TypeError(f"logits must be floating point, got {t.dtype}")
     work = t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
-    if normalization == "zero_mean" and overwrite_input:
-        work -= work.mean(dim=-1, keepdim=True)  # what zero_mean computes, without a copy
-    elif normalization == "zero_mean":
-        work = zero_mean(work)
-    elif normalization != "none":
+    if normalization not in ("zero_mean", "none"):
         raise ValueError(f"unknown normalization {normalization!r}; expected 'zero_mean' or 'none'")
-    # One reduction (no |x| copy) serves both checks: NaN/Inf make the min or max non-finite.
-    lo, hi = (float(v) for v in torch.aminmax(work)) if work.numel() else (0.0, 0.0)
-    amax = max(-lo, hi) if math.isfinite(lo) and math.isfinite(hi) else math.inf
+    shift = work.mean(dim=-1, keepdim=True) if normalization == "zero_mean" else None
+    amax = _shifted_amax(work, shift)
     if not math.isfinite(amax):
         bad = (~torch.isfinite(t)).reshape(t.shape[0], -1).any(dim=1).nonzero().flatten()
         raise ValueError(f"logits contain NaN or Inf in rows {bad[:10].tolist()} of this batch")
+    if out is None:
+        out = np.empty(tuple(work.shape), NUMPY_STORAGE[dtype])
+    elif out.shape != tuple(work.shape) or out.dtype != NUMPY_STORAGE[dtype]:
+        raise ValueError(f"out is {out.dtype} {out.shape}; expected {NUMPY_STORAGE[dtype]} {tuple(work.shape)}")
+    target = torch.from_numpy(out)
+    target = target.view(torch.bfloat16) if dtype == "bfloat16" else target
     clipped = 0
     if amax > DTYPE_MAX[dtype]:
         if dtype != "float16" or overflow != "clip":
@@ -71,18 +71,27 @@ def encode_logits(
                 f"logit values exceed {dtype}'s range and would overflow {dtype} to inf (|x| > {DTYPE_MAX[dtype]:g}, "
                 f"largest {amax:.4g}); {hint}"
             )
-        clipped = int((work.abs() > FLOAT16_MAX).sum())
-        work = work.clamp(-FLOAT16_MAX, FLOAT16_MAX)
-    if out is not None:
-        if out.shape != tuple(work.shape) or out.dtype != NUMPY_STORAGE[dtype]:
-            raise ValueError(f"out is {out.dtype} {out.shape}; expected {NUMPY_STORAGE[dtype]} {tuple(work.shape)}")
-        target = torch.from_numpy(out)
-        (target.view(torch.bfloat16) if dtype == "bfloat16" else target).copy_(work)
-        return out, clipped
-    stored = work.to(TORCH_DTYPES[dtype])
-    if dtype == "bfloat16":
-        return stored.view(torch.uint16).numpy(), clipped
-    return stored.numpy(), clipped
+        shifted = work if shift is None else work - shift
+        clipped = int((shifted.abs() > FLOAT16_MAX).sum())
+        target.copy_(shifted.clamp(-FLOAT16_MAX, FLOAT16_MAX))
+    elif shift is None:
+        target.copy_(work)
+    else:
+        torch.sub(work, shift, out=target)  # computed in work's dtype, rounded once into the stored dtype
+    return out, clipped
+
+
+def _shifted_amax(work: torch.Tensor, shift: torch.Tensor | None) -> float:
+    """``max |work - shift|`` without making ``work - shift``: rounding is monotone, so the largest shifted
+    value is the row maximum shifted (likewise the minimum). NaN/Inf anywhere give a non-finite result."""
+    if work.numel() == 0:
+        return 0.0
+    if shift is None:
+        lo, hi = (float(v) for v in torch.aminmax(work))
+        return max(-lo, hi) if math.isfinite(lo) and math.isfinite(hi) else math.inf
+    lo, hi = work.amin(dim=-1, keepdim=True), work.amax(dim=-1, keepdim=True)  # aminmax(dim=) is 15x slower
+    top, bottom = float((hi - shift).max()), float((shift - lo).max())
+    return max(top, bottom) if math.isfinite(top) and math.isfinite(bottom) else math.inf
 
 
 def decode_logits(stored: np.ndarray, dtype: str) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -30,12 +31,32 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 def list_sizes(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int] | None:
     """Every file under ``root`` as relative path -> bytes, or None where the filesystem cannot list
     (http). Local and memory filesystems list; one call, whatever the number of files."""
+    if is_local(fs):  # os.scandir: a tenth of fsspec's walk, which stats every file twice
+        return _local_sizes(fs._strip_protocol(root))
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if not (is_local(fs) or "memory" in protocols):
+    if "memory" not in protocols:
         return None
     prefix = fs._strip_protocol(root).rstrip("/") + "/"
     found = fs.find(root, detail=True)
     return {fs._strip_protocol(p)[len(prefix):]: info["size"] for p, info in found.items()}
+
+
+def _local_sizes(root: str) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    todo = [("", root)]
+    while todo:
+        rel, path = todo.pop()
+        try:
+            entries = list(os.scandir(path))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for e in entries:
+            if e.is_dir():
+                todo.append((f"{rel}{e.name}/", e.path))
+                continue
+            with contextlib.suppress(FileNotFoundError):  # a dangling link, or removed meanwhile
+                sizes[f"{rel}{e.name}"] = e.stat().st_size
+    return sizes
 
 
 def remove_temporaries(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
@@ -48,6 +69,15 @@ def remove_temporaries(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     for rel in found:
         fs.rm(join(root, rel))
     return found
+
+
+def remove_file(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Delete the file ``path`` where there is one (one call, no existence check first)."""
+    with contextlib.suppress(FileNotFoundError):
+        if is_local(fs):
+            os.remove(fs._strip_protocol(path))
+        else:
+            fs.rm_file(path)
 
 
 def join(root: str, rel: str) -> str:

@@ -112,11 +112,13 @@ class ZarrWriter(TargetWriter):
         # The arrays as created (no second open); with_config as in _open_layout.
         self._arrays = {name: arr.with_config(ARRAY_CONFIG) for name, arr in zip(ARRAYS, (logits, labels, keys),
                                                                                strict=True)}
+        self._formats: dict[str, ShardFormat | None] = {}
 
     def _open_layout(self) -> None:
         group = self._group("r+")
         # open_array ignores config=; with_config keeps write_empty_chunks (one file per shard, always).
         self._arrays = {name: group[name].with_config(ARRAY_CONFIG) for name in ARRAYS}
+        self._formats = {}
 
     def _read_shard_keys(self, shard_id: int) -> list[str]:
         start, stop = self.spec.shard_range(shard_id)
@@ -137,7 +139,9 @@ class ZarrWriter(TargetWriter):
             arr = self._arrays[name]
             if arr.shape[0] < stop:  # appending without a known size: one process grows the arrays
                 arr.resize((stop, *arr.shape[1:]))
-            shard_format = ShardFormat.of(arr)
+            if name not in self._formats:  # codecs and chunking: the same for every shard
+                self._formats[name] = ShardFormat.of(arr)
+            shard_format = self._formats[name]
             if shard_format is None:  # a chain zarr must encode (blosc)
                 arr[start:stop] = data
                 blob = self.fs.cat_file(join(self.root, rel))
