@@ -30,6 +30,7 @@ rules then average it in as such) and lists ``{key: [teacher, ...]}`` in the man
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -534,7 +535,7 @@ class ShardRunner:
         """One item for a group of consecutive batches of one shard, checked (``bad``) and reduced for
         the store; and, on CPU, the gathered buffer (back to the pool once encoded)."""
         first = group[0]
-        keys = first.keys if len(group) == 1 else [k for it in group for k in it.keys]
+        keys = first.keys if len(group) == 1 else list(itertools.chain.from_iterable(it.keys for it in group))
         labels = first.labels if len(group) == 1 else torch.cat([it.labels for it in group])
         x = None if first.x is None else first.x if len(group) == 1 else torch.cat([it.x for it in group])
         if not isinstance(first.logits, list):  # CUDA: reduced and checked on the device already

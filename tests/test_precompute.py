@@ -75,13 +75,14 @@ def ensemble(k: int = 3) -> list[dict]:
     return [{"name": f"t{i}", "module": mlp(i)} for i in range(k)]
 
 
-def direct(teachers: list[dict], ds: Synthetic, content: str, temperature: float | None, dtype: str) -> np.ndarray:
+def direct(teachers: list[dict], ds: Synthetic, content: str, temperature: float | None, dtype: str,
+           batch: int = BATCH) -> np.ndarray:
     """What the teachers give when run directly, batch by batch from each shard's first row, then stored."""
     out = []
     with torch.inference_mode():
         for start in range(0, len(ds), SHARD):
-            for lo in range(start, min(start + SHARD, len(ds)), BATCH):
-                x = ds.x[lo:min(lo + BATCH, start + SHARD, len(ds))]
+            for lo in range(start, min(start + SHARD, len(ds)), batch):
+                x = ds.x[lo:min(lo + batch, start + SHARD, len(ds))]
                 per_teacher = torch.stack([t["module"].eval()(x).float() for t in teachers], dim=1)
                 out.append(reduce_teachers(per_teacher, content, temperature or 1.0))
     return encode_logits(torch.cat(out), dtype)[0]
@@ -130,6 +131,16 @@ def test_store_holds_what_the_teachers_give(tmp_path, client, content, temperatu
     assert [t["name"] for t in m.teachers] == ["t0", "t1", "t2"] and all(len(t["sha256"]) == 64 for t in m.teachers)
     assert m.transfer_set["name"] == "Synthetic" and m.temperature == temperature
     assert m.extra["precompute"] == {"batch_size": BATCH, "autocast": None, "nonfinite": "error"}
+
+
+def test_batches_reach_the_writer_in_groups_that_split_shards(tmp_path):
+    """Batches of 8: 8 a shard, handed to the writer in groups of 4 (half the queue); the last shard's 44
+    rows end in a group of 2 batches, the second of 4 rows. The store is what the teachers give."""
+    teachers, ds = ensemble(2), Synthetic()
+    m = run(teachers, ds, tmp_path / "g.zarr", "local", batch_size=8, content="geometric", dtype="float32")
+    want = direct(teachers, ds, "geometric", None, "float32", batch=8)
+    np.testing.assert_array_equal(open_targets(tmp_path / "g.zarr", verify="full")[:]["logits"].numpy(), want)
+    assert [s.rows for s in m.shards] == [64, 64, 64, 64, 44]
 
 
 def test_local_engine_equals_dask_bitwise_and_wds_packs_inputs(tmp_path, client):

@@ -113,7 +113,7 @@ def encode_labels(labels: Any, rows: int) -> np.ndarray:
 
 def encode_keys(keys: Any, rows: int) -> np.ndarray:
     """Sample keys ``[B]`` -> numpy unicode array; refuses empty keys and a wrong count."""
-    arr = np.asarray([str(k) for k in keys], dtype=str)
+    arr = np.asarray(list(map(str, keys)), dtype=str)
     if arr.shape != (rows,):
         raise ValueError(f"got {arr.size} keys for {rows} logit rows")
     if rows and (np.char.str_len(arr) == 0).any():
