@@ -534,15 +534,17 @@ class ShardRunner:
     def _combine(self, group: list[_Item]) -> tuple[_Item, torch.Tensor | None]:
         """One item for a group of consecutive batches of one shard, checked (``bad``) and reduced for
         the store; and, on CPU, the gathered buffer (back to the pool once encoded)."""
+        def joined(tensors: list[torch.Tensor]) -> torch.Tensor:
+            return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
         first = group[0]
-        keys = first.keys if len(group) == 1 else list(itertools.chain.from_iterable(it.keys for it in group))
-        labels = first.labels if len(group) == 1 else torch.cat([it.labels for it in group])
-        x = None if first.x is None else first.x if len(group) == 1 else torch.cat([it.x for it in group])
+        keys = list(itertools.chain.from_iterable(it.keys for it in group))
+        labels = joined([it.labels for it in group])
+        x = None if first.x is None else joined([it.x for it in group])
         if not isinstance(first.logits, list):  # CUDA: reduced and checked on the device already
             for it in group:
                 it.event.synchronize()
-            logits = first.logits if len(group) == 1 else torch.cat([it.logits for it in group])
-            bad = first.bad if len(group) == 1 else torch.cat([it.bad for it in group])
+            logits, bad = joined([it.logits for it in group]), joined([it.bad for it in group])
             return _Item(first.shard, keys, logits, bad, labels, x), None
         gathered = self._gather([it.logits for it in group])
         bad = _nonfinite_rows(gathered, self.options.nonfinite)

@@ -109,16 +109,17 @@ class ZarrWriter(TargetWriter):
             config=ARRAY_CONFIG,
             dimension_names=("sample",),
         )
-        # The arrays as created (no second open); with_config as in _open_layout.
-        self._arrays = {name: arr.with_config(ARRAY_CONFIG) for name, arr in zip(ARRAYS, (logits, labels, keys),
-                                                                               strict=True)}
-        self._formats: dict[str, ShardFormat | None] = {}
+        self._use_arrays(dict(zip(ARRAYS, (logits, labels, keys), strict=True)))  # as created: no second open
 
     def _open_layout(self) -> None:
         group = self._group("r+")
-        # open_array ignores config=; with_config keeps write_empty_chunks (one file per shard, always).
-        self._arrays = {name: group[name].with_config(ARRAY_CONFIG) for name in ARRAYS}
-        self._formats = {}
+        self._use_arrays({name: group[name] for name in ARRAYS})
+
+    def _use_arrays(self, arrays: dict[str, zarr.Array]) -> None:
+        """Write through ``arrays``. ``with_config`` keeps write_empty_chunks (one file per shard, always;
+        opening ignores ``config=``); their shard formats are the same for every shard: worked out once."""
+        self._arrays = {name: arr.with_config(ARRAY_CONFIG) for name, arr in arrays.items()}
+        self._formats = {name: ShardFormat.of(arr) for name, arr in self._arrays.items()}
 
     def _read_shard_keys(self, shard_id: int) -> list[str]:
         start, stop = self.spec.shard_range(shard_id)
@@ -139,8 +140,6 @@ class ZarrWriter(TargetWriter):
             arr = self._arrays[name]
             if arr.shape[0] < stop:  # appending without a known size: one process grows the arrays
                 arr.resize((stop, *arr.shape[1:]))
-            if name not in self._formats:  # codecs and chunking: the same for every shard
-                self._formats[name] = ShardFormat.of(arr)
             shard_format = self._formats[name]
             if shard_format is None:  # a chain zarr must encode (blosc)
                 arr[start:stop] = data
