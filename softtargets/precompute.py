@@ -246,6 +246,7 @@ class _Part:
     inputs: list[dict[str, Any]] = field(default_factory=list)  # one per row, when packed
     rows: int = 0
     nonfinite: dict[str, list[str]] = field(default_factory=dict)
+    stream: Any = None  # the shard's logits file, written as its inner chunks fill (TargetWriter.logits_stream)
 
 
 _END = object()
@@ -332,6 +333,9 @@ class _ShardWriterThread(threading.Thread):
             self.error = exc
         finally:
             torch.set_num_threads(threads)
+            for part in self.parts.values():  # shards left unfinished by a failure
+                if part.stream is not None:
+                    part.stream.discard()
 
     def _take(self, group: list[_Item]) -> None:
         runner = self.runner
@@ -339,10 +343,13 @@ class _ShardWriterThread(threading.Thread):
         start, stop = runner.spec.shard_range(item.shard)
         part = self.parts.get(item.shard)
         if part is None:
-            part = self.parts[item.shard] = _Part(runner._shard_buffer(stop - start))
+            part = self.parts[item.shard] = _Part(runner._shard_buffer(stop - start),
+                                                  stream=runner.writer.logits_stream(item.shard))
         if item.bad.any():
             part.nonfinite.update(runner._nonfinite(item))
         runner._encode(item, part)
+        if part.stream is not None:
+            part.stream.advance(part.logits, part.rows)
         if gathered is not None:
             runner._free.put(gathered)
         if part.rows == stop - start:
@@ -592,7 +599,8 @@ class ShardRunner:
             atomic_write(self.writer.fs, side, json.dumps(part.nonfinite, sort_keys=True).encode())
         else:
             remove_file(self.writer.fs, side)
-        return self.writer.write_shard(shard, keys, part.logits, labels, inputs, encoded=True)
+        return self.writer.write_shard(shard, keys, part.logits, labels, inputs, encoded=True,
+                                       logits_stream=part.stream)
 
 
 # ---------------------------------------------------------------------------------------------------

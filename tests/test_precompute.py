@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from softtargets.manifest import ManifestError
 from softtargets.precompute import NonFiniteError, precompute
-from softtargets.store import open_targets
+from softtargets.store import create_targets, open_targets
 from softtargets.store.encoding import encode_logits
 from softtargets.temperature import reduce_teachers
 from softtargets.transfer import TransferSet
@@ -141,6 +141,27 @@ def test_batches_reach_the_writer_in_groups_that_split_shards(tmp_path):
     want = direct(teachers, ds, "geometric", None, "float32", batch=8)
     np.testing.assert_array_equal(open_targets(tmp_path / "g.zarr", verify="full")[:]["logits"].numpy(), want)
     assert [s.rows for s in m.shards] == [64, 64, 64, 64, 44]
+
+
+def test_logits_files_streamed_chunk_by_chunk_equal_whole_writes(tmp_path):
+    """Inner chunks of 16 rows: the local engine writes each logits shard file as its chunks fill (the last
+    shard: 2 full chunks and one of 12 rows, padded); the same rows written whole by ``write_shard`` give
+    the same bytes, and a full verify of the streamed store passes."""
+    teachers, ds = ensemble(2), Synthetic()
+    run(teachers, ds, tmp_path / "s.zarr", "local", block_rows=16)
+    writer = create_targets(tmp_path / "w.zarr", num_classes=C, num_teachers=2, num_samples=N, shard_rows=SHARD,
+                            block_rows=16)
+    want = direct(teachers, ds, "per_teacher", None, "float16")
+    for sid in range(writer.spec.num_shards):
+        lo, hi = writer.spec.shard_range(sid)
+        writer.write_shard(sid, np.array(ds.keys[lo:hi]), want[lo:hi], np.arange(lo, hi) % C, encoded=True)
+    streamed = open_targets(tmp_path / "s.zarr", verify="full")
+    assert streamed.manifest.shards[-1].rows == 44
+    np.testing.assert_array_equal(streamed[:]["logits"].numpy(), want)
+    logits_files = {p: b for p, b in data_files(tmp_path / "s.zarr").items() if p.startswith("logits/c")}
+    assert len(logits_files) == 5
+    assert logits_files == {p: b for p, b in data_files(tmp_path / "w.zarr").items() if p.startswith("logits/c")}
+    assert not [p for p in (tmp_path / "s.zarr").rglob("*") if ".tmp-" in p.name]
 
 
 def test_local_engine_equals_dask_bitwise_and_wds_packs_inputs(tmp_path, client):

@@ -7,6 +7,9 @@ and read zarr's files back through the same ShardFormat.
 
 from __future__ import annotations
 
+import hashlib
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +18,7 @@ import zarr
 from softtargets.store import create_targets
 from softtargets.store.encoding import NUMPY_STORAGE, TORCH_DTYPES, encode_logits
 from softtargets.store.zarr_layout import ARRAY_CONFIG, COMPRESSORS
-from softtargets.store.zarr_shards import ShardFormat
+from softtargets.store.zarr_shards import ShardFileWriter, ShardFormat, file_chunks_digest
 
 
 def _zarr_file(tmp_path, arr: zarr.Array, shard: int) -> bytes:
@@ -52,6 +55,17 @@ def test_shard_files_are_byte_for_byte_zarr(tmp_path, compressor, trailing, shar
             else:
                 written = _zarr_file(tmp_path, arr, shard)
                 assert b"".join(shard_format.encode(shard, data[rows], n)) == written, (name, shard)
+                # Streamed as rows arrive, 7 at a time (chunks end mid-step): the same bytes and digests.
+                sink = io.BytesIO()
+                stream = ShardFileWriter(shard_format, shard, n, sink)
+                shard_data = data[rows]
+                for done in [*range(7, len(shard_data), 7), len(shard_data)]:
+                    stream.advance(shard_data, done)
+                nbytes, sha256, chunks = stream.finish()
+                assert sink.getvalue() == written and nbytes == len(written), (name, shard)
+                assert sha256 == hashlib.sha256(written).hexdigest()
+                assert chunks == (file_chunks_digest(np.frombuffer(written, np.uint8), shard_format.chunks_per_shard)
+                                  if shard_format.crc else None)
                 # ... and the reader's side of the same format reads zarr's file back.
                 back = shard_format.read(np.frombuffer(written, np.uint8), len(data[rows]))
                 assert back.tolist() == data[rows].tolist(), (name, shard)

@@ -197,9 +197,16 @@ class TargetWriter(ABC):
     @abstractmethod
     def _write_shard_files(
         self, shard_id: int, start: int, keys: np.ndarray, logits: np.ndarray, labels: np.ndarray,
-        inputs: list[dict] | None,
+        inputs: list[dict] | None, logits_stream: Any = None,
     ) -> list[FileRecord]:
-        """Write one whole shard's files and return their records."""
+        """Write one whole shard's files and return their records (the logits file: ``logits_stream``'s,
+        where given)."""
+
+    def logits_stream(self, shard_id: int) -> Any:
+        """A logits file of shard ``shard_id`` to write as its rows are encoded, or None (then
+        :meth:`write_shard` writes it whole). Streams have ``advance(buffer, rows)`` (rows ``[0, rows)``
+        of the shard's ``buffer`` are final), ``commit() -> FileRecord`` and ``discard()``."""
+        return None
 
     def _finish_layout(self) -> None:
         """Last layout step before the manifest is written."""
@@ -302,7 +309,7 @@ class TargetWriter(ABC):
 
     def write_shard(
         self, shard_id: int, keys: Any, logits: Any, labels: Any = None, inputs: list[dict] | None = None,
-        *, encoded: bool = False,
+        *, encoded: bool = False, logits_stream: Any = None,
     ) -> ShardRecord:
         """Write shard ``shard_id`` whole, idempotently, and mark it done. Returns its record.
 
@@ -310,6 +317,8 @@ class TargetWriter(ABC):
         shard replaces it; a marker file makes it count as done only once its files are complete.
         ``encoded=True``: ``keys``, ``logits``, ``labels`` are what :meth:`encode` returned (for
         the whole shard, or its batches concatenated); ``inputs`` were checked there too.
+        ``logits_stream``: from :meth:`logits_stream`, advanced through every row of ``logits``; it
+        becomes the shard's logits file.
         """
         self.prepare()
         spec = self.spec
@@ -328,7 +337,7 @@ class TargetWriter(ABC):
         marker = self._path(_marker(shard_id))
         for path in (marker, *(self._path(rel) for rel in self._shard_files(shard_id))):
             remove_file(self.fs, path)
-        files = self._write_shard_files(shard_id, start, keys_arr, stored, labels_arr, inputs)
+        files = self._write_shard_files(shard_id, start, keys_arr, stored, labels_arr, inputs, logits_stream)
         rec = ShardRecord(
             id=shard_id, start=start, rows=stop - start, files=files,
             labeled=int((labels_arr >= 0).sum()), clipped=clipped,

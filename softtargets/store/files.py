@@ -106,6 +106,11 @@ def fsync_files(paths: Sequence[str]) -> None:
             os.close(fd)
 
 
+def temporary_path(path: str) -> str:
+    """A name beside local ``path`` to write it under before renaming (what :func:`remove_temporaries` removes)."""
+    return f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+
+
 def atomic_write(
     fs: fsspec.AbstractFileSystem, path: str, data: bytes | Sequence[Any], fsync: bool = True
 ) -> None:
@@ -120,7 +125,7 @@ def atomic_write(
         fs.pipe_file(path, parts[0] if len(parts) == 1 else b"".join(parts))
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp = temporary_path(path)
     try:
         with open(tmp, "wb") as f:
             f.writelines(parts)

@@ -26,8 +26,10 @@ decoded once per shard and kept. Remote stores are read through zarr.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import os
 from typing import Any
 
 import numpy as np
@@ -38,9 +40,9 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from ..manifest import FileRecord, Manifest
 from .base import ChecksumError, StoreError, TargetStore, TargetWriter
 from .encoding import NUMPY_STORAGE
-from .files import atomic_write, file_record, is_local, join
+from .files import atomic_write, file_record, is_local, join, temporary_path
 from .mapped import MappedFiles
-from .zarr_shards import ShardFormat, file_chunks_digest
+from .zarr_shards import ShardFileWriter, ShardFormat, file_chunks_digest
 
 ARRAYS = ("logits", "labels", "keys")
 COMPRESSORS = {
@@ -69,6 +71,32 @@ def _zarr_store(fs: Any, root: str, read_only: bool) -> Any:
     if is_local(fs):
         return zarr.storage.LocalStore(root, read_only=read_only)
     return zarr.storage.FsspecStore.from_url(f"{fs.unstrip_protocol(root)}", read_only=read_only)
+
+
+class _LogitsStream:
+    """A logits shard file written as its inner chunks fill (:class:`ShardFileWriter`) under a temporary
+    name beside it; ``commit()`` renames it into place. A killed run leaves only the temporary (which
+    ``remove_temporaries`` deletes); ``discard()`` deletes it after a failure."""
+
+    def __init__(self, path: str, rel: str, fmt: ShardFormat, shard_id: int, array_rows: int) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.path, self.rel, self.tmp = path, rel, temporary_path(path)
+        self.file = open(self.tmp, "wb")  # noqa: SIM115 (closed by commit or discard)
+        self.writer = ShardFileWriter(fmt, shard_id, array_rows, self.file)
+
+    def advance(self, buffer: np.ndarray, rows: int) -> None:
+        self.writer.advance(buffer, rows)
+
+    def commit(self) -> FileRecord:
+        nbytes, sha256, chunks_sha256 = self.writer.finish()
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        return FileRecord(path=self.rel, bytes=nbytes, sha256=sha256, chunks_sha256=chunks_sha256)
+
+    def discard(self) -> None:
+        self.file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.tmp)
 
 
 class ZarrWriter(TargetWriter):
@@ -130,7 +158,7 @@ class ZarrWriter(TargetWriter):
 
     def _write_shard_files(
         self, shard_id: int, start: int, keys: np.ndarray, logits: np.ndarray, labels: np.ndarray,
-        inputs: list[dict] | None,
+        inputs: list[dict] | None, logits_stream: _LogitsStream | None = None,
     ) -> list[FileRecord]:
         if inputs is not None:
             raise ValueError("the zarr layout stores targets only; pack inputs with layout='wds'")
@@ -141,7 +169,9 @@ class ZarrWriter(TargetWriter):
             if arr.shape[0] < stop:  # appending without a known size: one process grows the arrays
                 arr.resize((stop, *arr.shape[1:]))
             shard_format = self._formats[name]
-            if shard_format is None:  # a chain zarr must encode (blosc)
+            if name == "logits" and logits_stream is not None:
+                records.append(logits_stream.commit())
+            elif shard_format is None:  # a chain zarr must encode (blosc)
                 arr[start:stop] = data
                 blob = self.fs.cat_file(join(self.root, rel))
                 chunks = file_chunks_digest(np.frombuffer(blob, np.uint8), _chunks_per_shard(arr))
@@ -150,6 +180,15 @@ class ZarrWriter(TargetWriter):
                 parts = shard_format.encode(shard_id, data, arr.shape[0])
                 records.append(self._put(rel, parts, shard_format.parts_digest(parts)))
         return records
+
+    def logits_stream(self, shard_id: int) -> _LogitsStream | None:
+        """Local stores of a known size, in a format softtargets writes itself: the logits file is written
+        inner chunk by inner chunk (a big shard then costs the writer a few MB at a time, not all at its end)."""
+        arr, fmt = self._arrays["logits"], self._formats["logits"]
+        if fmt is None or not is_local(self.fs) or not self.fixed_rows:
+            return None
+        rel = shard_file("logits", arr, shard_id)
+        return _LogitsStream(self.fs._strip_protocol(join(self.root, rel)), rel, fmt, shard_id, arr.shape[0])
 
     def _put(self, rel: str, parts: list[Any], chunks_sha256: str | None) -> FileRecord:
         """Write a shard file from its parts (bytes-like) atomically (flushed to disk later: ``sync()``);

@@ -98,30 +98,41 @@ class ShardFormat:
         Inner chunks go in order (the Morton order of a 1-D grid); the one holding the array's last row
         is padded with the fill value; those past the end are absent (index entry ``2**64 - 1``).
         """
-        shard_rows, block = self.chunks_per_shard * self.chunk_rows, self.chunk_rows
-        present = -(-min(shard_rows, array_rows - shard_id * shard_rows) // block)  # inner chunks zarr writes
-        if len(data) < present * block:
-            fill = np.full((present * block - len(data), *data.shape[1:]), self.fill_value, dtype=data.dtype)
-            data = np.concatenate([data, fill])
+        block = self.chunk_rows
         parts: list[Any] = []
+        for i in range(self.present_chunks(shard_id, array_rows)):
+            parts += self.chunk_parts(data[i * block:(i + 1) * block])
+        return [*parts, self.index_part([memoryview(p).nbytes for p in parts])]
+
+    def present_chunks(self, shard_id: int, array_rows: int) -> int:
+        """Inner chunks zarr writes for shard ``shard_id`` of an array of ``array_rows`` rows."""
+        shard_rows = self.chunks_per_shard * self.chunk_rows
+        return -(-min(shard_rows, array_rows - shard_id * shard_rows) // self.chunk_rows)
+
+    def chunk_parts(self, chunk: np.ndarray) -> list[Any]:
+        """One inner chunk's bytes (a view of ``chunk`` where uncompressed numbers) and, with ``crc``, its
+        4-byte crc32c as a part of its own; ``chunk`` rows short of ``chunk_rows`` are padded with the fill value."""
+        if len(chunk) < self.chunk_rows:
+            fill = np.full((self.chunk_rows - len(chunk), *chunk.shape[1:]), self.fill_value, dtype=chunk.dtype)
+            chunk = np.concatenate([chunk, fill])
+        if self.strings:
+            blob: Any = _VLEN_UTF8.encode(chunk.astype(object))
+        else:
+            blob = memoryview(np.ascontiguousarray(chunk, dtype=chunk.dtype.newbyteorder("<"))).cast("B")
+        for codec in self.zstd:
+            blob = codec.encode(blob)
+        return [blob, crc32c(blob)] if self.crc else [blob]
+
+    def index_part(self, sizes: list[int]) -> bytes:
+        """The index (and its crc32c) of a shard file whose inner chunks, in order, are ``sizes`` bytes long
+        (each with its crc32c trailer, where the format has one): the file's last part."""
+        if self.crc:
+            sizes = [a + b for a, b in zip(sizes[::2], sizes[1::2], strict=True)]
         index = np.full((self.chunks_per_shard, 2), EMPTY_CHUNK, dtype="<u8")  # (offset, bytes) per inner chunk
-        offset = 0
-        for i in range(present):
-            chunk = data[i * block:(i + 1) * block]
-            if self.strings:
-                blob: Any = _VLEN_UTF8.encode(chunk.astype(object))
-            else:
-                blob = memoryview(np.ascontiguousarray(chunk, dtype=chunk.dtype.newbyteorder("<"))).cast("B")
-            for codec in self.zstd:
-                blob = codec.encode(blob)
-            parts.append(blob)
-            size = len(blob)
-            if self.crc:  # a part of its own: the chunk stays a view of ``data``
-                parts.append(crc32c(blob))
-                size += 4
-            index[i] = offset, size
-            offset += size
-        return [*parts, _CRC32C.encode(index.tobytes())]
+        if sizes:
+            index[:len(sizes), 1] = sizes
+            index[:len(sizes), 0] = np.cumsum([0, *sizes[:-1]])
+        return _CRC32C.encode(index.tobytes())
 
     @property
     def _chunk_bytes(self) -> int:
@@ -250,3 +261,43 @@ def file_chunks_digest(buf: np.ndarray, chunks_per_shard: int) -> str | None:
     if ends is None or any(e > len(buf) - n for e in ends):
         return None
     return chunks_digest((buf[e - 4:e] for e in ends), index)
+
+
+class ShardFileWriter:
+    """A shard file of ``fmt`` written inner chunk by inner chunk as its rows arrive, to an open binary file,
+    and hashed as written: the same bytes as ``fmt.encode(shard_id, rows, array_rows)``, without holding
+    them all at the end. A writer of a big shard then writes a few MB at a time while it goes on."""
+
+    def __init__(self, fmt: ShardFormat, shard_id: int, array_rows: int, file: Any) -> None:
+        self.fmt, self.file = fmt, file
+        shard_rows = fmt.chunks_per_shard * fmt.chunk_rows
+        self.rows = min(shard_rows, array_rows - shard_id * shard_rows)  # this shard's
+        self.done = 0  # rows written
+        self.sizes: list[int] = []  # bytes of each part written
+        self.trailers: list[bytes] = []
+        self.sha256 = hashlib.sha256()
+
+    def advance(self, data: np.ndarray, rows: int) -> None:
+        """``data[:rows]`` (the shard's rows so far, in a buffer of the whole shard) are final: write every
+        inner chunk that is complete (the last one once the shard's last row is in)."""
+        block = self.fmt.chunk_rows
+        while self.done < rows and (self.done + block <= rows or rows == self.rows):
+            self._write(self.fmt.chunk_parts(data[self.done:min(self.done + block, rows)]))
+            self.done = min(self.done + block, rows)
+
+    def finish(self) -> tuple[int, str, str | None]:
+        """Write the index; ``(bytes, sha256 hex, chunks_sha256 or None)`` of the whole file."""
+        if self.done != self.rows:
+            raise ValueError(f"shard file finished at {self.done} of its {self.rows} rows")
+        index = self.fmt.index_part(self.sizes)
+        self._write([index])
+        digest = chunks_digest(self.trailers, index) if self.fmt.crc else None
+        return sum(self.sizes), self.sha256.hexdigest(), digest
+
+    def _write(self, parts: list[Any]) -> None:
+        self.file.writelines(parts)
+        for part in parts:
+            self.sha256.update(part)
+        if self.fmt.crc and len(parts) == 2:
+            self.trailers.append(bytes(parts[1]))
+        self.sizes += [memoryview(p).nbytes for p in parts]
