@@ -14,11 +14,13 @@ the logits gathered into one ``[B, K, C]`` float32 tensor, a per-teacher finiten
 the store's reduction (:func:`softtargets.temperature.reduce_teachers`), an asynchronous copy to the
 host. On CPU all of that happens on the writer thread, so the teachers' core only runs teachers.
 The background writer thread, fed by a bounded queue, checks and encodes the batches (zero-mean,
-storage dtype) into their shard's buffer and writes each shard once its last batch is in, so the
-device does not wait on storage. Batches reach it in groups (up to half the queue, never across
-a shard's end): one wake-up and one set of tensor operations per group, so the writer takes the
-GIL from the compute loop a few times per group rather than a few times per batch. Gather and
-shard buffers go back to a pool for reuse (fresh ones would be paid for in page faults every batch).
+storage dtype) so the device does not wait on storage. A local Zarr store's logits file is
+written as the batches are encoded (from one small buffer that stays in cache); otherwise a
+shard's rows fill a buffer of the whole shard, written once its last batch is in. Batches reach
+the writer in groups (up to half the queue, never across a shard's end): one wake-up and one set
+of tensor operations per group, so it takes the GIL from the compute loop a few times per group
+rather than a few times per batch. Gather and shard buffers go back to a pool for reuse (fresh
+ones would be paid for in page faults every batch).
 
 Non-finite teacher logits (``nonfinite``): ``"error"`` (default) stops the run with
 :class:`NonFiniteError` naming the teacher and the sample keys. ``"uniform"`` replaces the
@@ -41,7 +43,7 @@ import threading
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -54,7 +56,7 @@ from .config import import_object
 from .manifest import Manifest, ShardRecord
 from .store import BYTES_PER_DTYPE, attach_writer, create_targets, default_rows
 from .store.base import MARKER_DIR, TargetWriter
-from .store.encoding import NUMPY_STORAGE
+from .store.encoding import NUMPY_STORAGE, NonFiniteLogits
 from .store.files import atomic_write, join, remove_file, url_to_fs
 from .teachers import Teacher, TeacherSpec, load_teachers, num_classes_of
 from .temperature import reduce_teachers
@@ -240,13 +242,13 @@ class _Item:
 class _Part:
     """A shard's batches so far, encoded for the store (``TargetWriter.encode``), in row order."""
 
-    logits: np.ndarray  # [rows, K, C] or [rows, C], storage dtype; filled batch by batch
+    logits: np.ndarray | None  # [rows, K, C] or [rows, C], storage dtype, filled batch by batch; None: streamed
     keys: list[np.ndarray] = field(default_factory=list)  # [B] str
     labels: list[np.ndarray] = field(default_factory=list)  # [B] int64
     inputs: list[dict[str, Any]] = field(default_factory=list)  # one per row, when packed
     rows: int = 0
     nonfinite: dict[str, list[str]] = field(default_factory=dict)
-    stream: Any = None  # the shard's logits file, written as its inner chunks fill (TargetWriter.logits_stream)
+    stream: Any = None  # the shard's logits file, written as its rows are encoded (TargetWriter.logits_stream)
 
 
 _END = object()
@@ -272,6 +274,7 @@ class _ShardWriterThread(threading.Thread):
         self.group_size = max(1, queue_size // 2)
         self._group: list[_Item] = []  # the compute loop's batches not handed over yet
         self.parts: dict[int, _Part] = {}
+        self._encoded: np.ndarray | None = None  # a streamed group's stored logits, reused (stays in cache)
         self.records: list[ShardRecord] = []
         self.error: BaseException | None = None
 
@@ -343,18 +346,31 @@ class _ShardWriterThread(threading.Thread):
         start, stop = runner.spec.shard_range(item.shard)
         part = self.parts.get(item.shard)
         if part is None:
-            part = self.parts[item.shard] = _Part(runner._shard_buffer(stop - start),
-                                                  stream=runner.writer.logits_stream(item.shard))
-        if item.bad.any():
+            stream = runner.writer.logits_stream(item.shard)
+            part = self.parts[item.shard] = _Part(None if stream else runner._shard_buffer(stop - start), stream=stream)
+        if item.bad is not None and item.bad.any():
             part.nonfinite.update(runner._nonfinite(item))
-        runner._encode(item, part)
+        rows = len(item.keys)
+        if part.stream is None:
+            out = part.logits[part.rows:part.rows + rows]
+        else:
+            if self._encoded is None or self._encoded.shape[0] < rows:
+                self._encoded = np.empty((rows, *runner.spec.logits_shape[1:]), NUMPY_STORAGE[runner.spec.dtype])
+            out = self._encoded[:rows]
+        try:
+            runner._encode(item, part, out)
+        except NonFiniteLogits:
+            if gathered is not None and item.bad is None:  # which teachers, which keys (NonFiniteError)
+                runner._nonfinite(replace(item, bad=_nonfinite_rows(gathered, "error")))
+            raise
         if part.stream is not None:
-            part.stream.advance(part.logits, part.rows)
+            part.stream.append(out)
         if gathered is not None:
             runner._free.put(gathered)
         if part.rows == stop - start:
             self.records.append(runner._write(item.shard, self.parts.pop(item.shard)))
-            runner._free_shards.put(part.logits)
+            if part.logits is not None:
+                runner._free_shards.put(part.logits)
 
 
 def _nonfinite_rows(logits: torch.Tensor, nonfinite: str) -> torch.Tensor:
@@ -554,7 +570,8 @@ class ShardRunner:
             logits, bad = joined([it.logits for it in group]), joined([it.bad for it in group])
             return _Item(first.shard, keys, logits, bad, labels, x), None
         gathered = self._gather([it.logits for it in group])
-        bad = _nonfinite_rows(gathered, self.options.nonfinite)
+        # "error": looked for only when encoding refuses the result (NaN/Inf survive every reduction).
+        bad = _nonfinite_rows(gathered, "uniform") if self.options.nonfinite == "uniform" else None
         logits = reduce_teachers(gathered, self.spec.content, self.spec.temperature or 1.0)
         return _Item(first.shard, keys, logits, bad, labels, x), gathered
 
@@ -581,11 +598,11 @@ class ShardRunner:
         reused = _reuse(self._free_shards, shape)
         return np.empty(shape, NUMPY_STORAGE[self.spec.dtype]) if reused is None else reused
 
-    def _encode(self, item: _Item, part: _Part) -> None:
-        """Check and encode ``item`` for the store (``TargetWriter.encode``) and add it to ``part``."""
+    def _encode(self, item: _Item, part: _Part, out: np.ndarray) -> None:
+        """Check and encode ``item`` for the store (``TargetWriter.encode``; stored logits into ``out``) and add
+        it to ``part``."""
         inputs = [{INPUT_MEMBER: x.numpy()} for x in item.x] if self.options.pack_inputs else None
-        rows = slice(part.rows, part.rows + len(item.keys))
-        _, keys, labels = self.writer.encode(item.keys, item.logits, item.labels, inputs, out=part.logits[rows])
+        _, keys, labels = self.writer.encode(item.keys, item.logits, item.labels, inputs, out=out)
         part.keys.append(keys)
         part.labels.append(labels)
         part.inputs += inputs or ()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -64,6 +65,20 @@ class NaNOn(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.net(x)
         return torch.where(x[:, :1] > 500, torch.full_like(out, float("nan")), out)
+
+
+class Spiky(nn.Module):
+    """An MLP with a logit of 1e5 (90 000 once zero-meaned: beyond float16) in class 3 of rows whose first
+    feature is above 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        out[:, 3] = torch.where(x[:, 0] > 1, 1e5, out[:, 3])
+        return out
 
 
 def unseeded_linear() -> nn.Module:
@@ -164,6 +179,23 @@ def test_logits_files_streamed_chunk_by_chunk_equal_whole_writes(tmp_path):
     assert not [p for p in (tmp_path / "s.zarr").rglob("*") if ".tmp-" in p.name]
 
 
+def test_values_clipped_in_streamed_files_are_counted_as_in_whole_writes(tmp_path):
+    """overflow="clip": the streamed Zarr store (chunks of 16 rows) counts per shard what the WebDataset
+    store, whose shards are written whole, counts; both hold the same values. No file is left open."""
+    teachers, ds = [{"name": "spiky", "module": Spiky()}], Synthetic()
+    fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    streamed = run(teachers, ds, tmp_path / "s.zarr", "local", block_rows=16, overflow="clip")
+    if fds is not None:
+        assert len(os.listdir("/proc/self/fd")) == fds
+    whole = run(teachers, ds, tmp_path / "w.wds", "local", overflow="clip")
+    spikes = (ds.x[:, 0] > 1).reshape(-1)
+    assert streamed.clipped_values == whole.clipped_values == int(spikes.sum()) > 5
+    assert [s.clipped for s in streamed.shards] == [s.clipped for s in whole.shards]
+    logits = open_targets(tmp_path / "s.zarr", verify="full")[:]["logits"]
+    np.testing.assert_array_equal(logits.numpy(), open_targets(tmp_path / "w.wds")[:]["logits"].numpy())
+    assert (logits[spikes, 0, 3] == 65504).all() and logits.abs().max() == 65504
+
+
 def test_local_engine_equals_dask_bitwise_and_wds_packs_inputs(tmp_path, client):
     teachers, ds = ensemble(2), Synthetic()
     run(teachers, ds, tmp_path / "dask.zarr", client, content="geometric")
@@ -199,10 +231,11 @@ def test_duplicate_keys_are_refused_before_writing(tmp_path, client):
     assert not (tmp_path / "t.zarr").exists()
 
 
-def test_nan_logits_stop_the_run_naming_teacher_and_keys(tmp_path, client):
+@pytest.mark.parametrize("content", ["per_teacher", "geometric"])
+def test_nan_logits_stop_the_run_naming_teacher_and_keys(tmp_path, client, content):
     teachers = [*ensemble(2), {"name": "bad", "module": NaNOn()}]
     with pytest.raises(NonFiniteError, match=r"teacher 'bad' on 2 samples, keys \['s0070', 's0071'\]"):
-        run(teachers, Synthetic(poison=(70, 71)), tmp_path / "t.zarr", client, retries=2)
+        run(teachers, Synthetic(poison=(70, 71)), tmp_path / "t.zarr", client, retries=2, content=content)
     with pytest.raises(ManifestError, match="unfinished"):
         open_targets(tmp_path / "t.zarr")
     shard1 = tmp_path / "t.zarr" / ".softtargets-shards" / "000001.json"

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import softtargets as st
+from softtargets.store.encoding import encode_logits
 from tests.store_data import (
     DTYPES,
     LAYOUTS,
@@ -187,6 +188,22 @@ def test_float16_overflow_clipped_on_request_and_counted(tmp_path, layout):
     assert torch.isfinite(got).all()
     assert got[3, 2].item() == 65504.0 and got[9, 7].item() == -65504.0
     assert got.abs().max().item() == 65504.0
+
+
+@pytest.mark.parametrize("value", [65504.0, 65503.99, 65504.01, 65519.0, 65520.0])
+def test_float16_limit_is_judged_before_rounding(value):
+    """Shifted values up to 65504 are stored; beyond it they are refused (or clipped and counted), also
+    those that float16 would round back to 65504 (below 65520)."""
+    x = torch.tensor([[value, -value], [1.0, -3.0]])  # row means 0 and -1
+    shifted = float(torch.tensor(value, dtype=torch.float32))
+    if shifted <= 65504.0:
+        stored, clipped = encode_logits(x, "float16")
+        assert clipped == 0 and stored.tolist() == [[np.float16(shifted), -np.float16(shifted)], [2.0, -2.0]]
+        return
+    with pytest.raises(OverflowError, match="exceed float16's range"):
+        encode_logits(x, "float16")
+    stored, clipped = encode_logits(x, "float16", overflow="clip")
+    assert clipped == 2 and stored.tolist() == [[65504.0, -65504.0], [2.0, -2.0]]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

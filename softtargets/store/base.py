@@ -23,7 +23,7 @@ import json
 import os
 import posixpath
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, ClassVar
 
@@ -34,7 +34,7 @@ import torch
 from .. import __version__
 from ..manifest import MANIFEST_NAME, FileRecord, Manifest, ManifestError, ShardRecord, provenance, utc_now
 from ..temperature import Rule, ensemble_log_probs
-from .encoding import FLOAT16_MAX, NUMPY_STORAGE, decode_logits, encode_keys, encode_labels, encode_logits
+from .encoding import NUMPY_STORAGE, at_limit, decode_logits, encode_keys, encode_labels, encode_logits
 from .files import (
     atomic_write,
     fsync_files,
@@ -204,8 +204,8 @@ class TargetWriter(ABC):
 
     def logits_stream(self, shard_id: int) -> Any:
         """A logits file of shard ``shard_id`` to write as its rows are encoded, or None (then
-        :meth:`write_shard` writes it whole). Streams have ``advance(buffer, rows)`` (rows ``[0, rows)``
-        of the shard's ``buffer`` are final), ``commit() -> FileRecord`` and ``discard()``."""
+        :meth:`write_shard` writes it whole). Streams have ``append(rows)`` (the shard's next encoded rows,
+        in order; the array may be reused afterwards), ``commit() -> FileRecord`` and ``discard()``."""
         return None
 
     def _finish_layout(self) -> None:
@@ -317,8 +317,8 @@ class TargetWriter(ABC):
         shard replaces it; a marker file makes it count as done only once its files are complete.
         ``encoded=True``: ``keys``, ``logits``, ``labels`` are what :meth:`encode` returned (for
         the whole shard, or its batches concatenated); ``inputs`` were checked there too.
-        ``logits_stream``: from :meth:`logits_stream`, advanced through every row of ``logits``; it
-        becomes the shard's logits file.
+        ``logits_stream``: from :meth:`logits_stream`, given every row of the shard; it becomes the
+        shard's logits file, and ``logits`` is not used (None).
         """
         self.prepare()
         spec = self.spec
@@ -332,8 +332,10 @@ class TargetWriter(ABC):
         if len(keys_arr) != stop - start:
             raise ValueError(f"shard {shard_id} holds rows [{start}, {stop}); got {len(keys_arr)} rows")
         # Values at float16's limit: what overflow="clip" produced (the error policy lets none through).
-        clipping = spec.dtype == "float16" and spec.overflow == "clip"
-        clipped = int((np.abs(stored) == FLOAT16_MAX).sum()) if clipping else 0
+        if logits_stream is not None:
+            clipped = logits_stream.clipped
+        else:
+            clipped = at_limit(stored) if spec.dtype == "float16" and spec.overflow == "clip" else 0
         marker = self._path(_marker(shard_id))
         for path in (marker, *(self._path(rel) for rel in self._shard_files(shard_id))):
             remove_file(self.fs, path)
@@ -354,11 +356,15 @@ class TargetWriter(ABC):
         is renamed into place; a resume re-hashes every shard it keeps); the manifest, which says
         the store is complete, is written only after they are on disk.
         """
-        if not is_local(self.fs):
-            return
+        if is_local(self.fs):
+            self._in_sync_thread(fsync_files, paths)
+
+    def _in_sync_thread(self, fn: Callable[..., None], *args: Any) -> None:
+        """``fn(*args)`` on the helper thread that flushes files to disk, after what it was given before;
+        :meth:`sync` waits for it (and raises its error)."""
         if self._syncer is None:
             self._syncer = ThreadPoolExecutor(1, thread_name_prefix="softtargets-fsync")
-        self._syncing.append(self._syncer.submit(fsync_files, paths))
+        self._syncing.append(self._syncer.submit(fn, *args))
 
     def sync(self) -> None:
         """Wait until every shard this writer wrote is on disk (raises the first fsync error)."""

@@ -30,19 +30,25 @@ def as_tensor(x: Any) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x))
 
 
+class NonFiniteLogits(ValueError):
+    """Logits given to :func:`encode_logits` hold NaN or Inf."""
+
+
 def encode_logits(
     logits: Any, dtype: str, normalization: str = "zero_mean", overflow: str = "error", *,
     out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """Logits ``[B, C]`` or ``[B, K, C]`` (any float dtype) -> (stored numpy array, values clipped).
 
-    Non-finite input is always refused. ``float16`` values beyond +-65504 (after
-    zero-meaning) are refused (``overflow="error"``) or clipped (``"clip"``), never inf.
+    Non-finite input is always refused (:class:`NonFiniteLogits`). ``float16`` values beyond
+    +-65504 (after zero-meaning) are refused (``overflow="error"``: ``OverflowError``) or clipped
+    (``"clip"``), never inf.
 
     ``out``: a numpy array of the stored dtype and the logits' shape that receives the result
     (and is returned): it saves an allocation, the stored bits are the same. ``logits`` is not
-    modified. Three passes over it: row means, row min/max, and the shifted values cast into
-    place (the shifted array itself is never made, unless values must be clipped).
+    modified. Two passes over it (row means; the shifted values cast into place), then one over
+    the stored values, whose largest magnitude tells whether all were in range: only where it is
+    at the stored dtype's limit (or NaN) are the shifted values looked at again.
     """
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"unknown storage dtype {dtype!r}; expected one of {tuple(TORCH_DTYPES)}")
@@ -52,33 +58,40 @@ def encode_logits(
     work = t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
     if normalization not in ("zero_mean", "none"):
         raise ValueError(f"unknown normalization {normalization!r}; expected 'zero_mean' or 'none'")
-    shift = work.mean(dim=-1, keepdim=True) if normalization == "zero_mean" else None
-    amax = _shifted_amax(work, shift)
-    if not math.isfinite(amax):
-        bad = (~torch.isfinite(t)).reshape(t.shape[0], -1).any(dim=1).nonzero().flatten()
-        raise ValueError(f"logits contain NaN or Inf in rows {bad[:10].tolist()} of this batch")
     if out is None:
         out = np.empty(tuple(work.shape), NUMPY_STORAGE[dtype])
     elif out.shape != tuple(work.shape) or out.dtype != NUMPY_STORAGE[dtype]:
         raise ValueError(f"out is {out.dtype} {out.shape}; expected {NUMPY_STORAGE[dtype]} {tuple(work.shape)}")
     target = torch.from_numpy(out)
     target = target.view(torch.bfloat16) if dtype == "bfloat16" else target
-    clipped = 0
-    if amax > DTYPE_MAX[dtype]:
-        if dtype != "float16" or overflow != "clip":
-            hint = "store as float32/bfloat16 or pass overflow='clip'" if dtype == "float16" else "rescale them"
-            raise OverflowError(
-                f"logit values exceed {dtype}'s range and would overflow {dtype} to inf (|x| > {DTYPE_MAX[dtype]:g}, "
-                f"largest {amax:.4g}); {hint}"
-            )
-        shifted = work if shift is None else work - shift
-        clipped = int((shifted.abs() > FLOAT16_MAX).sum())
-        target.copy_(shifted.clamp(-FLOAT16_MAX, FLOAT16_MAX))
-    elif shift is None:
+    shift = work.mean(dim=-1, keepdim=True) if normalization == "zero_mean" else None
+    if shift is None:
         target.copy_(work)
     else:
         torch.sub(work, shift, out=target)  # computed in work's dtype, rounded once into the stored dtype
-    return out, clipped
+    if work.numel() == 0 or float(target.abs().amax()) < DTYPE_MAX[dtype]:  # NaN compares False
+        return out, 0
+    amax = _shifted_amax(work, shift)  # the exact largest magnitude, before rounding
+    if not math.isfinite(amax):
+        bad = (~torch.isfinite(t)).reshape(t.shape[0], -1).any(dim=1).nonzero().flatten()
+        raise NonFiniteLogits(f"logits contain NaN or Inf in rows {bad[:10].tolist()} of this batch")
+    if amax <= DTYPE_MAX[dtype]:  # values that rounded to the limit: stored as they are
+        return out, 0
+    if dtype != "float16" or overflow != "clip":
+        hint = "store as float32/bfloat16 or pass overflow='clip'" if dtype == "float16" else "rescale them"
+        raise OverflowError(
+            f"logit values exceed {dtype}'s range and would overflow {dtype} to inf (|x| > {DTYPE_MAX[dtype]:g}, "
+            f"largest {amax:.4g}); {hint}"
+        )
+    shifted = work if shift is None else work - shift
+    target.copy_(shifted.clamp(-FLOAT16_MAX, FLOAT16_MAX))
+    return out, int((shifted.abs() > FLOAT16_MAX).sum())
+
+
+def at_limit(stored: np.ndarray) -> int:
+    """Values of float16 ``stored`` logits at +-65504, float16's limit: what ``overflow="clip"`` clipped
+    (and values that rounded there)."""
+    return int((np.abs(stored) == FLOAT16_MAX).sum())
 
 
 def _shifted_amax(work: torch.Tensor, shift: torch.Tensor | None) -> float:

@@ -106,6 +106,15 @@ def fsync_files(paths: Sequence[str]) -> None:
             os.close(fd)
 
 
+def flush_and_close(fd: int) -> None:
+    """Flush the data of open file ``fd`` (a duplicate of a file still being written) to the disk, then close
+    ``fd``: what was written so far goes to disk meanwhile, not all at the final fsync."""
+    try:
+        getattr(os, "fdatasync", os.fsync)(fd)
+    finally:
+        os.close(fd)
+
+
 def temporary_path(path: str) -> str:
     """A name beside local ``path`` to write it under before renaming (what :func:`remove_temporaries` removes)."""
     return f"{path}.tmp-{uuid.uuid4().hex[:12]}"

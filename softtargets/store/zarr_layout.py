@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -39,8 +40,8 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from ..manifest import FileRecord, Manifest
 from .base import ChecksumError, StoreError, TargetStore, TargetWriter
-from .encoding import NUMPY_STORAGE
-from .files import atomic_write, file_record, is_local, join, temporary_path
+from .encoding import NUMPY_STORAGE, at_limit
+from .files import atomic_write, file_record, flush_and_close, is_local, join, temporary_path
 from .mapped import MappedFiles
 from .zarr_shards import ShardFileWriter, ShardFormat, file_chunks_digest
 
@@ -74,18 +75,30 @@ def _zarr_store(fs: Any, root: str, read_only: bool) -> Any:
 
 
 class _LogitsStream:
-    """A logits shard file written as its inner chunks fill (:class:`ShardFileWriter`) under a temporary
+    """A logits shard file written as its rows are encoded (:class:`ShardFileWriter`) under a temporary
     name beside it; ``commit()`` renames it into place. A killed run leaves only the temporary (which
-    ``remove_temporaries`` deletes); ``discard()`` deletes it after a failure."""
+    ``remove_temporaries`` deletes); ``discard()`` deletes it after a failure. Each inner chunk but the
+    last is handed to ``to_disk(fd)`` once written (a duplicate ``fd`` of the file, to flush and close),
+    so a big shard's bytes go to disk while the run goes on, not all at its end."""
 
-    def __init__(self, path: str, rel: str, fmt: ShardFormat, shard_id: int, array_rows: int) -> None:
+    def __init__(self, path: str, rel: str, fmt: ShardFormat, shard_id: int, array_rows: int,
+                 count_clipped: bool, to_disk: Callable[[int], None]) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self.path, self.rel, self.tmp = path, rel, temporary_path(path)
         self.file = open(self.tmp, "wb")  # noqa: SIM115 (closed by commit or discard)
         self.writer = ShardFileWriter(fmt, shard_id, array_rows, self.file)
+        self.count_clipped, self.to_disk = count_clipped, to_disk
+        self.clipped = 0  # values at float16's limit (counted where overflow="clip")
 
-    def advance(self, buffer: np.ndarray, rows: int) -> None:
-        self.writer.advance(buffer, rows)
+    def append(self, rows: np.ndarray) -> None:
+        """The shard's next encoded rows, in order (see :meth:`ShardFileWriter.append`)."""
+        if self.count_clipped:
+            self.clipped += at_limit(rows)
+        chunks = self.writer.chunks
+        self.writer.append(rows)
+        if self.writer.chunks > chunks and self.writer.done < self.writer.rows:
+            self.file.flush()
+            self.to_disk(os.dup(self.file.fileno()))
 
     def commit(self) -> FileRecord:
         nbytes, sha256, chunks_sha256 = self.writer.finish()
@@ -188,7 +201,9 @@ class ZarrWriter(TargetWriter):
         if fmt is None or not is_local(self.fs) or not self.fixed_rows:
             return None
         rel = shard_file("logits", arr, shard_id)
-        return _LogitsStream(self.fs._strip_protocol(join(self.root, rel)), rel, fmt, shard_id, arr.shape[0])
+        clip = self.spec.dtype == "float16" and self.spec.overflow == "clip"
+        return _LogitsStream(self.fs._strip_protocol(join(self.root, rel)), rel, fmt, shard_id, arr.shape[0], clip,
+                             lambda fd: self._in_sync_thread(flush_and_close, fd))
 
     def _put(self, rel: str, parts: list[Any], chunks_sha256: str | None) -> FileRecord:
         """Write a shard file from its parts (bytes-like) atomically (flushed to disk later: ``sync()``);

@@ -264,40 +264,82 @@ def file_chunks_digest(buf: np.ndarray, chunks_per_shard: int) -> str | None:
 
 
 class ShardFileWriter:
-    """A shard file of ``fmt`` written inner chunk by inner chunk as its rows arrive, to an open binary file,
-    and hashed as written: the same bytes as ``fmt.encode(shard_id, rows, array_rows)``, without holding
-    them all at the end. A writer of a big shard then writes a few MB at a time while it goes on."""
+    """A shard file of ``fmt`` written as its rows arrive, to an open binary file, and hashed as written:
+    the same bytes as ``fmt.encode(shard_id, rows, array_rows)``, without holding them all. Uncompressed
+    numbers go to the file as they come (each inner chunk's crc32c extended piece by piece), so the caller
+    can encode each batch into one small buffer it reuses; strings and compressed chunks are kept until
+    their inner chunk is complete."""
 
     def __init__(self, fmt: ShardFormat, shard_id: int, array_rows: int, file: Any) -> None:
         self.fmt, self.file = fmt, file
         shard_rows = fmt.chunks_per_shard * fmt.chunk_rows
         self.rows = min(shard_rows, array_rows - shard_id * shard_rows)  # this shard's
         self.done = 0  # rows written
-        self.sizes: list[int] = []  # bytes of each part written
+        self.chunks = 0  # inner chunks written whole
+        self.sizes: list[int] = []  # bytes of each part written (a chunk, its crc32c trailer, ...)
         self.trailers: list[bytes] = []
         self.sha256 = hashlib.sha256()
+        self._direct = not (fmt.strings or fmt.zstd)
+        self._pending: list[np.ndarray] = []  # the open inner chunk's rows (strings, compressed chunks)
+        self._chunk_rows = 0  # rows of the open inner chunk so far
+        self._chunk_bytes = 0
+        self._crc = 0
 
-    def advance(self, data: np.ndarray, rows: int) -> None:
-        """``data[:rows]`` (the shard's rows so far, in a buffer of the whole shard) are final: write every
-        inner chunk that is complete (the last one once the shard's last row is in)."""
-        block = self.fmt.chunk_rows
-        while self.done < rows and (self.done + block <= rows or rows == self.rows):
-            self._write(self.fmt.chunk_parts(data[self.done:min(self.done + block, rows)]))
-            self.done = min(self.done + block, rows)
+    def append(self, rows: np.ndarray) -> None:
+        """The shard's next rows ``[n, *trailing]``, in order (``rows`` may be reused once this returns)."""
+        if self.done + len(rows) > self.rows:
+            raise ValueError(f"shard file of {self.rows} rows given {self.done + len(rows)}")
+        while len(rows):
+            take = min(len(rows), self.fmt.chunk_rows - self._chunk_rows)
+            piece, rows = rows[:take], rows[take:]
+            if self._direct:
+                self._put(memoryview(np.ascontiguousarray(piece, piece.dtype.newbyteorder("<"))).cast("B"))
+            else:
+                self._pending.append(piece.copy())
+            self._chunk_rows += take
+            self.done += take
+            if self._chunk_rows == self.fmt.chunk_rows or self.done == self.rows:
+                self._close_chunk()
 
     def finish(self) -> tuple[int, str, str | None]:
         """Write the index; ``(bytes, sha256 hex, chunks_sha256 or None)`` of the whole file."""
         if self.done != self.rows:
             raise ValueError(f"shard file finished at {self.done} of its {self.rows} rows")
         index = self.fmt.index_part(self.sizes)
-        self._write([index])
+        self._write(index)
+        self.sizes.append(len(index))
         digest = chunks_digest(self.trailers, index) if self.fmt.crc else None
         return sum(self.sizes), self.sha256.hexdigest(), digest
 
-    def _write(self, parts: list[Any]) -> None:
-        self.file.writelines(parts)
-        for part in parts:
-            self.sha256.update(part)
-        if self.fmt.crc and len(parts) == 2:
-            self.trailers.append(bytes(parts[1]))
-        self.sizes += [memoryview(p).nbytes for p in parts]
+    def _close_chunk(self) -> None:
+        if self._direct:
+            short = self.fmt.chunk_rows - self._chunk_rows  # the array's last inner chunk: padded
+            if short:
+                fill = np.full((short, *self.fmt.trailing), self.fmt.fill_value, self.fmt.dtype.newbyteorder("<"))
+                self._put(memoryview(fill).cast("B"))
+            self.sizes.append(self._chunk_bytes)
+            if self.fmt.crc:
+                trailer = int(self._crc).to_bytes(4, "little")
+                self._write(trailer)
+                self.sizes.append(4)
+                self.trailers.append(trailer)
+        else:
+            parts = self.fmt.chunk_parts(np.concatenate(self._pending))
+            for part in parts:
+                self._write(part)
+            self.sizes += [memoryview(p).nbytes for p in parts]
+            if self.fmt.crc:
+                self.trailers.append(bytes(parts[1]))
+        self._pending, self._chunk_rows, self._chunk_bytes, self._crc = [], 0, 0, 0
+        self.chunks += 1
+
+    def _put(self, data: memoryview) -> None:
+        """Bytes of the open (uncompressed) inner chunk."""
+        self._write(data)
+        self._chunk_bytes += data.nbytes
+        if self.fmt.crc:
+            self._crc = google_crc32c.extend(self._crc, np.frombuffer(data, np.uint8))
+
+    def _write(self, data: Any) -> None:
+        self.file.write(data)
+        self.sha256.update(data)
