@@ -17,10 +17,11 @@ The background writer thread, fed by a bounded queue, checks and encodes the bat
 storage dtype) so the device does not wait on storage. A local Zarr store's logits file is
 written as the batches are encoded (from one small buffer that stays in cache); otherwise a
 shard's rows fill a buffer of the whole shard, written once its last batch is in. Batches reach
-the writer in groups (up to half the queue, never across a shard's end): one wake-up and one set
-of tensor operations per group, so it takes the GIL from the compute loop a few times per group
-rather than a few times per batch. Gather and shard buffers go back to a pool for reuse (fresh
-ones would be paid for in page faults every batch).
+the writer in groups (up to half the queue, never across a shard's end): one wake-up per group.
+CUDA groups are joined and encoded at once; CPU batches one by one (a batch's logits stay in
+the core's cache from the check to the file; a single float32 teacher's output is read in place).
+Gather and shard buffers go back to a pool for reuse (fresh ones would be paid for in page faults
+every batch).
 
 Non-finite teacher logits (``nonfinite``): ``"error"`` (default) stops the run with
 :class:`NonFiniteError` naming the teacher and the sample keys. ``"uniform"`` replaces the
@@ -227,7 +228,7 @@ def _device_lock(device: torch.device) -> threading.Lock:
 @dataclass
 class _Item:
     """One computed batch on its way to the writer thread (CPU tensors once ``event`` completes), or there
-    a group of them combined (``ShardRunner._combine``)."""
+    a group of CUDA batches combined (``ShardRunner._combine``), or a CPU batch reduced (``_reduce``)."""
 
     shard: int
     keys: list[str]
@@ -240,7 +241,8 @@ class _Item:
 
 @dataclass
 class _Part:
-    """A shard's batches so far, encoded for the store (``TargetWriter.encode``), in row order."""
+    """A shard's batches so far, encoded for the store (``TargetWriter.encode``), in row order: in its
+    ``stream`` (``TargetWriter.shard_stream``: its files, written as the rows come), or kept here."""
 
     logits: np.ndarray | None  # [rows, K, C] or [rows, C], storage dtype, filled batch by batch; None: streamed
     keys: list[np.ndarray] = field(default_factory=list)  # [B] str
@@ -248,7 +250,7 @@ class _Part:
     inputs: list[dict[str, Any]] = field(default_factory=list)  # one per row, when packed
     rows: int = 0
     nonfinite: dict[str, list[str]] = field(default_factory=dict)
-    stream: Any = None  # the shard's logits file, written as its rows are encoded (TargetWriter.logits_stream)
+    stream: Any = None
 
 
 _END = object()
@@ -342,11 +344,21 @@ class _ShardWriterThread(threading.Thread):
 
     def _take(self, group: list[_Item]) -> None:
         runner = self.runner
-        item, gathered = runner._combine(group)
+        if not isinstance(group[0].logits, list):  # CUDA: reduced and checked on the device already
+            self._add(runner._combine(group), None, None)
+            return
+        for item in group:  # CPU: batch by batch, so each batch's rows stay in cache while encoded and written
+            self._add(*runner._reduce(item))
+
+    def _add(self, item: _Item, teachers: torch.Tensor | None, buffer: torch.Tensor | None) -> None:
+        """Encode ``item`` (reduced) into its shard, and write the shard once complete. ``teachers``: the
+        batch's ``[B, K, C]`` teacher logits (CPU), searched for NaN/Inf if encoding refuses the reduced
+        ones; ``buffer``: a pooled buffer to give back once encoded."""
+        runner = self.runner
         start, stop = runner.spec.shard_range(item.shard)
         part = self.parts.get(item.shard)
         if part is None:
-            stream = runner.writer.logits_stream(item.shard)
+            stream = runner.writer.shard_stream(item.shard)
             part = self.parts[item.shard] = _Part(None if stream else runner._shard_buffer(stop - start), stream=stream)
         if item.bad is not None and item.bad.any():
             part.nonfinite.update(runner._nonfinite(item))
@@ -360,13 +372,11 @@ class _ShardWriterThread(threading.Thread):
         try:
             runner._encode(item, part, out)
         except NonFiniteLogits:
-            if gathered is not None and item.bad is None:  # which teachers, which keys (NonFiniteError)
-                runner._nonfinite(replace(item, bad=_nonfinite_rows(gathered, "error")))
+            if teachers is not None and item.bad is None:  # which teachers, which keys (NonFiniteError)
+                runner._nonfinite(replace(item, bad=_nonfinite_rows(teachers, "error")))
             raise
-        if part.stream is not None:
-            part.stream.append(out)
-        if gathered is not None:
-            runner._free.put(gathered)
+        if buffer is not None:
+            runner._free.put(buffer)
         if part.rows == stop - start:
             self.records.append(runner._write(item.shard, self.parts.pop(item.shard)))
             if part.logits is not None:
@@ -554,43 +564,39 @@ class ShardRunner:
                                  "uniform distribution for them (listed in the manifest)")
         return found
 
-    def _combine(self, group: list[_Item]) -> tuple[_Item, torch.Tensor | None]:
-        """One item for a group of consecutive batches of one shard, checked (``bad``) and reduced for
-        the store; and, on CPU, the gathered buffer (back to the pool once encoded)."""
+    def _combine(self, group: list[_Item]) -> _Item:
+        """One item for a group of consecutive CUDA batches of one shard (reduced and checked on the device)."""
         def joined(tensors: list[torch.Tensor]) -> torch.Tensor:
             return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
         first = group[0]
-        keys = list(itertools.chain.from_iterable(it.keys for it in group))
-        labels = joined([it.labels for it in group])
-        x = None if first.x is None else joined([it.x for it in group])
-        if not isinstance(first.logits, list):  # CUDA: reduced and checked on the device already
-            for it in group:
-                it.event.synchronize()
-            logits, bad = joined([it.logits for it in group]), joined([it.bad for it in group])
-            return _Item(first.shard, keys, logits, bad, labels, x), None
-        gathered = self._gather([it.logits for it in group])
-        # "error": looked for only when encoding refuses the result (NaN/Inf survive every reduction).
-        bad = _nonfinite_rows(gathered, "uniform") if self.options.nonfinite == "uniform" else None
-        logits = reduce_teachers(gathered, self.spec.content, self.spec.temperature or 1.0)
-        return _Item(first.shard, keys, logits, bad, labels, x), gathered
+        for it in group:
+            it.event.synchronize()
+        return _Item(first.shard, list(itertools.chain.from_iterable(it.keys for it in group)),
+                     joined([it.logits for it in group]), joined([it.bad for it in group]),
+                     joined([it.labels for it in group]), None if first.x is None else joined([it.x for it in group]))
 
-    def _gather(self, batches: list[list[torch.Tensor]]) -> torch.Tensor:
-        """Each batch's K teacher outputs ``[B, C]`` (any float dtype) as one ``[rows, K, C]`` float32 tensor,
-        in a buffer of this runner's (written in place later: never the teachers' own tensors)."""
-        k, c = len(batches[0]), batches[0][0].shape[1]
-        shape = (sum(len(outs[0]) for outs in batches), k, c)
+    def _reduce(self, item: _Item) -> tuple[_Item, torch.Tensor, torch.Tensor | None]:
+        """A CPU batch reduced for the store (and checked, with ``nonfinite="uniform"``; with ``"error"``
+        NaN/Inf are looked for only when encoding refuses the result: they survive every reduction).
+        Returns it, its teachers' logits ``[B, K, C]`` float32 and the pooled buffer holding them (or None)."""
+        teachers, buffer = self._gather(item.logits)
+        bad = _nonfinite_rows(teachers, "uniform") if self.options.nonfinite == "uniform" else None
+        logits = reduce_teachers(teachers, self.spec.content, self.spec.temperature or 1.0)
+        return replace(item, logits=logits, bad=bad), teachers, buffer
+
+    def _gather(self, outputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A batch's K teacher outputs ``[B, C]`` (any float dtype) as one ``[B, K, C]`` float32 tensor, and
+        the buffer of this runner's that holds it: None where it is a view of a single float32 output
+        (nothing writes to it then; ``nonfinite="uniform"`` does, and gets a copy)."""
+        if len(outputs) == 1 and outputs[0].dtype == torch.float32 and self.options.nonfinite != "uniform":
+            return outputs[0][:, None, :], None
+        shape = (len(outputs[0]), len(outputs), outputs[0].shape[1])
         buffer = _reuse(self._free, shape)
         if buffer is None:
             buffer = torch.empty(shape, dtype=torch.float32)
-        if k == 1:
-            torch.cat([outs[0] for outs in batches], out=buffer[:, 0])
-            return buffer
-        row = 0
-        for outs in batches:
-            torch.stack(outs, dim=1, out=buffer[row:row + len(outs[0])])
-            row += len(outs[0])
-        return buffer
+        torch.stack(outputs, dim=1, out=buffer)
+        return buffer, buffer
 
     def _shard_buffer(self, rows: int) -> np.ndarray:
         """An array for a shard's stored logits ``[rows, K, C]`` or ``[rows, C]``: a written shard's, or new."""
@@ -603,21 +609,25 @@ class ShardRunner:
         it to ``part``."""
         inputs = [{INPUT_MEMBER: x.numpy()} for x in item.x] if self.options.pack_inputs else None
         _, keys, labels = self.writer.encode(item.keys, item.logits, item.labels, inputs, out=out)
-        part.keys.append(keys)
-        part.labels.append(labels)
-        part.inputs += inputs or ()
+        if part.stream is not None:
+            part.stream.append(out, labels, keys)
+        else:
+            part.keys.append(keys)
+            part.labels.append(labels)
+            part.inputs += inputs or ()
         part.rows += len(keys)
 
     def _write(self, shard: int, part: _Part) -> ShardRecord:
-        keys, labels = np.concatenate(part.keys), np.concatenate(part.labels)
-        inputs = part.inputs if self.options.pack_inputs else None
         side = join(self.writer.root, f"{MARKER_DIR}/{shard:06d}{_NONFINITE_SUFFIX}")
         if part.nonfinite:
             atomic_write(self.writer.fs, side, json.dumps(part.nonfinite, sort_keys=True).encode())
         else:
             remove_file(self.writer.fs, side)
-        return self.writer.write_shard(shard, keys, part.logits, labels, inputs, encoded=True,
-                                       logits_stream=part.stream)
+        if part.stream is not None:
+            return self.writer.write_shard(shard, stream=part.stream)
+        inputs = part.inputs if self.options.pack_inputs else None
+        return self.writer.write_shard(shard, np.concatenate(part.keys), part.logits, np.concatenate(part.labels),
+                                       inputs, encoded=True)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -158,10 +158,10 @@ def test_batches_reach_the_writer_in_groups_that_split_shards(tmp_path):
     assert [s.rows for s in m.shards] == [64, 64, 64, 64, 44]
 
 
-def test_logits_files_streamed_chunk_by_chunk_equal_whole_writes(tmp_path):
-    """Inner chunks of 16 rows: the local engine writes each logits shard file as its chunks fill (the last
-    shard: 2 full chunks and one of 12 rows, padded); the same rows written whole by ``write_shard`` give
-    the same bytes, and a full verify of the streamed store passes."""
+def test_shard_files_streamed_batch_by_batch_equal_whole_writes(tmp_path):
+    """Inner chunks of 16 rows: the local engine writes each shard's files (logits, labels, keys) as its
+    batches come (the last shard: 2 full chunks and one of 12 rows, padded); the same rows written whole by
+    ``write_shard`` give the same bytes, and a full verify of the streamed store passes."""
     teachers, ds = ensemble(2), Synthetic()
     run(teachers, ds, tmp_path / "s.zarr", "local", block_rows=16)
     writer = create_targets(tmp_path / "w.zarr", num_classes=C, num_teachers=2, num_samples=N, shard_rows=SHARD,
@@ -173,9 +173,12 @@ def test_logits_files_streamed_chunk_by_chunk_equal_whole_writes(tmp_path):
     streamed = open_targets(tmp_path / "s.zarr", verify="full")
     assert streamed.manifest.shards[-1].rows == 44
     np.testing.assert_array_equal(streamed[:]["logits"].numpy(), want)
-    logits_files = {p: b for p, b in data_files(tmp_path / "s.zarr").items() if p.startswith("logits/c")}
-    assert len(logits_files) == 5
-    assert logits_files == {p: b for p, b in data_files(tmp_path / "w.zarr").items() if p.startswith("logits/c")}
+    def shard_files(url):
+        return {p: b for p, b in data_files(url).items() if p.split("/")[0] in ("logits", "labels", "keys")
+                and "/c" in p}
+
+    assert len(shard_files(tmp_path / "s.zarr")) == 15
+    assert shard_files(tmp_path / "s.zarr") == shard_files(tmp_path / "w.zarr")
     assert not [p for p in (tmp_path / "s.zarr").rglob("*") if ".tmp-" in p.name]
 
 

@@ -97,3 +97,24 @@ def test_writer_encodes_batches_into_one_shard_as_it_encodes_the_shard(tmp_path)
     for rows in (slice(0, 4), slice(4, 10)):
         writer.encode(keys[rows], logits[rows], out=buffer[rows])
     assert buffer.tobytes() == whole.tobytes()
+
+
+def test_a_shard_stream_refuses_repeated_keys_and_leaves_nothing_when_discarded(tmp_path):
+    writer = create_targets(tmp_path / "s.zarr", num_classes=20, num_samples=12, shard_rows=12, block_rows=4)
+    stream = writer.shard_stream(0)
+    keys = [f"k{i}" for i in range(12)]
+    logits = torch.randn(12, 20, generator=torch.Generator().manual_seed(0))
+    stream.append(*_encoded(writer, keys[:5], logits[:5]))
+    with pytest.raises(ValueError, match=r"duplicate sample keys in shard 0: \['k3'\]"):
+        stream.append(*_encoded(writer, ["k3", "k5"], logits[5:7]))
+    with pytest.raises(ValueError, match=r"duplicate sample keys in shard 0: \['k9'\]"):
+        stream.append(*_encoded(writer, ["k9", "k10", "k9"], logits[7:10]))
+    stream.discard()
+    assert not [p for p in (tmp_path / "s.zarr").rglob("*") if ".tmp-" in p.name]
+    with pytest.raises(TypeError, match="keys and logits, or a stream"):
+        writer.write_shard(0)
+
+
+def _encoded(writer, keys, logits):
+    stored, keys_arr, labels = writer.encode(keys, logits)
+    return stored, labels, keys_arr

@@ -197,15 +197,15 @@ class TargetWriter(ABC):
     @abstractmethod
     def _write_shard_files(
         self, shard_id: int, start: int, keys: np.ndarray, logits: np.ndarray, labels: np.ndarray,
-        inputs: list[dict] | None, logits_stream: Any = None,
+        inputs: list[dict] | None,
     ) -> list[FileRecord]:
-        """Write one whole shard's files and return their records (the logits file: ``logits_stream``'s,
-        where given)."""
+        """Write one whole shard's files and return their records."""
 
-    def logits_stream(self, shard_id: int) -> Any:
-        """A logits file of shard ``shard_id`` to write as its rows are encoded, or None (then
-        :meth:`write_shard` writes it whole). Streams have ``append(rows)`` (the shard's next encoded rows,
-        in order; the array may be reused afterwards), ``commit() -> FileRecord`` and ``discard()``."""
+    def shard_stream(self, shard_id: int) -> Any:
+        """The files of shard ``shard_id``, to write as its rows are encoded, or None (then :meth:`write_shard`
+        writes them whole). A stream has ``append(logits, labels, keys)`` (the shard's next rows as
+        :meth:`encode` returns them, in order; the arrays may be reused afterwards; a repeated key is
+        refused), ``rows``, ``labeled`` and ``clipped`` counts, ``commit() -> [FileRecord]`` and ``discard()``."""
         return None
 
     def _finish_layout(self) -> None:
@@ -227,7 +227,7 @@ class TargetWriter(ABC):
         stored, keys_arr, labels_arr = self.encode(keys, logits, labels, inputs)
         fresh = set(keys_arr.tolist())
         if len(fresh) != len(keys_arr) or not self._seen_keys.isdisjoint(fresh):
-            dup = sorted(k for k in fresh if k in self._seen_keys) or _duplicates(keys_arr)
+            dup = sorted(k for k in fresh if k in self._seen_keys) or duplicates(keys_arr)
             raise ValueError(f"duplicate sample keys: {dup[:5]}")
         self._seen_keys |= fresh
         self._buffer.append((keys_arr, stored, labels_arr, inputs))
@@ -308,8 +308,8 @@ class TargetWriter(ABC):
     # -- shards (the unit of parallel work) -------------------------------------------------------
 
     def write_shard(
-        self, shard_id: int, keys: Any, logits: Any, labels: Any = None, inputs: list[dict] | None = None,
-        *, encoded: bool = False, logits_stream: Any = None,
+        self, shard_id: int, keys: Any = None, logits: Any = None, labels: Any = None,
+        inputs: list[dict] | None = None, *, encoded: bool = False, stream: Any = None,
     ) -> ShardRecord:
         """Write shard ``shard_id`` whole, idempotently, and mark it done. Returns its record.
 
@@ -317,33 +317,36 @@ class TargetWriter(ABC):
         shard replaces it; a marker file makes it count as done only once its files are complete.
         ``encoded=True``: ``keys``, ``logits``, ``labels`` are what :meth:`encode` returned (for
         the whole shard, or its batches concatenated); ``inputs`` were checked there too.
-        ``logits_stream``: from :meth:`logits_stream`, given every row of the shard; it becomes the
-        shard's logits file, and ``logits`` is not used (None).
+        ``stream``: from :meth:`shard_stream`, given every row of the shard (then ``keys``, ``logits``,
+        ``labels`` are not used): its files become the shard's.
         """
         self.prepare()
         spec = self.spec
-        if encoded:
-            stored, keys_arr, labels_arr = logits, keys, labels
-        else:
-            stored, keys_arr, labels_arr = self.encode(keys, logits, labels, inputs)
-        if len(set(keys_arr.tolist())) != len(keys_arr):
-            raise ValueError(f"duplicate sample keys in shard {shard_id}: {_duplicates(keys_arr)[:5]}")
         start, stop = spec.shard_range(shard_id)
-        if len(keys_arr) != stop - start:
-            raise ValueError(f"shard {shard_id} holds rows [{start}, {stop}); got {len(keys_arr)} rows")
-        # Values at float16's limit: what overflow="clip" produced (the error policy lets none through).
-        if logits_stream is not None:
-            clipped = logits_stream.clipped
+        if stream is not None:
+            rows, labeled, clipped = stream.rows, stream.labeled, stream.clipped
+        elif keys is None or logits is None:
+            raise TypeError("write_shard needs the shard's keys and logits, or a stream that holds them")
         else:
+            if encoded:
+                stored, keys_arr, labels_arr = logits, keys, labels
+            else:
+                stored, keys_arr, labels_arr = self.encode(keys, logits, labels, inputs)
+            if len(set(keys_arr.tolist())) != len(keys_arr):
+                raise ValueError(f"duplicate sample keys in shard {shard_id}: {duplicates(keys_arr)[:5]}")
+            rows, labeled = len(keys_arr), int((labels_arr >= 0).sum())
+            # Values at float16's limit: what overflow="clip" produced (the error policy lets none through).
             clipped = at_limit(stored) if spec.dtype == "float16" and spec.overflow == "clip" else 0
+        if rows != stop - start:
+            raise ValueError(f"shard {shard_id} holds rows [{start}, {stop}); got {rows} rows")
         marker = self._path(_marker(shard_id))
         for path in (marker, *(self._path(rel) for rel in self._shard_files(shard_id))):
             remove_file(self.fs, path)
-        files = self._write_shard_files(shard_id, start, keys_arr, stored, labels_arr, inputs, logits_stream)
-        rec = ShardRecord(
-            id=shard_id, start=start, rows=stop - start, files=files,
-            labeled=int((labels_arr >= 0).sum()), clipped=clipped,
-        )
+        if stream is not None:
+            files = stream.commit()
+        else:
+            files = self._write_shard_files(shard_id, start, keys_arr, stored, labels_arr, inputs)
+        rec = ShardRecord(id=shard_id, start=start, rows=rows, files=files, labeled=labeled, clipped=clipped)
         atomic_write(self.fs, marker, json.dumps(dataclasses.asdict(rec)).encode(), fsync=False)
         self._records[shard_id] = rec
         self._sync_later([self._path(f.path) for f in files])
@@ -419,7 +422,8 @@ class TargetWriter(ABC):
         return spec
 
 
-def _duplicates(keys: np.ndarray) -> list[str]:
+def duplicates(keys: np.ndarray) -> list[str]:
+    """Keys that occur more than once in ``keys``, sorted."""
     uniq, counts = np.unique(keys, return_counts=True)
     return uniq[counts > 1].tolist()
 

@@ -107,10 +107,8 @@ class WdsWriter(TargetWriter):
 
     def _write_shard_files(
         self, shard_id: int, start: int, keys: np.ndarray, logits: np.ndarray, labels: np.ndarray,
-        inputs: list[dict] | None, logits_stream: Any = None,
+        inputs: list[dict] | None,
     ) -> list[FileRecord]:
-        if logits_stream is not None:
-            raise ValueError("wds shards are written whole: this writer gives no logits stream")
         buf = io.BytesIO()
         # mtime=0 as an int: a float mtime makes tarfile add a 1 KiB PAX header to every member.
         with wds.TarWriter(buf, encoder=False, mtime=0) as sink:

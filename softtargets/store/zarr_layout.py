@@ -39,7 +39,7 @@ import zarr.storage
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from ..manifest import FileRecord, Manifest
-from .base import ChecksumError, StoreError, TargetStore, TargetWriter
+from .base import ChecksumError, StoreError, TargetStore, TargetWriter, duplicates
 from .encoding import NUMPY_STORAGE, at_limit
 from .files import atomic_write, file_record, flush_and_close, is_local, join, temporary_path
 from .mapped import MappedFiles
@@ -74,42 +74,65 @@ def _zarr_store(fs: Any, root: str, read_only: bool) -> Any:
     return zarr.storage.FsspecStore.from_url(f"{fs.unstrip_protocol(root)}", read_only=read_only)
 
 
-class _LogitsStream:
-    """A logits shard file written as its rows are encoded (:class:`ShardFileWriter`) under a temporary
-    name beside it; ``commit()`` renames it into place. A killed run leaves only the temporary (which
-    ``remove_temporaries`` deletes); ``discard()`` deletes it after a failure. Each inner chunk but the
-    last is handed to ``to_disk(fd)`` once written (a duplicate ``fd`` of the file, to flush and close),
-    so a big shard's bytes go to disk while the run goes on, not all at its end."""
+class _ShardStream:
+    """A shard's files (logits, labels, keys) written as its rows are encoded (:class:`ShardFileWriter`),
+    each under a temporary name beside its own; ``commit()`` renames them into place. A killed run leaves
+    only temporaries (which ``remove_temporaries`` deletes); ``discard()`` deletes them after a failure.
+    Each inner chunk of logits but the last is handed to ``to_disk(fd)`` once written (a duplicate ``fd``
+    of the file, to flush and close), so a big shard's bytes go to disk while the run goes on."""
 
-    def __init__(self, path: str, rel: str, fmt: ShardFormat, shard_id: int, array_rows: int,
-                 count_clipped: bool, to_disk: Callable[[int], None]) -> None:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        self.path, self.rel, self.tmp = path, rel, temporary_path(path)
-        self.file = open(self.tmp, "wb")  # noqa: SIM115 (closed by commit or discard)
-        self.writer = ShardFileWriter(fmt, shard_id, array_rows, self.file)
-        self.count_clipped, self.to_disk = count_clipped, to_disk
+    def __init__(self, paths: list[str], rels: list[str], formats: list[ShardFormat], shard_id: int,
+                 array_rows: int, count_clipped: bool, to_disk: Callable[[int], None]) -> None:
+        self.paths, self.rels = paths, rels
+        self.tmps = [temporary_path(path) for path in paths]
+        self.files: list[Any] = []
+        for tmp in self.tmps:
+            os.makedirs(os.path.dirname(tmp), exist_ok=True)
+            self.files.append(open(tmp, "wb"))  # noqa: SIM115 (closed by commit or discard)
+        self.writers = [ShardFileWriter(fmt, shard_id, array_rows, f) for fmt, f in zip(formats, self.files,
+                                                                                         strict=True)]
+        self.shard_id, self.count_clipped, self.to_disk = shard_id, count_clipped, to_disk
+        self.rows = 0
+        self.labeled = 0
         self.clipped = 0  # values at float16's limit (counted where overflow="clip")
+        self._keys: set[str] = set()
 
-    def append(self, rows: np.ndarray) -> None:
-        """The shard's next encoded rows, in order (see :meth:`ShardFileWriter.append`)."""
+    def append(self, logits: np.ndarray, labels: np.ndarray, keys: np.ndarray) -> None:
+        """The shard's next encoded rows, in order (arrays as ``TargetWriter.encode`` returns them; they may
+        be reused once this returns). A key met before in this shard is refused."""
+        new = keys.tolist()
+        repeated = sorted(self._keys.intersection(new)) if not self._keys.isdisjoint(new) else []
+        size = len(self._keys)
+        self._keys.update(new)
+        if repeated or len(self._keys) != size + len(new):
+            raise ValueError(f"duplicate sample keys in shard {self.shard_id}: {(repeated or duplicates(keys))[:5]}")
         if self.count_clipped:
-            self.clipped += at_limit(rows)
-        chunks = self.writer.chunks
-        self.writer.append(rows)
-        if self.writer.chunks > chunks and self.writer.done < self.writer.rows:
-            self.file.flush()
-            self.to_disk(os.dup(self.file.fileno()))
+            self.clipped += at_limit(logits)
+        self.labeled += int((labels >= 0).sum())
+        self.rows += len(keys)
+        logits_file = self.writers[0]
+        chunks = logits_file.chunks
+        for writer, rows in zip(self.writers, (logits, labels, keys), strict=True):
+            writer.append(rows)
+        if logits_file.chunks > chunks and logits_file.done < logits_file.rows:
+            self.files[0].flush()
+            self.to_disk(os.dup(self.files[0].fileno()))
 
-    def commit(self) -> FileRecord:
-        nbytes, sha256, chunks_sha256 = self.writer.finish()
-        self.file.close()
-        os.replace(self.tmp, self.path)
-        return FileRecord(path=self.rel, bytes=nbytes, sha256=sha256, chunks_sha256=chunks_sha256)
+    def commit(self) -> list[FileRecord]:
+        """Finish the files (their indexes) and rename them into place; their records."""
+        records = []
+        for writer, f, tmp, path, rel in zip(self.writers, self.files, self.tmps, self.paths, self.rels, strict=True):
+            nbytes, sha256, chunks_sha256 = writer.finish()
+            f.close()
+            os.replace(tmp, path)
+            records.append(FileRecord(path=rel, bytes=nbytes, sha256=sha256, chunks_sha256=chunks_sha256))
+        return records
 
     def discard(self) -> None:
-        self.file.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(self.tmp)
+        for f, tmp in zip(self.files, self.tmps, strict=True):
+            f.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
 
 
 class ZarrWriter(TargetWriter):
@@ -171,7 +194,7 @@ class ZarrWriter(TargetWriter):
 
     def _write_shard_files(
         self, shard_id: int, start: int, keys: np.ndarray, logits: np.ndarray, labels: np.ndarray,
-        inputs: list[dict] | None, logits_stream: _LogitsStream | None = None,
+        inputs: list[dict] | None,
     ) -> list[FileRecord]:
         if inputs is not None:
             raise ValueError("the zarr layout stores targets only; pack inputs with layout='wds'")
@@ -182,9 +205,7 @@ class ZarrWriter(TargetWriter):
             if arr.shape[0] < stop:  # appending without a known size: one process grows the arrays
                 arr.resize((stop, *arr.shape[1:]))
             shard_format = self._formats[name]
-            if name == "logits" and logits_stream is not None:
-                records.append(logits_stream.commit())
-            elif shard_format is None:  # a chain zarr must encode (blosc)
+            if shard_format is None:  # a chain zarr must encode (blosc)
                 arr[start:stop] = data
                 blob = self.fs.cat_file(join(self.root, rel))
                 chunks = file_chunks_digest(np.frombuffer(blob, np.uint8), _chunks_per_shard(arr))
@@ -194,16 +215,17 @@ class ZarrWriter(TargetWriter):
                 records.append(self._put(rel, parts, shard_format.parts_digest(parts)))
         return records
 
-    def logits_stream(self, shard_id: int) -> _LogitsStream | None:
-        """Local stores of a known size, in a format softtargets writes itself: the logits file is written
-        inner chunk by inner chunk (a big shard then costs the writer a few MB at a time, not all at its end)."""
-        arr, fmt = self._arrays["logits"], self._formats["logits"]
-        if fmt is None or not is_local(self.fs) or not self.fixed_rows:
+    def shard_stream(self, shard_id: int) -> _ShardStream | None:
+        """Local stores of a known size, in formats softtargets writes itself: the shard's files are written as
+        its rows arrive (a big shard then costs the writer a few MB at a time, not all at its end)."""
+        formats = [self._formats[name] for name in ARRAYS]
+        if None in formats or not is_local(self.fs) or not self.fixed_rows:
             return None
-        rel = shard_file("logits", arr, shard_id)
+        rels = self._shard_files(shard_id)
+        paths = [self.fs._strip_protocol(join(self.root, rel)) for rel in rels]
         clip = self.spec.dtype == "float16" and self.spec.overflow == "clip"
-        return _LogitsStream(self.fs._strip_protocol(join(self.root, rel)), rel, fmt, shard_id, arr.shape[0], clip,
-                             lambda fd: self._in_sync_thread(flush_and_close, fd))
+        return _ShardStream(paths, rels, formats, shard_id, self._arrays["logits"].shape[0], clip,
+                            lambda fd: self._in_sync_thread(flush_and_close, fd))
 
     def _put(self, rel: str, parts: list[Any], chunks_sha256: str | None) -> FileRecord:
         """Write a shard file from its parts (bytes-like) atomically (flushed to disk later: ``sync()``);
