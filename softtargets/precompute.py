@@ -55,6 +55,7 @@ from .background import prefetched
 from .cluster import TaskFailure
 from .config import import_object
 from .manifest import Manifest, ShardRecord
+from .shipped import Shipped
 from .store import BYTES_PER_DTYPE, attach_writer, create_targets, default_rows
 from .store.base import MARKER_DIR, TargetWriter
 from .store.encoding import NUMPY_STORAGE, NonFiniteLogits
@@ -153,6 +154,15 @@ class PrecomputeJob:
     options: RunOptions
     storage_options: dict[str, Any] | None = None
     token: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled with the tensors of its teachers and transfer set out of band (:mod:`softtargets.shipped`):
+        dask sends them to its workers without copying them through the pickle stream."""
+        return _job, (Shipped(dict(vars(self))),)
+
+
+def _job(fields: dict[str, Any]) -> PrecomputeJob:
+    return PrecomputeJob(**fields)
 
 
 # ---------------------------------------------------------------------------------------------------
