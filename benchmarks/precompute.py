@@ -1,11 +1,12 @@
 """Stage one's overhead: `softtargets.precompute` against a bare loop of teacher forward passes.
 
-    python benchmarks/precompute.py                # ~4 min on 2 CPU cores
+    python benchmarks/precompute.py                # ~5 min on 2 CPU cores
     python benchmarks/precompute.py --samples 4096 --repeats 1
-    python benchmarks/precompute.py --hidden 256   # teachers of ~5 ms per batch
+    python benchmarks/precompute.py --engines local --teachers 1 --hidden 384 --samples 262144 \
+        --shard-rows 65536 --repeats 7             # teachers of ~5-6 ms a batch, the default shard size
 
 The same in-memory inputs and the same K teachers (MLPs 512-H-H-1000, H = ``--hidden`` = 1024 by
-default: ~2.6 M parameters, ~15 ms per batch of 256 on one core of this VM) run:
+default: ~2.6 M parameters, 14-23 ms per batch of 256 on one core of the VMs sessions got) run:
 
 * ``bare``: ``for each batch: [t(x) for t in teachers]`` under ``torch.inference_mode()``, nothing kept;
 * ``local``: ``precompute(..., scheduler="local")``, per-teacher float16 logits into a Zarr store

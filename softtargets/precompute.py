@@ -533,7 +533,8 @@ class ShardRunner:
         store's reduction and an async copy to the host; on CPU the outputs go to the writer thread as
         they are (it gathers and reduces them)."""
         b, c = len(batch.keys), self.spec.num_classes
-        x = batch.x.to(self.device, non_blocking=True)
+        # No .to() where x is there already: even a no-op call lets the writer thread take the GIL.
+        x = batch.x if batch.x.device == self.device else batch.x.to(self.device, non_blocking=True)
         autocast = contextlib.nullcontext() if self.options.autocast is None else torch.autocast(
             device_type=self.device.type, dtype=AUTOCAST[self.options.autocast])
         with autocast:
