@@ -14,9 +14,9 @@ the logits gathered into one ``[B, K, C]`` float32 tensor, a per-teacher finiten
 the store's reduction (:func:`softtargets.temperature.reduce_teachers`), an asynchronous copy to the
 host. On CPU all of that happens on the writer thread, so the teachers' core only runs teachers.
 The background writer thread, fed by a bounded queue, checks and encodes the batches (zero-mean,
-storage dtype) so the device does not wait on storage. A local Zarr store's logits file is
-written as the batches are encoded (from one small buffer that stays in cache); otherwise a
-shard's rows fill a buffer of the whole shard, written once its last batch is in. Batches reach
+storage dtype) so the device does not wait on storage. A local Zarr store's shard files are
+written as the batches are encoded (logits from one small buffer that stays in cache); otherwise
+a shard's rows fill a buffer of the whole shard, written once its last batch is in. Batches reach
 the writer in groups (up to half the queue, never across a shard's end): one wake-up per group.
 CUDA groups are joined and encoded at once; CPU batches one by one (a batch's logits stay in
 the core's cache from the check to the file; a single float32 teacher's output is read in place).
@@ -267,7 +267,8 @@ _END = object()
 
 
 class _ShardWriterThread(threading.Thread):
-    """Takes computed batches from a bounded queue and writes each shard once all its rows are in.
+    """Takes computed batches from a bounded queue, encodes them into their shards (streamed to the shard's
+    files, or kept until its last row) and completes each shard once all its rows are in.
 
     The queue is two ``SimpleQueue`` s (C code: a put costs the compute loop microseconds): groups of
     items, and ``queue_size`` tokens of room, one per batch, that the compute loop takes and the
@@ -286,7 +287,7 @@ class _ShardWriterThread(threading.Thread):
         self.group_size = max(1, queue_size // 2)
         self._group: list[_Item] = []  # the compute loop's batches not handed over yet
         self.parts: dict[int, _Part] = {}
-        self._encoded: np.ndarray | None = None  # a streamed group's stored logits, reused (stays in cache)
+        self._encoded: np.ndarray | None = None  # a streamed batch's stored logits (CUDA: a group's), reused
         self.records: list[ShardRecord] = []
         self.error: BaseException | None = None
 

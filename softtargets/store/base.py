@@ -225,11 +225,7 @@ class TargetWriter(ABC):
         self._check_open()
         self._resume_appending()
         stored, keys_arr, labels_arr = self.encode(keys, logits, labels, inputs)
-        fresh = set(keys_arr.tolist())
-        if len(fresh) != len(keys_arr) or not self._seen_keys.isdisjoint(fresh):
-            dup = sorted(k for k in fresh if k in self._seen_keys) or duplicates(keys_arr)
-            raise ValueError(f"duplicate sample keys: {dup[:5]}")
-        self._seen_keys |= fresh
+        add_new_keys(self._seen_keys, keys_arr)
         self._buffer.append((keys_arr, stored, labels_arr, inputs))
         self._buffered += len(keys_arr)
         if self.fixed_rows and self._next_shard * self.spec.shard_rows + self._buffered > self.spec.num_samples:
@@ -332,8 +328,7 @@ class TargetWriter(ABC):
                 stored, keys_arr, labels_arr = logits, keys, labels
             else:
                 stored, keys_arr, labels_arr = self.encode(keys, logits, labels, inputs)
-            if len(set(keys_arr.tolist())) != len(keys_arr):
-                raise ValueError(f"duplicate sample keys in shard {shard_id}: {duplicates(keys_arr)[:5]}")
+            add_new_keys(set(), keys_arr, f" in shard {shard_id}")
             rows, labeled = len(keys_arr), int((labels_arr >= 0).sum())
             # Values at float16's limit: what overflow="clip" produced (the error policy lets none through).
             clipped = at_limit(stored) if spec.dtype == "float16" and spec.overflow == "clip" else 0
@@ -422,10 +417,19 @@ class TargetWriter(ABC):
         return spec
 
 
-def duplicates(keys: np.ndarray) -> list[str]:
+def _duplicates(keys: np.ndarray) -> list[str]:
     """Keys that occur more than once in ``keys``, sorted."""
     uniq, counts = np.unique(keys, return_counts=True)
     return uniq[counts > 1].tolist()
+
+
+def add_new_keys(seen: set[str], keys: np.ndarray, where: str = "") -> None:
+    """Add ``keys`` to ``seen``; refuses (ValueError, ``seen`` unchanged) a key already seen or repeated."""
+    fresh = set(keys.tolist())
+    if len(fresh) != len(keys) or not seen.isdisjoint(fresh):
+        dup = sorted(k for k in fresh if k in seen) or _duplicates(keys)
+        raise ValueError(f"duplicate sample keys{where}: {dup[:5]}")
+    seen |= fresh
 
 
 def _file_matches(fs: fsspec.AbstractFileSystem, root: str, rec: FileRecord) -> bool:

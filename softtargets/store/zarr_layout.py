@@ -39,7 +39,7 @@ import zarr.storage
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from ..manifest import FileRecord, Manifest
-from .base import ChecksumError, StoreError, TargetStore, TargetWriter, duplicates
+from .base import ChecksumError, StoreError, TargetStore, TargetWriter, add_new_keys
 from .encoding import NUMPY_STORAGE, at_limit
 from .files import atomic_write, file_record, flush_and_close, is_local, join, temporary_path
 from .mapped import MappedFiles
@@ -100,12 +100,7 @@ class _ShardStream:
     def append(self, logits: np.ndarray, labels: np.ndarray, keys: np.ndarray) -> None:
         """The shard's next encoded rows, in order (arrays as ``TargetWriter.encode`` returns them; they may
         be reused once this returns). A key met before in this shard is refused."""
-        new = keys.tolist()
-        repeated = sorted(self._keys.intersection(new)) if not self._keys.isdisjoint(new) else []
-        size = len(self._keys)
-        self._keys.update(new)
-        if repeated or len(self._keys) != size + len(new):
-            raise ValueError(f"duplicate sample keys in shard {self.shard_id}: {(repeated or duplicates(keys))[:5]}")
+        add_new_keys(self._keys, keys, f" in shard {self.shard_id}")
         if self.count_clipped:
             self.clipped += at_limit(logits)
         self.labeled += int((labels >= 0).sum())
