@@ -622,7 +622,7 @@ class ShardRunner:
         inputs = [{INPUT_MEMBER: x.numpy()} for x in item.x] if self.options.pack_inputs else None
         _, keys, labels = self.writer.encode(item.keys, item.logits, item.labels, inputs, out=out)
         if part.stream is not None:
-            part.stream.append(out, labels, keys)
+            part.stream.append(out, labels, keys, inputs)
         else:
             part.keys.append(keys)
             part.labels.append(labels)

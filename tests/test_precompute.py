@@ -81,6 +81,19 @@ class Spiky(nn.Module):
         return out
 
 
+def _open_files_under(folder) -> list[str]:
+    """Files under ``folder`` that this process holds open (Linux; elsewhere none are found)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else []:
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed meanwhile (the listing's own fd)
+            continue
+        if target.startswith(str(folder)):
+            found.append(target)
+    return found
+
+
 def unseeded_linear() -> nn.Module:
     """A factory that draws new weights every call (not reproducible across processes)."""
     return nn.Linear(D, C)
@@ -182,18 +195,41 @@ def test_shard_files_streamed_batch_by_batch_equal_whole_writes(tmp_path):
     assert not [p for p in (tmp_path / "s.zarr").rglob("*") if ".tmp-" in p.name]
 
 
-def test_values_clipped_in_streamed_files_are_counted_as_in_whole_writes(tmp_path):
-    """overflow="clip": the streamed Zarr store (chunks of 16 rows) counts per shard what the WebDataset
-    store, whose shards are written whole, counts; both hold the same values. No file is left open."""
+@pytest.mark.parametrize("sample_layout", ["block", "sample"])
+def test_tar_shards_streamed_batch_by_batch_equal_whole_writes(tmp_path, sample_layout):
+    """WebDataset shards written as batches come (batches of 24, blocks of 16 rows: blocks end inside
+    batches; the last shard's 44 rows end in a partial block), with inputs packed in the sample layout:
+    the same tar bytes as ``write_shard`` of the same rows, and a full verify passes."""
+    teachers, ds = ensemble(2), Synthetic()
+    packed = sample_layout == "sample"
+    run(teachers, ds, tmp_path / "s.wds", "local", batch_size=24, block_rows=None if packed else 16,
+        pack_inputs=packed)
+    spec = open_targets(tmp_path / "s.wds", verify="full").manifest
+    assert spec.sample_layout == sample_layout
+    writer = create_targets(tmp_path / "w.wds", num_classes=C, num_teachers=2, num_samples=N, shard_rows=SHARD,
+                            block_rows=spec.block_rows, sample_layout=spec.sample_layout,
+                            inputs=spec.inputs or None)
+    want = direct(teachers, ds, "per_teacher", None, "float16", batch=24)
+    for sid in range(writer.spec.num_shards):
+        lo, hi = writer.spec.shard_range(sid)
+        inputs = [{"input.npy": ds.x[i].numpy()} for i in range(lo, hi)] if packed else None
+        writer.write_shard(sid, np.array(ds.keys[lo:hi]), want[lo:hi], np.arange(lo, hi) % C, inputs, encoded=True)
+    tars = {p: b for p, b in data_files(tmp_path / "s.wds").items() if p.endswith(".tar")}
+    assert len(tars) == 5 and tars == {p: b for p, b in data_files(tmp_path / "w.wds").items() if p.endswith(".tar")}
+    assert not [p for p in (tmp_path / "s.wds").rglob("*") if ".tmp-" in p.name]
+
+
+def test_values_clipped_in_streamed_files_are_counted(tmp_path):
+    """overflow="clip": streamed Zarr (chunks of 16 rows) and WebDataset stores count, per shard, the rows
+    whose spike was clipped, and hold the same values. No file is left open."""
     teachers, ds = [{"name": "spiky", "module": Spiky()}], Synthetic()
-    fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
     streamed = run(teachers, ds, tmp_path / "s.zarr", "local", block_rows=16, overflow="clip")
-    if fds is not None:
-        assert len(os.listdir("/proc/self/fd")) == fds
-    whole = run(teachers, ds, tmp_path / "w.wds", "local", overflow="clip")
+    tars = run(teachers, ds, tmp_path / "w.wds", "local", overflow="clip")
+    assert not _open_files_under(tmp_path)
     spikes = (ds.x[:, 0] > 1).reshape(-1)
-    assert streamed.clipped_values == whole.clipped_values == int(spikes.sum()) > 5
-    assert [s.clipped for s in streamed.shards] == [s.clipped for s in whole.shards]
+    want = [int(spikes[lo:lo + SHARD].sum()) for lo in range(0, N, SHARD)]
+    assert [s.clipped for s in streamed.shards] == [s.clipped for s in tars.shards] == want and sum(want) > 5
+    assert streamed.clipped_values == tars.clipped_values == sum(want)
     logits = open_targets(tmp_path / "s.zarr", verify="full")[:]["logits"]
     np.testing.assert_array_equal(logits.numpy(), open_targets(tmp_path / "w.wds")[:]["logits"].numpy())
     assert (logits[spikes, 0, 3] == 65504).all() and logits.abs().max() == 65504

@@ -18,6 +18,7 @@ hashing every file it touches).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -44,6 +45,7 @@ from .files import (
     remove_file,
     remove_temporaries,
     sha256_hex,
+    temporary_path,
     url_to_fs,
 )
 
@@ -67,6 +69,60 @@ class ChecksumError(StoreError):
 
 def _marker(shard_id: int) -> str:
     return f"{MARKER_DIR}/{shard_id:06d}.json"
+
+
+class ShardStream(ABC):
+    """A shard's files written as its rows are encoded (:meth:`TargetWriter.shard_stream`), each under a
+    temporary name beside its own until :meth:`commit` renames them into place. A killed run leaves only
+    temporaries (which ``remove_temporaries`` deletes); :meth:`discard` deletes them after a failure.
+    Counts what :meth:`TargetWriter.write_shard` records: ``rows``, ``labeled``, ``clipped``."""
+
+    def __init__(self, shard_id: int, paths: list[str], rels: list[str], count_clipped: bool) -> None:
+        self.shard_id, self.paths, self.rels, self.count_clipped = shard_id, paths, rels, count_clipped
+        self.tmps = [temporary_path(path) for path in paths]
+        self.files: list[Any] = []
+        for tmp in self.tmps:
+            os.makedirs(os.path.dirname(tmp), exist_ok=True)
+            self.files.append(open(tmp, "wb"))  # noqa: SIM115 (closed by commit or discard)
+        self.rows = self.labeled = 0
+        self.clipped = 0  # values at float16's limit (counted where overflow="clip")
+        self._keys: set[str] = set()
+
+    def append(self, logits: np.ndarray, labels: np.ndarray, keys: np.ndarray, inputs: list[dict] | None = None
+               ) -> None:
+        """The shard's next rows as :meth:`TargetWriter.encode` returns them, in order (the arrays may be reused
+        once this returns); ``inputs``: one dict per row, for stores that pack them. A repeated key is refused."""
+        add_new_keys(self._keys, keys, f" in shard {self.shard_id}")
+        if self.count_clipped:
+            self.clipped += at_limit(logits)
+        self.labeled += int((labels >= 0).sum())
+        self._write(logits, labels, keys, inputs)
+        self.rows += len(keys)
+
+    @abstractmethod
+    def _write(self, logits: np.ndarray, labels: np.ndarray, keys: np.ndarray, inputs: list[dict] | None) -> None:
+        """Write the rows to the files."""
+
+    @abstractmethod
+    def _finish(self) -> list[tuple[int, str, str | None]]:
+        """Write what the files still lack; ``(bytes, sha256 hex, chunks_sha256)`` of each."""
+
+    def commit(self) -> list[FileRecord]:
+        """Finish the files and rename them into place; their records."""
+        done = self._finish()
+        records = []
+        for f, tmp, path, rel, (nbytes, sha256, chunks) in zip(self.files, self.tmps, self.paths, self.rels, done,
+                                                                strict=True):
+            f.close()
+            os.replace(tmp, path)
+            records.append(FileRecord(path=rel, bytes=nbytes, sha256=sha256, chunks_sha256=chunks))
+        return records
+
+    def discard(self) -> None:
+        for f, tmp in zip(self.files, self.tmps, strict=True):
+            f.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
 
 
 class TargetWriter(ABC):
@@ -201,11 +257,9 @@ class TargetWriter(ABC):
     ) -> list[FileRecord]:
         """Write one whole shard's files and return their records."""
 
-    def shard_stream(self, shard_id: int) -> Any:
+    def shard_stream(self, shard_id: int) -> ShardStream | None:
         """The files of shard ``shard_id``, to write as its rows are encoded, or None (then :meth:`write_shard`
-        writes them whole). A stream has ``append(logits, labels, keys)`` (the shard's next rows as
-        :meth:`encode` returns them, in order; the arrays may be reused afterwards; a repeated key is
-        refused), ``rows``, ``labeled`` and ``clipped`` counts, ``commit() -> [FileRecord]`` and ``discard()``."""
+        writes them whole)."""
         return None
 
     def _finish_layout(self) -> None:

@@ -23,6 +23,7 @@ Every ``.npy`` is written and read with ``allow_pickle=False``; tar headers carr
 
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
 from collections import OrderedDict
@@ -32,7 +33,7 @@ import numpy as np
 import webdataset as wds
 
 from ..manifest import FileRecord, Manifest
-from .base import StoreError, TargetStore, TargetWriter
+from .base import ShardStream, StoreError, TargetStore, TargetWriter
 from .files import atomic_write, file_record, is_local, join
 from .mapped import MappedFiles
 
@@ -82,8 +83,79 @@ def _input_bytes(ext: str, value: Any) -> bytes:
     raise TypeError(f"input {ext!r}: give bytes, str, or an array for a '.npy' member; got {type(value).__name__}")
 
 
+class _Hashed:
+    """A binary file that hashes and counts what is written to it, in pieces of at least ``piece`` bytes
+    (tarfile writes 10 KiB at a time: one write and one hash update each would cost more than the bytes)."""
+
+    def __init__(self, file: Any, piece: int = 1 << 20) -> None:
+        self.file, self.sha256, self.bytes, self.piece = file, hashlib.sha256(), 0, piece
+        self.pending = bytearray()
+
+    def write(self, data: Any) -> int:
+        self.pending += data
+        if len(self.pending) >= self.piece:
+            self.flush()
+        return memoryview(data).nbytes
+
+    def flush(self) -> None:
+        self.file.write(self.pending)
+        self.sha256.update(self.pending)
+        self.bytes += len(self.pending)
+        self.pending = bytearray()
+
+
+class _TarStream(ShardStream):
+    """A tar shard written as its rows come: each ``block`` sample once its ``block_rows`` rows are in (rows
+    held till then), each ``sample`` row at once. The same bytes as ``WdsWriter`` writes whole."""
+
+    def __init__(self, writer: WdsWriter, shard_id: int, path: str, rel: str, count_clipped: bool) -> None:
+        super().__init__(shard_id, [path], [rel], count_clipped)
+        self.writer = writer
+        self.start = writer.spec.shard_range(shard_id)[0]
+        self.hashed = _Hashed(self.files[0])
+        self.sink = wds.TarWriter(self.hashed, encoder=False, mtime=0)  # as _write_shard_files writes
+        self.block = writer.spec.block_rows if writer.spec.sample_layout == "block" else 1
+        self.held: list[tuple[np.ndarray, np.ndarray, np.ndarray, list[dict] | None]] = []
+        self.held_rows = 0
+        self.written = 0  # rows in the tar so far
+
+    def _write(self, logits: np.ndarray, labels: np.ndarray, keys: np.ndarray, inputs: list[dict] | None) -> None:
+        self.held.append((logits.copy(), labels, keys, inputs))
+        self.held_rows += len(keys)
+        whole = self.held_rows // self.block * self.block
+        if whole:
+            self._flush(whole)
+
+    def _flush(self, rows: int) -> None:
+        """Write the first ``rows`` held rows as tar samples."""
+        logits, labels, keys = (np.concatenate(p) for p in list(zip(*self.held, strict=True))[:3])
+        inputs = None if self.held[0][3] is None else [x for part in self.held for x in part[3]]
+        for sample in self.writer._samples(self.start + self.written, keys[:rows], logits[:rows], labels[:rows],
+                                           None if inputs is None else inputs[:rows]):
+            self.sink.write(sample)
+        self.written += rows
+        self.held_rows -= rows
+        self.held = [(logits[rows:], labels[rows:], keys[rows:], None if inputs is None else inputs[rows:])] \
+            if self.held_rows else []
+
+    def _finish(self) -> list[tuple[int, str, str | None]]:
+        if self.held_rows:
+            self._flush(self.held_rows)
+        self.sink.close()
+        self.hashed.flush()
+        return [(self.hashed.bytes, self.hashed.sha256.hexdigest(), None)]
+
+
 class WdsWriter(TargetWriter):
     layout = "wds"
+
+    def shard_stream(self, shard_id: int) -> _TarStream | None:
+        """Local stores of a known size: the tar shard is written as its rows come."""
+        if not is_local(self.fs) or not self.fixed_rows:
+            return None
+        rel = shard_name(shard_id)
+        clip = self.spec.dtype == "float16" and self.spec.overflow == "clip"
+        return _TarStream(self, shard_id, self.fs._strip_protocol(join(self.root, rel)), rel, clip)
 
     def _create_layout(self) -> None:
         if self.spec.sample_layout not in ("block", "sample"):

@@ -26,7 +26,6 @@ decoded once per shard and kept. Remote stores are read through zarr.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import os
@@ -39,9 +38,9 @@ import zarr.storage
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from ..manifest import FileRecord, Manifest
-from .base import ChecksumError, StoreError, TargetStore, TargetWriter, add_new_keys
-from .encoding import NUMPY_STORAGE, at_limit
-from .files import atomic_write, file_record, flush_and_close, is_local, join, temporary_path
+from .base import ChecksumError, ShardStream, StoreError, TargetStore, TargetWriter
+from .encoding import NUMPY_STORAGE
+from .files import atomic_write, file_record, flush_and_close, is_local, join
 from .mapped import MappedFiles
 from .zarr_shards import ShardFileWriter, ShardFormat, file_chunks_digest
 
@@ -74,37 +73,21 @@ def _zarr_store(fs: Any, root: str, read_only: bool) -> Any:
     return zarr.storage.FsspecStore.from_url(f"{fs.unstrip_protocol(root)}", read_only=read_only)
 
 
-class _ShardStream:
-    """A shard's files (logits, labels, keys) written as its rows are encoded (:class:`ShardFileWriter`),
-    each under a temporary name beside its own; ``commit()`` renames them into place. A killed run leaves
-    only temporaries (which ``remove_temporaries`` deletes); ``discard()`` deletes them after a failure.
-    Each inner chunk of logits but the last is handed to ``to_disk(fd)`` once written (a duplicate ``fd``
-    of the file, to flush and close), so a big shard's bytes go to disk while the run goes on."""
+class _ShardStream(ShardStream):
+    """A zarr shard's files (logits, labels, keys) written as its rows come (:class:`ShardFileWriter`). Each
+    inner chunk of logits but the last is handed to ``to_disk(fd)`` once written (a duplicate ``fd`` of the
+    file, to flush and close), so a big shard's bytes go to disk while the run goes on."""
 
     def __init__(self, paths: list[str], rels: list[str], formats: list[ShardFormat], shard_id: int,
                  array_rows: int, count_clipped: bool, to_disk: Callable[[int], None]) -> None:
-        self.paths, self.rels = paths, rels
-        self.tmps = [temporary_path(path) for path in paths]
-        self.files: list[Any] = []
-        for tmp in self.tmps:
-            os.makedirs(os.path.dirname(tmp), exist_ok=True)
-            self.files.append(open(tmp, "wb"))  # noqa: SIM115 (closed by commit or discard)
+        super().__init__(shard_id, paths, rels, count_clipped)
         self.writers = [ShardFileWriter(fmt, shard_id, array_rows, f) for fmt, f in zip(formats, self.files,
                                                                                          strict=True)]
-        self.shard_id, self.count_clipped, self.to_disk = shard_id, count_clipped, to_disk
-        self.rows = 0
-        self.labeled = 0
-        self.clipped = 0  # values at float16's limit (counted where overflow="clip")
-        self._keys: set[str] = set()
+        self.to_disk = to_disk
 
-    def append(self, logits: np.ndarray, labels: np.ndarray, keys: np.ndarray) -> None:
-        """The shard's next encoded rows, in order (arrays as ``TargetWriter.encode`` returns them; they may
-        be reused once this returns). A key met before in this shard is refused."""
-        add_new_keys(self._keys, keys, f" in shard {self.shard_id}")
-        if self.count_clipped:
-            self.clipped += at_limit(logits)
-        self.labeled += int((labels >= 0).sum())
-        self.rows += len(keys)
+    def _write(self, logits: np.ndarray, labels: np.ndarray, keys: np.ndarray, inputs: list[dict] | None) -> None:
+        if inputs is not None:
+            raise ValueError("the zarr layout stores targets only; pack inputs with layout='wds'")
         logits_file = self.writers[0]
         chunks = logits_file.chunks
         for writer, rows in zip(self.writers, (logits, labels, keys), strict=True):
@@ -113,21 +96,8 @@ class _ShardStream:
             self.files[0].flush()
             self.to_disk(os.dup(self.files[0].fileno()))
 
-    def commit(self) -> list[FileRecord]:
-        """Finish the files (their indexes) and rename them into place; their records."""
-        records = []
-        for writer, f, tmp, path, rel in zip(self.writers, self.files, self.tmps, self.paths, self.rels, strict=True):
-            nbytes, sha256, chunks_sha256 = writer.finish()
-            f.close()
-            os.replace(tmp, path)
-            records.append(FileRecord(path=rel, bytes=nbytes, sha256=sha256, chunks_sha256=chunks_sha256))
-        return records
-
-    def discard(self) -> None:
-        for f, tmp in zip(self.files, self.tmps, strict=True):
-            f.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
+    def _finish(self) -> list[tuple[int, str, str | None]]:
+        return [writer.finish() for writer in self.writers]
 
 
 class ZarrWriter(TargetWriter):
