@@ -3,6 +3,8 @@ the same logits, labels and keys that softtargets reads (bfloat16 as uint16 bits
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ import webdataset as wds
 import zarr
 
 import softtargets as st
+from softtargets.store.wds_layout import npy_bytes
 from tests.store_data import DTYPES, TORCH_DTYPE, bits, keys, store_path, teacher_logits, write_store
 
 N = 40
@@ -78,3 +81,15 @@ def test_plain_webdataset_reads_sample_shards(tmp_path, dtype):
     assert [s["label.cls"] for s in samples] == labels.tolist()
     assert [s["key.txt"] for s in samples] == keys(N)
     assert [s["__key__"] for s in samples] == [f"{i:012d}" for i in range(N)]
+
+
+@pytest.mark.parametrize("arr", [
+    np.arange(24, dtype=np.float16).reshape(2, 3, 4), np.arange(5), np.array(["k-1", "clé"]),
+    np.zeros((0, 3), np.float32), np.arange(12, dtype=np.uint16).reshape(3, 4)[:, ::2],
+], ids=["float16", "int64", "unicode", "empty", "strided"])
+def test_npy_members_are_the_bytes_numpy_saves(arr):
+    saved = io.BytesIO()
+    np.save(saved, arr, allow_pickle=False)
+    assert npy_bytes(arr) == saved.getvalue()
+    with pytest.raises(ValueError, match="object arrays"):
+        npy_bytes(np.array([{"a": 1}], dtype=object))

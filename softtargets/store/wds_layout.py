@@ -43,9 +43,13 @@ def shard_name(shard_id: int) -> str:
 
 
 def npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
-    return buf.getvalue()
+    """``arr`` as a ``.npy`` file (format 1.0, the bytes ``np.save`` writes), copied once."""
+    arr = np.ascontiguousarray(arr)
+    if arr.dtype.hasobject:
+        raise ValueError("object arrays are not stored (a store is data, never pickles)")
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(arr))
+    return b"".join([header.getvalue(), memoryview(arr).cast("B") if arr.size else b""])
 
 
 def npy_load(data: bytes) -> np.ndarray:
@@ -115,32 +119,38 @@ class _TarStream(ShardStream):
         self.hashed = _Hashed(self.files[0])
         self.sink = wds.TarWriter(self.hashed, encoder=False, mtime=0)  # as _write_shard_files writes
         self.block = writer.spec.block_rows if writer.spec.sample_layout == "block" else 1
-        self.held: list[tuple[np.ndarray, np.ndarray, np.ndarray, list[dict] | None]] = []
+        self.held_logits: np.ndarray | None = None  # the open tar sample's rows: [block, ...] stored logits
+        self.held: list[tuple[np.ndarray, np.ndarray, list[dict] | None]] = []  # and their labels, keys, inputs
         self.held_rows = 0
         self.written = 0  # rows in the tar so far
 
     def _write(self, logits: np.ndarray, labels: np.ndarray, keys: np.ndarray, inputs: list[dict] | None) -> None:
-        self.held.append((logits.copy(), labels, keys, inputs))
-        self.held_rows += len(keys)
-        whole = self.held_rows // self.block * self.block
-        if whole:
-            self._flush(whole)
+        if self.held_logits is None:
+            self.held_logits = np.empty((self.block, *logits.shape[1:]), logits.dtype)
+        lo = 0
+        while lo < len(keys):
+            take = min(len(keys) - lo, self.block - self.held_rows)
+            self.held_logits[self.held_rows:self.held_rows + take] = logits[lo:lo + take]
+            rows = slice(lo, lo + take)
+            self.held.append((labels[rows], keys[rows], None if inputs is None else inputs[rows]))
+            self.held_rows += take
+            lo += take
+            if self.held_rows == self.block:
+                self._flush()
 
-    def _flush(self, rows: int) -> None:
-        """Write the first ``rows`` held rows as tar samples."""
-        logits, labels, keys = (np.concatenate(p) for p in list(zip(*self.held, strict=True))[:3])
-        inputs = None if self.held[0][3] is None else [x for part in self.held for x in part[3]]
-        for sample in self.writer._samples(self.start + self.written, keys[:rows], logits[:rows], labels[:rows],
-                                           None if inputs is None else inputs[:rows]):
+    def _flush(self) -> None:
+        """Write the held rows as one tar sample (``sample`` layout: one row)."""
+        labels, keys = (np.concatenate(p) for p in list(zip(*self.held, strict=True))[:2])
+        inputs = None if self.held[0][2] is None else [x for part in self.held for x in part[2]]
+        for sample in self.writer._samples(self.start + self.written, keys, self.held_logits[:self.held_rows],
+                                           labels, inputs):
             self.sink.write(sample)
-        self.written += rows
-        self.held_rows -= rows
-        self.held = [(logits[rows:], labels[rows:], keys[rows:], None if inputs is None else inputs[rows:])] \
-            if self.held_rows else []
+        self.written += self.held_rows
+        self.held, self.held_rows = [], 0
 
     def _finish(self) -> list[tuple[int, str, str | None]]:
         if self.held_rows:
-            self._flush(self.held_rows)
+            self._flush()
         self.sink.close()
         self.hashed.flush()
         return [(self.hashed.bytes, self.hashed.sha256.hexdigest(), None)]
