@@ -257,6 +257,11 @@ class TargetWriter(ABC):
     ) -> list[FileRecord]:
         """Write one whole shard's files and return their records."""
 
+    @property
+    def clips(self) -> bool:
+        """float16 values beyond its range are clipped (``overflow="clip"``): shards count those at the limit."""
+        return self.spec.dtype == "float16" and self.spec.overflow == "clip"
+
     def shard_stream(self, shard_id: int) -> ShardStream | None:
         """The files of shard ``shard_id``, to write as its rows are encoded, or None (then :meth:`write_shard`
         writes them whole)."""
@@ -385,7 +390,7 @@ class TargetWriter(ABC):
             add_new_keys(set(), keys_arr, f" in shard {shard_id}")
             rows, labeled = len(keys_arr), int((labels_arr >= 0).sum())
             # Values at float16's limit: what overflow="clip" produced (the error policy lets none through).
-            clipped = at_limit(stored) if spec.dtype == "float16" and spec.overflow == "clip" else 0
+            clipped = at_limit(stored) if self.clips else 0
         if rows != stop - start:
             raise ValueError(f"shard {shard_id} holds rows [{start}, {stop}); got {rows} rows")
         marker = self._path(_marker(shard_id))

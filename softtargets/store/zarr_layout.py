@@ -188,8 +188,7 @@ class ZarrWriter(TargetWriter):
             return None
         rels = self._shard_files(shard_id)
         paths = [self.fs._strip_protocol(join(self.root, rel)) for rel in rels]
-        clip = self.spec.dtype == "float16" and self.spec.overflow == "clip"
-        return _ShardStream(paths, rels, formats, shard_id, self._arrays["logits"].shape[0], clip,
+        return _ShardStream(paths, rels, formats, shard_id, self._arrays["logits"].shape[0], self.clips,
                             lambda fd: self._in_sync_thread(flush_and_close, fd))
 
     def _put(self, rel: str, parts: list[Any], chunks_sha256: str | None) -> FileRecord:
