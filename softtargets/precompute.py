@@ -57,7 +57,7 @@ from .config import import_object
 from .manifest import Manifest, ShardRecord
 from .shipped import Shipped
 from .store import BYTES_PER_DTYPE, attach_writer, create_targets, default_rows
-from .store.base import MARKER_DIR, TargetWriter
+from .store.base import MARKER_DIR, ShardStream, TargetWriter
 from .store.encoding import NUMPY_STORAGE, NonFiniteLogits
 from .store.files import atomic_write, join, remove_file, url_to_fs
 from .teachers import Teacher, TeacherSpec, load_teachers, num_classes_of
@@ -260,7 +260,7 @@ class _Part:
     inputs: list[dict[str, Any]] = field(default_factory=list)  # one per row, when packed
     rows: int = 0
     nonfinite: dict[str, list[str]] = field(default_factory=dict)
-    stream: Any = None
+    stream: ShardStream | None = None
 
 
 _END = object()

@@ -364,7 +364,7 @@ class TargetWriter(ABC):
 
     def write_shard(
         self, shard_id: int, keys: Any = None, logits: Any = None, labels: Any = None,
-        inputs: list[dict] | None = None, *, encoded: bool = False, stream: Any = None,
+        inputs: list[dict] | None = None, *, encoded: bool = False, stream: ShardStream | None = None,
     ) -> ShardRecord:
         """Write shard ``shard_id`` whole, idempotently, and mark it done. Returns its record.
 

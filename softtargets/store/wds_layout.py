@@ -164,7 +164,7 @@ class WdsWriter(TargetWriter):
         if not is_local(self.fs) or not self.fixed_rows:
             return None
         rel = shard_name(shard_id)
-        return _TarStream(self, shard_id, self.fs._strip_protocol(join(self.root, rel)), rel, self.clips)
+        return _TarStream(self, shard_id, self.fs._strip_protocol(self._path(rel)), rel, self.clips)
 
     def _create_layout(self) -> None:
         if self.spec.sample_layout not in ("block", "sample"):

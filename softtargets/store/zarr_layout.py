@@ -73,6 +73,11 @@ def _zarr_store(fs: Any, root: str, read_only: bool) -> Any:
     return zarr.storage.FsspecStore.from_url(f"{fs.unstrip_protocol(root)}", read_only=read_only)
 
 
+def _refuse_inputs(inputs: list[dict] | None) -> None:
+    if inputs is not None:
+        raise ValueError("the zarr layout stores targets only; pack inputs with layout='wds'")
+
+
 class _ShardStream(ShardStream):
     """A zarr shard's files (logits, labels, keys) written as its rows come (:class:`ShardFileWriter`). Each
     inner chunk of logits but the last is handed to ``to_disk(fd)`` once written (a duplicate ``fd`` of the
@@ -86,8 +91,7 @@ class _ShardStream(ShardStream):
         self.to_disk = to_disk
 
     def _write(self, logits: np.ndarray, labels: np.ndarray, keys: np.ndarray, inputs: list[dict] | None) -> None:
-        if inputs is not None:
-            raise ValueError("the zarr layout stores targets only; pack inputs with layout='wds'")
+        _refuse_inputs(inputs)
         logits_file = self.writers[0]
         chunks = logits_file.chunks
         for writer, rows in zip(self.writers, (logits, labels, keys), strict=True):
@@ -161,8 +165,7 @@ class ZarrWriter(TargetWriter):
         self, shard_id: int, start: int, keys: np.ndarray, logits: np.ndarray, labels: np.ndarray,
         inputs: list[dict] | None,
     ) -> list[FileRecord]:
-        if inputs is not None:
-            raise ValueError("the zarr layout stores targets only; pack inputs with layout='wds'")
+        _refuse_inputs(inputs)
         stop = start + len(keys)
         records = []
         for name, data, rel in zip(ARRAYS, (logits, labels, keys), self._shard_files(shard_id), strict=True):
@@ -187,7 +190,7 @@ class ZarrWriter(TargetWriter):
         if None in formats or not is_local(self.fs) or not self.fixed_rows:
             return None
         rels = self._shard_files(shard_id)
-        paths = [self.fs._strip_protocol(join(self.root, rel)) for rel in rels]
+        paths = [self.fs._strip_protocol(self._path(rel)) for rel in rels]
         return _ShardStream(paths, rels, formats, shard_id, self._arrays["logits"].shape[0], self.clips,
                             lambda fd: self._in_sync_thread(flush_and_close, fd))
 

@@ -113,8 +113,7 @@ class ShardFormat:
         """One inner chunk's bytes (a view of ``chunk`` where uncompressed numbers) and, with ``crc``, its
         4-byte crc32c as a part of its own; ``chunk`` rows short of ``chunk_rows`` are padded with the fill value."""
         if len(chunk) < self.chunk_rows:
-            fill = np.full((self.chunk_rows - len(chunk), *chunk.shape[1:]), self.fill_value, dtype=chunk.dtype)
-            chunk = np.concatenate([chunk, fill])
+            chunk = np.concatenate([chunk, self.padding(self.chunk_rows - len(chunk), chunk.dtype)])
         if self.strings:
             blob: Any = _VLEN_UTF8.encode(chunk.astype(object))
         else:
@@ -122,6 +121,10 @@ class ShardFormat:
         for codec in self.zstd:
             blob = codec.encode(blob)
         return [blob, crc32c(blob)] if self.crc else [blob]
+
+    def padding(self, rows: int, dtype: np.dtype) -> np.ndarray:
+        """``rows`` rows of the fill value: what pads the array's last inner chunk."""
+        return np.full((rows, *self.trailing), self.fill_value, dtype=dtype)
 
     def index_part(self, sizes: list[int]) -> bytes:
         """The index (and its crc32c) of a shard file whose inner chunks, in order, are ``sizes`` bytes long
@@ -315,8 +318,7 @@ class ShardFileWriter:
         if self._direct:
             short = self.fmt.chunk_rows - self._chunk_rows  # the array's last inner chunk: padded
             if short:
-                fill = np.full((short, *self.fmt.trailing), self.fmt.fill_value, self.fmt.dtype.newbyteorder("<"))
-                self._put(memoryview(fill).cast("B"))
+                self._put(memoryview(self.fmt.padding(short, self.fmt.dtype.newbyteorder("<"))).cast("B"))
             self.sizes.append(self._chunk_bytes)
             if self.fmt.crc:
                 trailer = int(self._crc).to_bytes(4, "little")
