@@ -259,7 +259,7 @@ class TransferSet(Dataset):
             return [self._key_list[i] for i in idx]
         if self._key_fn is not None:
             return [str(self._key_fn(i)) for i in idx]
-        return [str(i) for i in idx]
+        return list(map(str, idx))
 
     def key(self, i: int) -> str:
         """The key of sample ``i`` (reads item ``i`` when keys come from the items)."""

@@ -47,8 +47,8 @@ def encode_logits(
     ``out``: a numpy array of the stored dtype and the logits' shape that receives the result
     (and is returned): it saves an allocation, the stored bits are the same. ``logits`` is not
     modified. Two passes over it (row means; the shifted values cast into place), then one over
-    the stored values, whose largest magnitude tells whether all were in range: only where it is
-    at the stored dtype's limit (or NaN) are the shifted values looked at again.
+    the stored values (their minimum and maximum), whose largest magnitude tells whether all were in
+    range: only where it is at the stored dtype's limit (or NaN) are the shifted values looked at again.
     """
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"unknown storage dtype {dtype!r}; expected one of {tuple(TORCH_DTYPES)}")
@@ -69,7 +69,7 @@ def encode_logits(
         target.copy_(work)
     else:
         torch.sub(work, shift, out=target)  # computed in work's dtype, rounded once into the stored dtype
-    if work.numel() == 0 or float(target.abs().amax()) < DTYPE_MAX[dtype]:  # NaN compares False
+    if work.numel() == 0 or _largest_magnitude(target) < DTYPE_MAX[dtype]:  # NaN compares False
         return out, 0
     amax = _shifted_amax(work, shift)  # the exact largest magnitude, before rounding
     if not math.isfinite(amax):
@@ -92,6 +92,12 @@ def at_limit(stored: np.ndarray) -> int:
     """Values of float16 ``stored`` logits at +-65504, float16's limit: what ``overflow="clip"`` clipped
     (and values that rounded there)."""
     return int((np.abs(stored) == FLOAT16_MAX).sum())
+
+
+def _largest_magnitude(t: torch.Tensor) -> float:
+    """``max |t|`` of a non-empty tensor, NaN if it holds one: one pass, no ``|t|`` temporary."""
+    lo, hi = torch.aminmax(t)
+    return float(torch.maximum(-lo, hi))
 
 
 def _shifted_amax(work: torch.Tensor, shift: torch.Tensor | None) -> float:
