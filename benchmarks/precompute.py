@@ -26,6 +26,9 @@ which cancels the drift of this shared VM's speed over minutes (dask-warm, local
 only) is the median of (precompute wall - the time its own forward passes took) / that forward time,
 timed by hooks on the teachers: the software's overhead within one run, whatever the machine's speed
 that minute, but blind to forward passes slowed by the writer thread (which the other two include).
+``fwd slow`` (local only) is that slowdown: the median of (time in forward passes during a precompute run)
+/ (time in forward passes of the bare run before it) - 1, by the same hooks. ``in-run`` + ``fwd slow``
+is roughly the paired overhead.
 ``fixed ms`` is
 the local engine's cost per run that does not grow with the data (creating the store, fingerprinting the
 teachers, writing the manifest...): precompute minus the bare loop over a single batch (best of the
@@ -140,6 +143,7 @@ def main() -> None:
                     m(x[: args.batch_size])
             clock = ForwardClock(models)
             beyond: list[float] = []  # local runs: (wall - time in forward passes) / time in forward passes
+            slower: list[float] = []  # local runs: time in forward passes / that of the bare run before - 1
             times: dict[str, list[tuple[float, float]]] = {"bare": []}
             one = x[: args.batch_size]
             small: dict[str, list[float]] = {"bare": [], "local": []}  # one batch: the fixed cost per run
@@ -147,11 +151,12 @@ def main() -> None:
                 times["local"] = []
                 for _ in range(args.repeats):  # interleaved, so drifting machine load hits both alike
                     times["bare"].append(bare_loop(models, x, args.batch_size))
-                    clock.take()
+                    bare_forward = clock.take()
                     times["local"].append(run_precompute(models, data, tmp / "l.zarr", args.batch_size,
                                                          args.shard_rows, "local"))
                     forward = clock.take()
                     beyond.append((times["local"][-1][0] - forward) / forward)
+                    slower.append(forward / bare_forward - 1)
                     small["bare"].append(bare_loop(models, one, args.batch_size)[0])
                     small["local"].append(run_precompute(models, TensorDataset(one), tmp / "s.zarr",
                                                          args.batch_size, args.shard_rows, "local")[0])
@@ -191,6 +196,7 @@ def main() -> None:
                     "fixed_ms": round(1000 * (min(small["local"]) - min(small["bare"])), 1)
                     if engine == "local" else None,
                     "beyond_forward_pct": round(100 * statistics.median(beyond), 1) if engine == "local" else None,
+                    "forward_slowdown_pct": round(100 * statistics.median(slower), 1) if engine == "local" else None,
                 })
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -198,7 +204,7 @@ def main() -> None:
           f"teachers {IN}-{args.hidden}-{args.hidden}-{CLASSES}, {os.cpu_count()} CPUs, "
           f"torch threads {torch.get_num_threads()}")
     print(f"{'K':>2} {'engine':<10} {'wall s':>7} {'samples/s':>10} {'overhead':>9} {'paired':>8} {'in-run':>7} "
-          f"{'CPU s':>7} {'CPU over':>9} {'fixed ms':>9}   wall s of each run")
+          f"{'fwd slow':>8} {'CPU s':>7} {'CPU over':>9} {'fixed ms':>9}   wall s of each run")
     for r in rows:
         over = "" if r["overhead_pct"] is None else f"{r['overhead_pct']:+.1f} %"
         cpu = "" if r["cpu_seconds"] is None else f"{r['cpu_seconds']:.2f}"
@@ -206,8 +212,9 @@ def main() -> None:
         fixed = "" if r["fixed_ms"] is None else f"{r['fixed_ms']:.1f}"
         paired = "" if r["paired_overhead_pct"] is None else f"{r['paired_overhead_pct']:+.1f} %"
         in_run = "" if r.get("beyond_forward_pct") is None else f"{r['beyond_forward_pct']:+.1f} %"
+        slow = "" if r.get("forward_slowdown_pct") is None else f"{r['forward_slowdown_pct']:+.1f} %"
         print(f"{r['teachers']:>2} {r['engine']:<10} {r['seconds']:>7.2f} {r['samples_per_s']:>10.0f} {over:>9} "
-              f"{paired:>8} {in_run:>7} {cpu:>7} {cpu_over:>9} {fixed:>9}   {r['all_seconds']}")
+              f"{paired:>8} {in_run:>7} {slow:>8} {cpu:>7} {cpu_over:>9} {fixed:>9}   {r['all_seconds']}")
     for k in args.teachers:
         ms = next(r["ms_per_batch_per_teacher"] for r in rows if r["teachers"] == k and r["engine"] == "bare")
         print(f"K={k}: bare forward {ms} ms per batch per teacher")
