@@ -9,9 +9,10 @@ while mapped raises SIGBUS on access; the size check at open catches one truncat
 from __future__ import annotations
 
 import mmap
-from collections import OrderedDict
 
 import numpy as np
+
+from .lru import Lru
 
 
 def map_file(path: str) -> np.ndarray:
@@ -25,21 +26,14 @@ def map_file(path: str) -> np.ndarray:
 
 
 class MappedFiles:
-    """The most recently used ``capacity`` maps, keyed by path. A map dropped from here is
-    unmapped once the last view of it is gone. Pages a process touched through a map count in
-    its RSS while mapped, so few are kept: mapping a file again costs a system call and a few
-    page faults (fault-around maps 64 KiB a fault), far less than the reads it replaces."""
+    """The most recently used ``capacity`` maps, keyed by path; threads may share it. A map dropped
+    from here is unmapped once the last view of it is gone. Pages a process touched through a map
+    count in its RSS while mapped, so few are kept: mapping a file again costs a system call and a
+    few page faults (fault-around maps 64 KiB a fault), far less than the reads it replaces."""
 
     def __init__(self, capacity: int = 8):
-        self.capacity = capacity
-        self._maps: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._maps: Lru[str, np.ndarray] = Lru(capacity)
 
     def __call__(self, path: str) -> np.ndarray:
         buf = self._maps.get(path)
-        if buf is None:
-            buf = self._maps[path] = map_file(path)
-            while len(self._maps) > self.capacity:
-                self._maps.popitem(last=False)
-        else:
-            self._maps.move_to_end(path)
-        return buf
+        return self._maps.put(path, map_file(path)) if buf is None else buf

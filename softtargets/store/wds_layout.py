@@ -35,6 +35,7 @@ import webdataset as wds
 from ..manifest import FileRecord, Manifest
 from .base import ShardStream, StoreError, TargetStore, TargetWriter
 from .files import atomic_write, file_record, is_local, join
+from .lru import Lru
 from .mapped import MappedFiles
 
 
@@ -236,7 +237,7 @@ class WdsStore(TargetStore):
 
     def __init__(self, url: str, manifest: Manifest, fs: Any, root: str, verify: str = "lazy"):
         super().__init__(url, manifest, fs, root, verify)
-        self._cache: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        self._cache: Lru[int, dict[str, Any]] = Lru(self.cache_shards)
         self._maps = MappedFiles()
 
     @property
@@ -248,9 +249,9 @@ class WdsStore(TargetStore):
         """The whole shard, checked and decoded: ``key`` str [n], ``label`` int64 [n], ``logits`` a list of
         parts (stored dtype, read-only views of the shard's bytes where they can be) holding rows
         ``[starts[i], starts[i + 1])``, ``inputs`` (sample layout: one dict of member bytes per row)."""
-        if shard_id in self._cache:
-            self._cache.move_to_end(shard_id)
-            return self._cache[shard_id]
+        cached = self._cache.get(shard_id)
+        if cached is not None:
+            return cached
         rel = shard_name(shard_id)
         path = join(self.root, rel)
         try:
@@ -267,10 +268,7 @@ class WdsStore(TargetStore):
                 decoded = self._decode(tar, data, self.manifest.shards[shard_id].rows)
         except (tarfile.TarError, ValueError, KeyError, EOFError) as e:
             raise StoreError(f"{self._file_url(rel)}: cannot decode ({e})") from None
-        self._cache[shard_id] = decoded
-        while len(self._cache) > self.cache_shards:
-            self._cache.popitem(last=False)
-        return decoded
+        return self._cache.put(shard_id, decoded)
 
     def _decode(self, tar: tarfile.TarFile, data: np.ndarray, rows: int) -> dict[str, Any]:
         """Members located by ``tar`` (headers only) in the shard's bytes ``data``; ``.npy`` viewed in place."""
