@@ -1,6 +1,7 @@
 """One opened store read by several threads at once (a stream's read-ahead threads beside the
 caller's own ``take``), over real zarr shard files and real tar shards: every read gives the stored
-rows, and the caches of maps and decoded shards stay whole while threads evict from them."""
+rows, and the caches of maps and decoded shards stay whole while threads evict from them; a fork
+while a thread holds a cache lock leaves the child a free one."""
 
 from __future__ import annotations
 
@@ -57,3 +58,21 @@ def test_lru_keeps_the_most_recent():
     assert lru.put("a", 4) == 4 and lru.get("a") == 4 and len(lru) == 2
     with pytest.raises(ValueError, match="at least 1"):
         Lru(0)
+
+
+def test_a_forked_child_gets_a_free_lock():
+    """A fork while another thread holds a cache's lock (a read-ahead thread mid-put) must not leave the
+    child's copy of the cache locked for good."""
+    import multiprocessing
+
+    lru: Lru[str, int] = Lru(2)
+    lru.put("a", 1)
+    ctx = multiprocessing.get_context("fork")
+    result = ctx.Queue()
+    with lru._lock:  # as if a thread were inside put at the fork
+        child = ctx.Process(target=lambda: result.put((lru.get("a"), lru.put("b", 2))))
+        child.start()
+    child.join(10)
+    if child.is_alive():  # stuck on the lock it was forked with
+        child.kill()
+    assert child.exitcode == 0 and result.get(timeout=5) == (1, 2)

@@ -2,17 +2,31 @@
 
 A store is read by several threads of one process at once (the stream's read-ahead threads, the
 caller's own ``take``), so its caches take a lock. Values dropped from the cache are released
-after the lock is let go: freeing a memory map unmaps it, which releases the GIL.
+after the lock is let go: freeing a memory map unmaps it, which releases the GIL. A forked child
+(a DataLoader worker) gets its caches' locks new, in case another thread held one at the fork.
 """
 
 from __future__ import annotations
 
+import os
 import threading
+import weakref
 from collections import OrderedDict
 from typing import Generic, TypeVar
 
 K = TypeVar("K")
 V = TypeVar("V")
+
+_ALL: weakref.WeakSet[Lru] = weakref.WeakSet()
+
+
+def _new_locks_in_child() -> None:
+    for lru in list(_ALL):
+        lru._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_locks_in_child)
 
 
 class Lru(Generic[K, V]):
@@ -24,6 +38,7 @@ class Lru(Generic[K, V]):
         self.capacity = capacity
         self._items: OrderedDict[K, V] = OrderedDict()
         self._lock = threading.Lock()
+        _ALL.add(self)
 
     def get(self, key: K) -> V | None:
         """The value kept for ``key`` (now the most recent), or None."""
