@@ -2,7 +2,7 @@
 DataLoader of 2 worker processes, over a zarr store and a wds store (one spawn for both).
 The ranks take their split from torch.distributed itself.
 
-A hang (seen once in CI; never in ~500 rank-epochs here) is reported, not waited out: SIGALRM after
+A hang (seen once in CI; never in ~2,500 rank-epochs here) is reported, not waited out: SIGALRM after
 WATCHDOG_S dumps every thread of a rank or worker still busy (faulthandler, no extra thread at fork
 time), and the DataLoader times out before gloo does. The spawn then runs once more; the first try's
 error goes out as a warning."""
