@@ -101,15 +101,19 @@ def ddp_result(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
         stores[f"odd-{layout}"] = _write(root, "odd", layout, ODD_N)
         stores[f"exact-{layout}"] = _write(root, "exact", layout, EXACT_N)
     out = root / "result.json"
-    try:
+
+    def ranks() -> None:
         mp.spawn(_rank_main, args=(_free_port(), stores, str(out)), nprocs=WORLD, join=True)
+
+    try:
+        ranks()
     except ProcessException as first:  # the module docstring says why once more
         stacks = Path(f"{out}.stacks")
         dumped = stacks.read_text() if stacks.exists() else ""
         stacks.unlink(missing_ok=True)
         warnings.warn(f"DDP ranks failed once, ran again: {first}\nthreads of those still busy after {WATCHDOG_S} s"
                       f" (ranks and workers):\n{dumped or 'none'}", stacklevel=1)
-        mp.spawn(_rank_main, args=(_free_port(), stores, str(out)), nprocs=WORLD, join=True)
+        ranks()
     return stores, json.loads(out.read_text())
 
 
