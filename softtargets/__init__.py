@@ -7,6 +7,9 @@ training, where the student's loss applies any temperature and ensemble rule.
 
 __version__ = "0.1.0"
 
+from .combine import merge_stores, subset_store  # noqa: E402
+from .convert import convert_store  # noqa: E402
+from .inspect import inspect_store  # noqa: E402
 from .joined import TargetJoin, with_targets  # noqa: E402
 from .losses import DistillationLoss, distillation_loss, kd_loss, logit_matching_loss  # noqa: E402
 from .manifest import FORMAT_VERSION, Manifest, ManifestError  # noqa: E402
@@ -30,6 +33,7 @@ from .temperature import (  # noqa: E402
     tempered_log_softmax,
     tempered_softmax,
 )
+from .verify import VerifyReport, verify_store  # noqa: E402
 
 __all__ = [
     "FORMAT_VERSION",
@@ -44,21 +48,27 @@ __all__ = [
     "TargetStream",
     "TargetStore",
     "TargetWriter",
+    "VerifyReport",
     "__version__",
     "arithmetic_log_probs",
     "attach_writer",
+    "convert_store",
     "create_targets",
     "distillation_loss",
     "ensemble_log_probs",
     "ensemble_probs",
     "geometric_log_probs",
+    "inspect_store",
     "kd_loss",
     "logit_matching_loss",
+    "merge_stores",
     "open_targets",
     "precompute",
     "reduce_teachers",
     "stream",
+    "subset_store",
     "tempered_log_softmax",
     "tempered_softmax",
+    "verify_store",
     "with_targets",
 ]
