@@ -8,12 +8,13 @@ logits are float64, otherwise float32 — on the student's device, and detaches 
 (no gradient ever reaches the teacher logits). Student logits in float16/bfloat16
 (autocast) are upcast to float32 too; gradients flow back through the cast.
 
-The soft term is the **cross-entropy** ``-sum_i p_i log q_i`` between the ensemble
-target ``p = ensemble(teacher, T, rule)`` and ``q = softmax(z / T)``, as in Hinton,
-Vinyals & Dean (2015). It differs from ``KL(p || q)`` by the target entropy, a
-constant with respect to the student, so the gradients are identical:
-``d CE / d z_i = (q_i - p_i) / T``. The cross-entropy is chosen because it never
-needs ``log p`` of an underflowed target probability (``0 * log 0``).
+The soft term is reported as ``KL(p || q) = sum_i p_i (log p_i - log q_i)`` between the
+ensemble target ``p = ensemble(teacher, T, rule)`` and ``q = softmax(z / T)`` (``form="kl"``, the
+default, as ``nn.KLDivLoss``): 0 when the student matches the target, so a logged value compares
+across temperatures. ``form="ce"`` reports Hinton, Vinyals & Dean's (2015) cross-entropy
+``-sum_i p_i log q_i`` instead, which adds the target's entropy ``H(p)`` (a constant with respect to
+the student that changes with T). Both forms have the same gradient, ``d/d z_i = (q_i - p_i) / T``.
+Classes with ``p_i = 0`` (an underflowed target) contribute 0 to the KL form.
 """
 
 from __future__ import annotations
@@ -31,12 +32,18 @@ from softtargets.temperature import RULES, Rule, ensemble_log_probs
 Reduction = Literal["mean", "sum", "none"]
 REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
 
+#: What the soft term reports: ``"kl"`` = ``KL(p || q)``, ``"ce"`` = ``CE(p, q) = KL(p || q) + H(p)``.
+Form = Literal["kl", "ce"]
+FORMS: tuple[str, ...] = ("kl", "ce")
+
 #: A temperature: a fixed number, or a schedule mapping the training step to a number.
 Temperature = float | Callable[[int], float]
 
 __all__ = [
+    "FORMS",
     "REDUCTIONS",
     "DistillationLoss",
+    "Form",
     "Reduction",
     "Temperature",
     "distillation_loss",
@@ -122,6 +129,20 @@ def _prepare(
     return student, teacher
 
 
+def _check_form(form: str) -> None:
+    if form not in FORMS:
+        raise ValueError(f"unknown loss form {form!r}; expected one of {FORMS} ('kl': KL(p || q), 'ce': cross-entropy)")
+
+
+def _soft_term(target_log_probs: torch.Tensor, student_log_probs: torch.Tensor, form: str) -> torch.Tensor:
+    """Per-sample ``KL(p || q)`` or ``CE(p, q)`` from log-probabilities ``[B, C]`` -> ``[B]``."""
+    p = target_log_probs.exp()
+    if form == "ce":
+        return -(p * student_log_probs).sum(dim=-1)
+    terms = p * (target_log_probs - student_log_probs)
+    return torch.where(p > 0, terms, torch.zeros_like(terms)).sum(dim=-1)  # 0 log 0 = 0
+
+
 def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "mean":
         return per_sample.mean()
@@ -139,11 +160,14 @@ def kd_loss(
     step: int | None = None,
     reduction: Reduction = "mean",
     scale_t2: bool = True,
+    form: Form = "kl",
 ) -> torch.Tensor:
-    """Soft-target cross-entropy at temperature T (Hinton et al. 2015, the soft term).
+    """The soft term of Hinton et al. (2015) at temperature T, reported as a KL divergence.
 
-    ``T^2 * CE(p, q)`` per sample, with ``p = ensemble(teacher_logits, T, rule)`` and
-    ``q = softmax(student_logits / T)``; ``CE(p, q) = -sum_i p_i log q_i``.
+    ``T^2 * KL(p || q)`` per sample (``form="kl"``), or ``T^2 * CE(p, q)`` (``form="ce"``), with
+    ``p = ensemble(teacher_logits, T, rule)`` and ``q = softmax(student_logits / T)``;
+    ``KL(p || q) = sum_i p_i (log p_i - log q_i)``, ``CE(p, q) = -sum_i p_i log q_i = KL + H(p)``.
+    The two forms have the same gradient; the KL form is 0 when the student matches the target.
 
     Args:
         student_logits: ``[B, C]`` floating point, any device; gradients flow to it.
@@ -157,18 +181,20 @@ def kd_loss(
         reduction: ``"mean"`` over the batch (default), ``"sum"``, or ``"none"`` (``[B]``).
         scale_t2: multiply by ``T^2`` so the soft gradient's scale stays roughly fixed as
             T changes (the gradient w.r.t. ``z_i`` is ``T (q_i - p_i)`` per sample).
+        form: ``"kl"`` (default, as ``nn.KLDivLoss``) or ``"ce"`` (adds the target entropy ``H(p)``).
 
     Returns:
         A scalar (or ``[B]`` for ``reduction="none"``) in the compute dtype.
     """
     _check_rule(rule)
+    _check_form(form)
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
     t = resolve_temperature(temperature, step)
     student, teacher = _prepare(student_logits, teacher_logits)
     target_log_probs = ensemble_log_probs(teacher, t, rule, per_teacher=teacher.dim() == 3)
     student_log_probs = torch.log_softmax(student / t, dim=-1)
-    per_sample = -(target_log_probs.exp() * student_log_probs).sum(dim=-1)
+    per_sample = _soft_term(target_log_probs, student_log_probs, form)
     if scale_t2:
         per_sample = per_sample * (t * t)
     return _reduce(per_sample, reduction)
@@ -184,10 +210,12 @@ def distillation_loss(
     *,
     step: int | None = None,
     ignore_index: int = -1,
+    form: Form = "kl",
 ) -> torch.Tensor:
-    """Hinton's combined loss: ``alpha * T^2 * CE_soft + (1 - alpha) * CE_hard``.
+    """Hinton's combined loss: ``alpha * T^2 * soft + (1 - alpha) * CE_hard``.
 
-    ``CE_soft`` is :func:`kd_loss` (without its own ``T^2``), averaged over all B rows.
+    ``soft`` is :func:`kd_loss` (without its own ``T^2``), averaged over all B rows:
+    ``KL(p || q)`` by default, ``CE(p, q)`` with ``form="ce"`` (same gradient).
     ``CE_hard`` is the ordinary cross-entropy of ``softmax(student_logits)`` (T = 1)
     against ``labels``, averaged over the *labelled* rows only; rows whose label is
     ``ignore_index`` (default -1: unlabelled transfer-set samples) contribute only to
@@ -202,6 +230,7 @@ def distillation_loss(
         rule: ``"geometric"`` or ``"arithmetic"``.
         step: the training step, for a temperature schedule.
         ignore_index: the label value marking an unlabelled row.
+        form: ``"kl"`` or ``"ce"``: what the soft term reports (see :func:`kd_loss`).
 
     Returns:
         A scalar in the compute dtype (float64 for a float64 student, else float32).
@@ -220,7 +249,7 @@ def distillation_loss(
             f"labels {labels.shape[0]}"
         )
     soft = kd_loss(
-        student_logits, teacher_logits, temperature, rule, step=step, reduction="mean", scale_t2=True
+        student_logits, teacher_logits, temperature, rule, step=step, reduction="mean", scale_t2=True, form=form
     )
     student = student_logits.to(soft.dtype)
     labels = labels.to(device=student.device, dtype=torch.int64)
@@ -270,7 +299,8 @@ class DistillationLoss(nn.Module):
     """:func:`distillation_loss` as a module that counts steps for a temperature schedule.
 
     ``forward(student_logits [B, C], teacher_logits [B, C] | [B, K, C], labels [B] | None)``
-    returns a scalar. ``labels=None`` means every row is unlabelled (soft term only,
+    returns a scalar (the soft term as ``KL(p || q)``, or ``CE(p, q)`` with ``form="ce"``).
+    ``labels=None`` means every row is unlabelled (soft term only,
     weighted by ``alpha``). Each forward call in training mode uses the current
     ``step_count`` and then advances it by one; pass ``step=`` to override. The counter is
     saved in ``state_dict()`` (extra state), so a resumed run keeps its schedule position.
@@ -283,9 +313,11 @@ class DistillationLoss(nn.Module):
         rule: Rule = "geometric",
         *,
         ignore_index: int = -1,
+        form: Form = "kl",
     ) -> None:
         super().__init__()
         _check_rule(rule)
+        _check_form(form)
         if not (0.0 <= float(alpha) <= 1.0):
             raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
         if not callable(temperature):
@@ -294,6 +326,7 @@ class DistillationLoss(nn.Module):
         self.alpha = float(alpha)
         self.rule = rule
         self.ignore_index = ignore_index
+        self.form = form
         self.step_count = 0
 
     def current_temperature(self) -> float:
@@ -316,7 +349,7 @@ class DistillationLoss(nn.Module):
         use_step = self.step_count if step is None else int(step)
         loss = distillation_loss(
             student_logits, teacher_logits, labels, self.temperature, self.alpha, self.rule,
-            step=use_step, ignore_index=self.ignore_index,
+            step=use_step, ignore_index=self.ignore_index, form=self.form,
         )
         if self.training and step is None:
             self.step_count += 1
@@ -332,4 +365,5 @@ class DistillationLoss(nn.Module):
         t = self.temperature
         if callable(t):
             t = getattr(t, "__name__", "schedule")
-        return f"temperature={t}, alpha={self.alpha}, rule={self.rule!r}, step_count={self.step_count}"
+        return (f"temperature={t}, alpha={self.alpha}, rule={self.rule!r}, form={self.form!r}, "
+                f"step_count={self.step_count}")

@@ -79,10 +79,15 @@ def test_soft_gradient_is_q_minus_p_over_T(rule: str, per_teacher: bool, T: floa
     torch.testing.assert_close(grad_scaled, T * (q - p), rtol=0, atol=1e-11)
 
     ce = -(p * torch.log(q)).sum(dim=-1)
+    kl = (p * (torch.log(p) - torch.log(q))).sum(dim=-1)
     torch.testing.assert_close(
-        kd_loss(z, v, T, rule, reduction="none", scale_t2=False), ce, rtol=1e-12, atol=1e-12
+        kd_loss(z, v, T, rule, reduction="none", scale_t2=False), kl, rtol=1e-12, atol=1e-12
     )
-    torch.testing.assert_close(kd_loss(z, v, T, rule), T * T * ce.mean(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kd_loss(z, v, T, rule), T * T * kl.mean(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        kd_loss(z, v, T, rule, reduction="none", scale_t2=False, form="ce"), ce, rtol=1e-12, atol=1e-12
+    )
+    torch.testing.assert_close(kd_loss(z, v, T, rule, form="ce"), T * T * ce.mean(), rtol=1e-12, atol=1e-12)
 
 
 def test_rules_differ_for_several_teachers_and_agree_for_one() -> None:
@@ -170,13 +175,17 @@ def test_distillation_loss_equals_hand_computed_combination(rule: str) -> None:
     y = _labels()
     T, alpha = 3.0, 0.7
     p = _reference_target(v, T, rule)
-    soft = -(p * torch.log_softmax(z / T, dim=-1)).sum(dim=-1).mean()  # over all 8 rows
+    soft_ce = -(p * torch.log_softmax(z / T, dim=-1)).sum(dim=-1).mean()  # over all 8 rows
+    soft_kl = (p * (torch.log(p) - torch.log_softmax(z / T, dim=-1))).sum(dim=-1).mean()
     labelled = [i for i in range(B) if y[i] >= 0]
     hard = -sum(torch.log_softmax(z[i], dim=-1)[y[i]] for i in labelled) / len(labelled)  # 5 rows
-    expected = alpha * T * T * soft + (1 - alpha) * hard
     got = distillation_loss(z, v, y, T, alpha, rule)
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, alpha * T * T * soft_kl + (1 - alpha) * hard, rtol=1e-12, atol=1e-12)
     assert got.dtype == torch.float64
+    got_ce = distillation_loss(z, v, y, T, alpha, rule, form="ce")
+    torch.testing.assert_close(got_ce, alpha * T * T * soft_ce + (1 - alpha) * hard, rtol=1e-12, atol=1e-12)
+    module = DistillationLoss(T, alpha, rule, form="ce")
+    torch.testing.assert_close(module(z, v, y), got_ce, rtol=0, atol=0)
 
 
 def test_unlabelled_rows_are_excluded_from_the_hard_term() -> None:
