@@ -141,6 +141,9 @@ def _read_state_dict(path: str | os.PathLike[str], teacher: str,
                      key: str | None = None) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a ``torch.save`` file, safely, onto CPU."""
     path = Path(path)
+    if not path.is_file():
+        raise TeacherLoadError(f"teacher {teacher!r}: weights file {str(path)!r} not found; fix 'weights' in "
+                               "its spec")
     if path.suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
@@ -196,7 +199,11 @@ def _from_factory(spec: Mapping[str, Any], name: str) -> nn.Module:
     kwargs = spec.get("kwargs") or {}
     if not isinstance(kwargs, Mapping):
         raise TypeError(f"teacher {name!r}: 'kwargs' must be a mapping, got {type(kwargs).__name__}")
-    module = factory(**kwargs)
+    try:
+        module = factory(**kwargs)
+    except TypeError as exc:
+        raise TeacherLoadError(f"teacher {name!r}: factory {spec['factory']!r} failed with kwargs "
+                               f"{sorted(kwargs)}: {exc}; fix 'kwargs' in its spec") from exc
     if not isinstance(module, nn.Module):
         raise TypeError(f"teacher {name!r}: factory {spec['factory']!r} returned "
                         f"{type(module).__name__}, not an nn.Module")
@@ -325,33 +332,67 @@ def _set_eval(module: nn.Module) -> None:
         module.eval()
 
 
+def _explicit_name(spec: TeacherSpec) -> bool:
+    """Whether ``spec`` names its teacher (a mapping with ``name``); modules and unnamed specs do not."""
+    return isinstance(spec, Mapping) and spec.get("name") is not None
+
+
+def _unique_names(names: Sequence[str], explicit: Sequence[bool]) -> list[str]:
+    """``names`` with default (not explicit) duplicates suffixed ``-0``, ``-1``... in list order.
+
+    Explicit duplicates raise ``ValueError``; a suffixed name never takes one that is given explicitly.
+    """
+    seen: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        if explicit[i]:
+            seen.setdefault(name, []).append(i)
+    dups = {n: idx for n, idx in seen.items() if len(idx) > 1}
+    if dups:
+        listed = "; ".join(f"{n!r} at positions {idx}" for n, idx in dups.items())
+        raise ValueError(f"teacher names must be unique: {listed}; give each spec a distinct 'name'")
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+    taken = set(seen)
+    out: list[str] = []
+    for name, given in zip(names, explicit, strict=True):
+        if given or (counts[name] == 1 and name not in taken):
+            out.append(name)
+            taken.add(name)
+            continue
+        suffix = 0
+        while f"{name}-{suffix}" in taken or f"{name}-{suffix}" in counts:
+            suffix += 1
+        out.append(f"{name}-{suffix}")
+        taken.add(out[-1])
+    return out
+
+
 def load_teachers(specs: Sequence[TeacherSpec]) -> list[Teacher]:
-    """Load an ensemble, in order. Names must be unique.
+    """Load an ensemble, in order, with unique names.
 
-    Duplicate names raise ``ValueError`` rather than being auto-suffixed: names key the
-    teachers in the manifest, and a suffix that depends on list order would silently
-    change what ``"t0"`` means between runs. Give the duplicates explicit names instead.
+    Names given in the specs (``"name"``) must be unique: a duplicate raises ``ValueError``. Teachers
+    named by default (a plain module's class name, a factory's function name, an archive's file stem)
+    that collide are numbered in list order: two ``ResNet`` modules become ``ResNet-0`` and ``ResNet-1``.
+    Names key the teachers in the manifest, so give explicit names when the order may change.
 
-    The teachers are fingerprinted on helper threads (sha256 releases the GIL; ~7 ms per 10 MB of
-    weights on one core here) while the caller goes on: reading a teacher's ``sha256`` waits for it.
-    The weights must not change meanwhile (moving a module to another device is fine).
+    The teachers are fingerprinted on helper threads (sha256 releases the GIL) while the caller goes on:
+    reading a teacher's ``sha256`` waits for it. The weights must not change meanwhile (moving a module to
+    another device is fine).
+
+    Raises:
+        ValueError: no specs, or two specs give the same explicit name.
     """
     if isinstance(specs, (nn.Module, Mapping)) or not isinstance(specs, Sequence):
         raise TypeError("load_teachers takes a sequence of teacher specs; use load_teacher for one")
     if not specs:
         raise ValueError("an ensemble needs at least one teacher")
     named = [_named_module(spec) for spec in specs]
+    names = _unique_names([n for n, _ in named], [_explicit_name(spec) for spec in specs])
     pool = ThreadPoolExecutor(min(len(named), os.cpu_count() or 1), thread_name_prefix="softtargets-fingerprint")
     teachers = [Teacher(name=n, module=m, num_params=_num_params(m), digest=pool.submit(fingerprint, m))
-                for n, m in named]
+                for n, (_, m) in zip(names, named, strict=True)]
     pool.shutdown(wait=False)  # its threads end once the hashing is done
-    seen: dict[str, list[int]] = {}
-    for i, teacher in enumerate(teachers):
-        seen.setdefault(teacher.name, []).append(i)
-    dups = {n: idx for n, idx in seen.items() if len(idx) > 1}
-    if dups:
-        listed = "; ".join(f"{n!r} at positions {idx}" for n, idx in dups.items())
-        raise ValueError(f"teacher names must be unique: {listed}; give each spec a distinct 'name'")
     return teachers
 
 

@@ -73,8 +73,8 @@ def test_load_config_resolves_paths_next_to_the_config(tmp_path):
 
 
 @pytest.mark.parametrize(("edit", "message"), [
-    ('batch_sise = 3\n', r"unknown key\(s\) \['batch_sise'\] in the top level"),
-    ('[output]\nurl = "o.zarr"\nformat = "x"\n', r"unknown key\(s\) \['format'\] in \[output\]"),
+    ('batch_sise = 3\n', r"1 unknown key in the top level: 'batch_sise'"),
+    ('[output]\nurl = "o.zarr"\nformat = "x"\n', r"1 unknown key in \[output\]: 'format'"),
     ('[output]\ncontent = "geometric"\n', r"\[output\] needs url"),
     ('[output]\nurl = "o.zarr"\n', r"no \[\[teachers\]\]"),
 ])

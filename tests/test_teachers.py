@@ -259,8 +259,8 @@ def test_load_teachers_requires_unique_names(original):
     teachers = load_teachers([{"name": "a", "module": original}, {"name": "b", "module": mlp(6, 4)}])
     assert [t.name for t in teachers] == ["a", "b"]
     assert [t.info() for t in teachers] == [load_teacher(t.module, name=t.name).info() for t in teachers]
-    with pytest.raises(ValueError, match=r"'Sequential' at positions \[0, 1\]"):
-        load_teachers([original, mlp(6, 4)])
+    with pytest.raises(ValueError, match=r"'a' at positions \[0, 1\]"):
+        load_teachers([{"name": "a", "module": original}, {"name": "a", "module": mlp(6, 4)}])
     with pytest.raises(ValueError):
         load_teachers([])
 

@@ -43,53 +43,38 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import read_toml, resolve_path
+from ..config import config_schema, read_toml, resolve_path, validate_config
+from ..manifest import MANIFEST_NAME
+from ..text import plural
 
-RUN_KEYS = {"batch_size", "num_workers", "device", "autocast", "nonfinite"}
-OUTPUT_KEYS = {"url", "layout", "content", "dtype", "temperature", "shard_rows", "block_rows", "compressor",
-               "overflow", "class_names", "pack_inputs"}
-CLUSTER_KEYS = {"scheduler", "workers", "retries"}
+SCHEMA = "precompute-config"  # schemas/precompute-config.schema.json: every key, its type and range
 TABLES = {"output", "transfer_set", "cluster", "teachers"}
+RUN_KEYS = set(config_schema(SCHEMA)["properties"]) - TABLES
 TEACHER_PATHS = ("weights", "torchscript", "exported")
 
 
-def _check_keys(where: str, table: Any, allowed: set[str], path: Path) -> dict[str, Any]:
-    if not isinstance(table, dict):
-        raise ValueError(f"{path}: [{where}] must be a table")
-    unknown = sorted(set(table) - allowed)
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown} in {where}; allowed: {sorted(allowed)}")
-    return table
-
-
 def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Keyword arguments of :func:`softtargets.precompute.precompute` from a TOML config file."""
+    """Keyword arguments of :func:`softtargets.precompute.precompute` from a TOML config file.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: not TOML, or not valid against ``schemas/precompute-config.schema.json`` (names the key).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config {path} not found")
-    raw = read_toml(path)
+    top = read_toml(path)
+    validate_config(top, SCHEMA, path)
     base = path.resolve().parent
-    top = _check_keys("the top level", raw, RUN_KEYS | TABLES, path)
-    output = dict(_check_keys("[output]", top.get("output", {}), OUTPUT_KEYS, path))
-    cluster = _check_keys("[cluster]", top.get("cluster", {}), CLUSTER_KEYS, path)
-    transfer = dict(_check_keys("[transfer_set]", top.get("transfer_set", {}),
-                                {"factory", "kwargs", "webdataset", "name"}, path))
-    if "output" in top and "url" not in output:
-        raise ValueError(f"{path}: [output] needs url")
-    for table in ("output", "transfer_set", "teachers"):
-        if table not in top:
-            raise ValueError(f"{path}: missing [{table}]" if table != "teachers" else f"{path}: no [[teachers]]")
+    output = dict(top["output"])
+    cluster = top.get("cluster", {})
+    transfer = dict(top["transfer_set"])
     if "webdataset" in transfer:
         urls = transfer["webdataset"]
         one = isinstance(urls, str)
         transfer["webdataset"] = resolve_path(urls, base) if one else [resolve_path(u, base) for u in urls]
-    teachers = top["teachers"]
-    if not isinstance(teachers, list) or not teachers:
-        raise ValueError(f"{path}: [[teachers]] must list at least one teacher")
     specs = []
-    for i, t in enumerate(teachers):
-        if not isinstance(t, dict):
-            raise ValueError(f"{path}: teachers[{i}] must be a table")
+    for t in top["teachers"]:
         spec = dict(t)
         for key in TEACHER_PATHS:
             if isinstance(spec.get(key), str):
@@ -114,6 +99,21 @@ def _size(nbytes: int) -> str:
     return ""
 
 
+def _finished(url: str) -> bool:
+    """Whether ``url`` holds a finished store (its manifest is written); leftover run markers beside it are
+    removed, as a finished run removes them."""
+    from ..store.base import MARKER_DIR, PENDING_NAME
+    from ..store.files import join, url_to_fs
+
+    fs, root = url_to_fs(url)
+    if not fs.exists(join(root, MANIFEST_NAME)):
+        return False
+    for rel in (MARKER_DIR, PENDING_NAME):
+        if fs.exists(join(root, rel)):
+            fs.rm(join(root, rel), recursive=True)
+    return True
+
+
 def run(args: argparse.Namespace) -> int:
     from ..precompute import precompute
 
@@ -130,15 +130,19 @@ def run(args: argparse.Namespace) -> int:
         kwargs["workers"] = args.workers
     if kwargs.get("scheduler") == "":
         kwargs["scheduler"] = None
+    if args.resume and _finished(kwargs["out"]):
+        print(f"precompute: {kwargs['out']} is already complete; nothing to resume")
+        return 0
     started = time.perf_counter()
     try:
         manifest = precompute(**kwargs, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     except FileExistsError as e:
-        raise FileExistsError(f"{e} (command line: --resume or --overwrite)") from None
+        flags = [flag for flag, given in (("--resume", args.resume), ("--overwrite", args.overwrite)) if not given]
+        raise FileExistsError(f"{e} (command line: {' or '.join(flags)})" if flags else str(e)) from None
     seconds = time.perf_counter() - started
     m = manifest
     shape = "x".join(map(str, m.logits_shape))
-    print(f"precompute: {m.num_samples} samples in {m.num_shards} shards, {seconds:.1f} s "
+    print(f"precompute: {plural(m.num_samples, 'sample')} in {plural(m.num_shards, 'shard')}, {seconds:.1f} s "
           f"({m.num_samples / seconds:,.0f} samples/s); {_size(m.nbytes)} at {kwargs['out']} "
           f"({m.layout}, {m.content} logits {shape} {m.dtype})")
     return 0

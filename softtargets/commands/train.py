@@ -41,12 +41,15 @@ Config (relative paths are relative to the config file; its folder is appended t
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from ..config import read_toml, resolve_path
+from ..config import read_toml, resolve_path, validate_config
+from ..text import plural
 
 SECTIONS: dict[str, dict[str, str]] = {
     # section -> {toml key: TrainConfig field}
@@ -70,6 +73,7 @@ def load_config(path: str | os.PathLike[str], **overrides: Any):
     if not path.is_file():
         raise FileNotFoundError(f"config {path} not found")
     raw = read_toml(path)
+    validate_config(raw, "train-config", path)  # schemas/train-config.schema.json
     base = path.resolve().parent
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
@@ -97,20 +101,47 @@ def load_config(path: str | os.PathLike[str], **overrides: Any):
         raise ValueError(f"{path}: {e}") from None
 
 
+def summary(metrics: dict[str, Any], metrics_path: Path, requested: int, seconds: float) -> dict[str, Any]:
+    """What ``softtargets train`` reports: paths, epochs asked for, done in all, run now; the last epoch's numbers."""
+    last = metrics["epochs"][-1]
+    out = {"out": str(metrics_path.parent), "student": metrics["student"], "metrics": str(metrics_path),
+           "epochs_requested": requested, "epochs_done": metrics["epochs_done"], "epochs_run": metrics["epochs_run"],
+           "nothing_to_do": metrics["epochs_run"] == 0, "seconds": seconds, "final_loss": last["loss"],
+           "accuracy_labelled": last["accuracy_labelled"], "samples_per_s": last["samples_per_s"]}
+    if "eval_accuracy" in last:
+        out["eval_accuracy"] = last["eval_accuracy"]
+    return out
+
+
+def summary_line(s: dict[str, Any]) -> str:
+    """The one-line human summary of :func:`summary`."""
+    done, run = s["epochs_done"], s["epochs_run"]
+    if s["nothing_to_do"]:
+        more = s["epochs_requested"]
+        hint = "" if more >= done else f" (--epochs counts all epochs: --epochs {done + more} trains {more} more)"
+        return f"train: already trained {plural(done, 'epoch')}; nothing to do{hint}; student -> {s['student']}"
+    line = f"train: {plural(run, 'epoch')}" + (f" (epochs {done - run + 1}-{done} of {done})" if run != done else "")
+    line += f", final loss {s['final_loss']:.4f}"
+    if s["accuracy_labelled"] is not None:
+        line += f", accuracy on labelled rows {s['accuracy_labelled']:.3f}"
+    if "eval_accuracy" in s:
+        line += f", eval accuracy {s['eval_accuracy']:.3f}"
+    return f"{line}; {s['samples_per_s']:,.0f} samples/s; student -> {s['student']}"
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..train import train
+    from ..train import METRICS, TrainOutputExists, train
 
     cfg = load_config(args.config, store=args.store, out=args.out, epochs=args.epochs, device=args.device,
                       num_workers=args.num_workers)
-    metrics = train(cfg, resume=args.resume, progress=not args.quiet)
-    last = metrics["epochs"][-1]
-    acc = last["accuracy_labelled"]
-    line = f"train: {len(metrics['epochs'])} epochs, final loss {last['loss']:.4f}"
-    if acc is not None:
-        line += f", accuracy on labelled rows {acc:.3f}"
-    if "eval_accuracy" in last:
-        line += f", eval accuracy {last['eval_accuracy']:.3f}"
-    print(f"{line}; {last['samples_per_s']:,.0f} samples/s; student -> {metrics['student']}")
+    started = time.perf_counter()
+    try:
+        metrics = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=False if args.quiet else None)
+    except TrainOutputExists as e:
+        raise FileExistsError(f"{e.out} holds a training run ({', '.join(e.found)}); pass --resume to continue it "
+                              "or --overwrite to replace it") from None
+    s = summary(metrics, Path(cfg.out) / METRICS, cfg.epochs, time.perf_counter() - started)
+    print(json.dumps(s, indent=1) if args.json else summary_line(s))
     return 0
 
 
@@ -125,7 +156,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, help="override [train] epochs")
     parser.add_argument("--device", help="override [train] device")
     parser.add_argument("--num-workers", type=int, help="override [train] num_workers")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true",
+                      help="continue from OUT/checkpoint.pt up to --epochs in all (a run already there trains nothing)")
+    mode.add_argument("--overwrite", action="store_true",
+                      help="delete OUT's student.pt, metrics.json and checkpoint.pt (nothing else) and start afresh")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     parser.set_defaults(run=run)
     return parser
