@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from .streaming import TargetStream, stream
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
 STUDENT = "student.pt"
+OUTPUTS = (STUDENT, METRICS, CHECKPOINT)  # everything train writes in ``out`` (and their ``.tmp`` while saving)
 LOSSES = ("hinton", "logit_matching")
 SCHEDULES = ("linear", "cosine", "exponential")
 
@@ -172,6 +174,58 @@ def _as_input(x: Any, device: torch.device) -> Any:
     return x
 
 
+class TrainOutputExists(FileExistsError):
+    """``out`` holds files of an earlier training run (``found``); refused without resume or overwrite."""
+
+    def __init__(self, out: Path, found: list[str]):
+        self.out, self.found = out, found
+        super().__init__(f"{out} holds a training run ({', '.join(found)}); pass resume=True to continue it "
+                         "or overwrite=True to replace it")
+
+
+def run_files(out: Path) -> list[str]:
+    """Names of train's own files (:data:`OUTPUTS` and their ``.tmp`` leftovers) present in folder ``out``."""
+    if not out.is_dir():
+        return []
+    names = {*OUTPUTS, *(name + ".tmp" for name in OUTPUTS)}
+    return sorted(p.name for p in out.iterdir() if p.name in names and (p.is_file() or p.is_symlink()))
+
+
+def prepare_out(out: Path, *, resume: bool = False, overwrite: bool = False) -> None:
+    """Make folder ``out`` ready for a run, as ``precompute`` treats its store.
+
+    A new run refuses an earlier run's files; ``overwrite`` deletes exactly those files (never a
+    folder, never a file train does not write); ``resume`` needs the earlier run's checkpoint.
+
+    Raises:
+        TrainOutputExists: ``out`` holds ``student.pt``, ``metrics.json`` or ``checkpoint.pt`` and
+            neither ``resume`` nor ``overwrite`` is set.
+        FileNotFoundError: ``resume`` and no ``checkpoint.pt`` in ``out``.
+        NotADirectoryError: ``out`` is a file.
+    """
+    if resume and overwrite:
+        raise ValueError("pass resume=True or overwrite=True, not both")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} is a file, but a training run writes a folder there; choose another out")
+    found = run_files(out)
+    if resume:
+        if CHECKPOINT not in found:
+            raise FileNotFoundError(f"cannot resume: {out / CHECKPOINT} does not exist; start a new run instead")
+        return
+    if not overwrite and set(found) & set(OUTPUTS):
+        raise TrainOutputExists(out, found)
+    for name in found:
+        (out / name).unlink()  # a symlink is removed, not followed
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def read_checkpoint(out: Path) -> dict[str, Any]:
+    """The state in ``out/checkpoint.pt``: ``student``, ``optimizer``, ``criterion``, ``stream`` state dicts,
+    ``history`` (one metrics row per finished epoch), ``partial`` (sums of an unfinished epoch, ``{}`` at an
+    epoch's end) and the RNG states."""
+    return torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)
+
+
 class _Checkpointer:
     def __init__(self, out: Path, student: nn.Module, opt: torch.optim.Optimizer, criterion: nn.Module,
                  ds: TargetStream):
@@ -185,8 +239,7 @@ class _Checkpointer:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }, self.path)
 
-    def load(self) -> tuple[list[dict[str, Any]], dict[str, float]]:
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
+    def load(self, state: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, float]]:
         self.student.load_state_dict(state["student"])
         self.opt.load_state_dict(state["optimizer"])
         self.criterion.load_state_dict(state["criterion"])
@@ -197,15 +250,55 @@ class _Checkpointer:
         return state["history"], state["partial"]
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def _already_trained(cfg: TrainConfig, out: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """The metrics of a run whose checkpoint has ``cfg.epochs`` or more finished epochs: nothing is trained.
+
+    ``student.pt`` is written at every epoch's end; only when it is missing is it written again, from
+    a checkpoint taken at an epoch's end (one taken partway through a later epoch holds other weights).
+    """
+    history = state["history"]
+    student, metrics_path = out / STUDENT, out / METRICS
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {"config": dataclasses.asdict(cfg)}
+    if not student.exists():
+        if state["partial"]:
+            raise ValueError(f"cannot resume {out} for {cfg.epochs} epochs: its checkpoint is partway through "
+                             f"epoch {len(history) + 1}; resume for {len(history) + 1} or more epochs to finish it")
+        _atomic_save(state["student"], student)
+        metrics.update(epochs=history, epochs_done=len(history), student=str(student))
+        _atomic_json(metrics, metrics_path)
+    return {**metrics, "epochs": history, "epochs_done": len(history), "epochs_run": 0, "student": str(student)}
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
+          progress: bool | None = None) -> dict[str, Any]:
     """Train per ``cfg``; write ``student.pt`` (state_dict), ``metrics.json`` and ``checkpoint.pt`` to ``cfg.out``.
 
-    With ``resume``, continue from ``checkpoint.pt`` (written at every epoch end and every
-    ``checkpoint_every`` steps): the stream yields exactly the batches not yet trained on.
-    Returns the metrics dict (also in ``metrics.json``).
+    All three are written (atomically) at every epoch's end, ``checkpoint.pt`` also every
+    ``checkpoint_every`` steps. ``cfg.epochs`` counts all epochs of the run, resumed or not.
+
+    Args:
+        cfg: the run's settings.
+        resume: continue from ``checkpoint.pt``: the stream yields exactly the batches not yet
+            trained on. A run that has finished ``cfg.epochs`` epochs already trains nothing
+            (``epochs_run`` 0) and its files are left as they are.
+        overwrite: delete an earlier run's ``student.pt``, ``metrics.json`` and ``checkpoint.pt``
+            in ``cfg.out`` (nothing else) and start afresh.
+        progress: a tqdm bar per epoch and a line per finished epoch, on stderr. ``None``: the bar
+            only when stderr is a terminal (tqdm's own rule), the lines always; ``False``: neither.
+
+    Returns:
+        The metrics (also in ``metrics.json``): ``config``, ``steps_per_epoch``, ``epochs`` (one row
+        per finished epoch of the run), ``epochs_done`` (their number), ``epochs_run`` (those this
+        call trained, a resumed partial epoch included) and ``student`` (the path of ``student.pt``).
+
+    Raises:
+        TrainOutputExists: ``cfg.out`` holds an earlier run and neither ``resume`` nor ``overwrite``.
     """
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_out(out, resume=resume, overwrite=overwrite)
+    state = read_checkpoint(out) if resume else None
+    if state is not None and len(state["history"]) >= cfg.epochs:
+        return _already_trained(cfg, out, state)
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
@@ -222,21 +315,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ckpt = _Checkpointer(out, student, opt, criterion, ds)
     eval_set = import_object(cfg.eval_dataset, "eval dataset")(**cfg.eval_kwargs) if cfg.eval_dataset else None
-    history: list[dict[str, Any]] = []
-    partial: dict[str, float] = {}
-    if resume:
-        if not ckpt.path.exists():
-            raise FileNotFoundError(f"cannot resume: {ckpt.path} does not exist")
-        history, partial = ckpt.load()
+    history, partial = ckpt.load(state) if state is not None else ([], {})
+    done_before = len(history)
     metrics: dict[str, Any] = {"config": dataclasses.asdict(cfg), "steps_per_epoch": steps_per_epoch,
-                               "epochs": history}
+                               "epochs": history, "epochs_done": done_before, "epochs_run": 0}
     loader = ds.loader(num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
     while ds.epoch < cfg.epochs:
         epoch = ds.epoch
         sums = {"loss": 0.0, "samples": 0, "labelled": 0, "correct": 0, "seconds": 0.0, **partial}
         partial = {}
         bar = tqdm(total=steps_per_epoch, initial=steps_per_epoch - len(ds), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   unit="batch", disable=not progress, leave=False, mininterval=0.5)
+                   unit="batch", disable=None if progress is None else not progress, leave=False, mininterval=0.5)
         tick = time.perf_counter()
         for batch in loader:
             x = _as_input(batch[cfg.input_key], device)
@@ -270,13 +359,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         if eval_set is not None:
             row["eval_accuracy"] = evaluate(student, eval_set, device)
         history.append(row)
-        if progress:
-            tqdm.write(_epoch_line(row))
+        if progress is not False:
+            tqdm.write(_epoch_line(row), file=sys.stderr)
+        _atomic_save(student.state_dict(), out / STUDENT)
         ckpt.save(history, {})
+        metrics.update(epochs_done=len(history), epochs_run=len(history) - done_before, student=str(out / STUDENT))
         _atomic_json(metrics, out / METRICS)
-    _atomic_save(student.state_dict(), out / STUDENT)
-    metrics["student"] = str(out / STUDENT)
-    _atomic_json(metrics, out / METRICS)
     return metrics
 
 
