@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+import time
+from typing import Any
 
 from ..convert import convert_store
-from ..manifest import CONTENTS, DTYPES, LAYOUTS
+from ..manifest import CONTENTS, DTYPES, LAYOUTS, Manifest
 
 
 def add_layout_args(p: argparse.ArgumentParser) -> None:
@@ -18,10 +21,20 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drop-inputs", action="store_true", help="drop inputs packed beside the targets")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at DST")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
 
 def progress(args: argparse.Namespace) -> bool | None:
     return False if args.no_progress else None
+
+
+def print_json(m: Manifest, started: float, **paths: Any) -> int:
+    """Print what convert, merge or subset wrote as one JSON object: ``paths``, the new store's facts, seconds."""
+    seconds = time.perf_counter() - started
+    print(json.dumps({**paths, "samples": m.num_samples, "shards": len(m.shards), "bytes": m.nbytes,
+                      "layout": m.layout, "content": m.content, "dtype": m.dtype, "seconds": seconds,
+                      "samples_per_s": m.num_samples / max(seconds, 1e-9)}, indent=1))
+    return 0
 
 
 def layout_kwargs(args: argparse.Namespace) -> dict:
@@ -50,8 +63,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
     m = convert_store(args.src, args.dst, dtype=args.dtype, content=args.content, temperature=args.temperature,
                       overflow=args.overflow, **layout_kwargs(args))
+    if args.json:
+        return print_json(m, started, src=args.src, dst=args.dst)
     print(f"wrote {args.dst}: {m.num_samples} samples, {m.layout}, {m.content}, {m.dtype}, {len(m.shards)} shards, "
           f"{m.nbytes} bytes")
     return 0

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import time
 
 from ..combine import merge_stores
-from .convert import add_layout_args, layout_kwargs
+from .convert import add_layout_args, layout_kwargs, print_json
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -22,9 +23,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
     if len(args.stores) < 3:
         raise ValueError("merge takes two or more source stores and a destination: merge A B ... DST")
     *srcs, dst = args.stores
     m = merge_stores(srcs, dst, tmpdir=args.tmpdir, **layout_kwargs(args))
+    if args.json:
+        return print_json(m, started, sources=srcs, dst=dst)
     print(f"wrote {dst}: {m.num_samples} samples from {len(srcs)} stores, {m.layout}, {len(m.shards)} shards")
     return 0

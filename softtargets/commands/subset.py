@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 from ..combine import read_keys_file, subset_store
-from .convert import add_layout_args, layout_kwargs
+from .convert import add_layout_args, layout_kwargs, print_json
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -26,10 +27,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
     if args.keys is not None:
         m = subset_store(args.src, args.dst, keys=read_keys_file(args.keys), keys_source=os.path.abspath(args.keys),
                          **layout_kwargs(args))
     else:
         m = subset_store(args.src, args.dst, row_range=args.range, **layout_kwargs(args))
+    if args.json:
+        return print_json(m, started, src=args.src, dst=args.dst, keys=args.keys, range=args.range)
     print(f"wrote {args.dst}: {m.num_samples} samples, {m.layout}, {len(m.shards)} shards")
     return 0
