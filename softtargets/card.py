@@ -4,13 +4,26 @@ It says what the store is, how it was made (command, versions, lineage), how to 
 it, and how to read it with softtargets and without it (plain zarr, ``dask.array``,
 plain webdataset, and numpy for targets at a temperature). The recipes are tested by
 running the card's code blocks against real stores.
+
+The card is portable: it names the store by :data:`URL_PLACEHOLDER`, which a reader replaces
+with where the store lives, and shows the producer's paths relative to the store (never the
+producer's folders). Its YAML front matter holds the metadata dataset hubs read (Hugging Face
+dataset cards: ``pretty_name``, ``license``, ``tags``, ``size_categories``, ``task_categories``).
 """
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Sequence
 
 from .manifest import Manifest
+
+URL_PLACEHOLDER = "<store-url>"
+# Hugging Face's size buckets: (upper bound, label), the first bound above the row count wins.
+_SIZES = ((10**3, "n<1K"), (10**4, "1K<n<10K"), (10**5, "10K<n<100K"), (10**6, "100K<n<1M"),
+          (10**7, "1M<n<10M"), (10**8, "10M<n<100M"), (10**9, "100M<n<1B"), (10**10, "1B<n<10B"),
+          (10**11, "10B<n<100B"), (10**12, "100B<n<1T"))
 
 _MEANING = {
     "per_teacher": "the logits of each of the K teachers, `[N, K, C]`: exact geometric and arithmetic "
@@ -63,7 +76,7 @@ def zarr_recipe(m: Manifest, url: str) -> str:
 import numpy as np
 import zarr
 
-URL = "{url}"  # where the store lives now: a path, or an http(s):// / s3:// URL
+URL = "{url}"  # replace with where the store lives: a path, or an http(s):// / s3:// URL
 g = zarr.open_group(URL, mode="r")
 logits = g["logits"][:1000]    # {stored} {_shape(m)}
 labels = g["labels"][:1000]    # int64 [n], -1 = unlabeled
@@ -80,7 +93,7 @@ def dask_recipe(m: Manifest, url: str) -> str:
 import dask.array as da
 import numpy as np
 
-URL = "{url}"
+URL = "{url}"  # replace with where the store lives
 logits = da.from_zarr(URL, component="logits"){convert}  # lazy {_shape(m, "N")}
 labels = da.from_zarr(URL, component="labels")           # lazy int64 [N]
 mean_logits = logits.mean(axis=0).compute()              # e.g. a statistic over the whole store
@@ -94,7 +107,7 @@ def wds_recipe(m: Manifest, url: str) -> str:
 import numpy as np
 import webdataset as wds
 
-URL = "{url}"
+URL = "{url}"  # replace with where the store lives
 shards = URL + "/shard-{{000000..{last}}}.tar"
 '''
     if m.sample_layout == "block":
@@ -116,8 +129,84 @@ shards = URL + "/shard-{{000000..{last}}}.tar"
     return head + body + "```"
 
 
-def dataset_card(m: Manifest, url: str) -> str:
-    """Markdown describing store ``m`` at ``url``: what it is, how it was made, how to read it."""
+def _local_root(url: str) -> str | None:
+    """The absolute local path of the store at ``url``, or None for a remote URL."""
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    return None if "://" in url else os.path.abspath(url)
+
+
+def portable_path(value: str, root: str | None, cwd: str | None = None) -> str:
+    """``value`` as the card shows it: the store itself as :data:`URL_PLACEHOLDER`, a path inside it as
+    ``<store-url>/rel``, a local path near it relative to it (``../src.zarr``), a local path that shares
+    only the filesystem's root with it as ``.../name``; anything else unchanged.
+
+    Args:
+        value: a path or URL as recorded (absolute, or relative to ``cwd``).
+        root: the store's absolute local path (:func:`_local_root`), or None for a remote store.
+        cwd: the folder relative paths were given in; None: relative values are left as they are.
+    """
+    if root is None or "://" in value or not value:
+        return value
+    if os.path.isabs(value):
+        path = os.path.normpath(value)
+    elif cwd is not None and os.path.exists(os.path.join(cwd, value)):
+        path = os.path.normpath(os.path.join(cwd, value))
+    else:
+        return value
+    if path == root:
+        return URL_PLACEHOLDER
+    if os.path.commonpath([path, root]) == root:
+        return f"{URL_PLACEHOLDER}/{os.path.relpath(path, root)}"
+    if os.path.dirname(os.path.commonpath([path, root])) == os.path.commonpath([path, root]):
+        return f".../{os.path.basename(path)}"  # only the filesystem's root in common: no folders shown
+    return os.path.relpath(path, root)
+
+
+def portable_command(argv: Sequence[str], root: str | None, cwd: str | None = None) -> str:
+    """A recorded command line (``sys.argv``) as the card shows it: the program by its name, every path
+    argument (also ``--option=PATH``) through :func:`portable_path`."""
+    if not argv:
+        return "(not recorded)"
+    shown = [os.path.basename(str(argv[0])) or str(argv[0])]
+    for arg in map(str, argv[1:]):
+        option, eq, value = arg.partition("=")
+        if eq and option.startswith("-"):
+            shown.append(f"{option}={portable_path(value, root, cwd)}")
+        else:
+            shown.append(portable_path(arg, root, cwd))
+    return " ".join(shown)
+
+
+def size_category(n: int) -> str:
+    """The Hugging Face ``size_categories`` label of ``n`` rows."""
+    return next((label for bound, label in _SIZES if n < bound), "n>1T")
+
+
+def front_matter(m: Manifest) -> str:
+    """The card's YAML front matter (between ``---`` lines): what dataset hubs index the store by."""
+    name = (m.transfer_set or {}).get("name")
+    pretty = f"Soft targets of {m.num_teachers} teacher(s){' on ' + name if name else ''}"
+    tags = ["knowledge-distillation", "soft-targets", "teacher-logits", "softtargets", m.layout,
+            m.content.replace("_", "-")]
+    return "\n".join([
+        "---",
+        f"pretty_name: {json.dumps(pretty)}",
+        "license: unknown  # the transfer set's and the teachers' licenses apply: set the one that holds",
+        "tags:", *(f"- {t}" for t in tags),
+        "size_categories:", f"- {json.dumps(size_category(m.num_samples))}",
+        "task_categories:", "- other",
+        "---",
+    ])
+
+
+def dataset_card(m: Manifest, url: str, cwd: str | None = None) -> str:
+    """Markdown describing store ``m`` (written at ``url``): what it is, how it was made, how to read it.
+
+    The card names the store by :data:`URL_PLACEHOLDER` and shows recorded paths relative to it
+    (:func:`portable_path`); ``cwd``: the folder the recorded command ran in, where it is known.
+    """
+    root = _local_root(str(url))
     teachers = "\n".join(
         f"| {t['name']} | `{t.get('sha256') or '-'}` | {t.get('num_params') or '-'} |" for t in m.teachers
     ) or "| (not recorded) | | |"
@@ -127,11 +216,12 @@ def dataset_card(m: Manifest, url: str) -> str:
     names = m.class_names
     classes = f" ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names else ""
     prov = m.provenance or {}
-    command = " ".join(map(str, prov.get("command") or [])) or "(not recorded)"
+    command = portable_command(prov.get("command") or [], root, cwd)
     versions = ", ".join(f"{k} {v}" for k, v in (prov.get("versions") or {}).items()) or "(not recorded)"
     lineage = "\n".join(
-        f"- {e.get('operation')} of " + ", ".join(f"`{s.get('url')}` (manifest sha256 `{s.get('manifest_sha256')}`)"
-                                                 for s in e.get("sources", []))
+        f"- {e.get('operation')} of " + ", ".join(
+            f"`{portable_path(str(s.get('url')), root)}` (manifest sha256 `{s.get('manifest_sha256')}`)"
+            for s in e.get("sources", []))
         + f" on {e.get('time')}: `{json.dumps(e.get('parameters'), sort_keys=True)}`"
         for e in m.lineage
     ) or "- made directly from the teachers (no earlier store)"
@@ -139,9 +229,12 @@ def dataset_card(m: Manifest, url: str) -> str:
               f"{', '.join(f'`{k}` ({v})' for k, v in m.inputs.items())}." if m.inputs else "")
     probs = ("store.probs([0, 1], temperature=4.0, rule=\"geometric\")" if m.content != "arithmetic" else
              f"store.probs([0, 1], temperature={m.temperature!r}, rule=\"arithmetic\")  # exact at T0 only")
+    url = URL_PLACEHOLDER
     plain = [f"### Plain zarr\n\n{zarr_recipe(m, url)}", f"### dask.array\n\n{dask_recipe(m, url)}"] \
         if m.layout == "zarr" else [f"### Plain webdataset\n\n{wds_recipe(m, url)}"]
-    return f"""# Soft-target store{': ' + ts['name'] if ts.get('name') else ''}
+    return f"""{front_matter(m)}
+
+# Soft-target store{': ' + ts['name'] if ts.get('name') else ''}
 
 Teacher outputs precomputed once, for knowledge distillation: a student trains on these
 targets at any temperature without running the teachers.
@@ -169,8 +262,9 @@ Begun {m.created} by softtargets {m.softtargets_version}.
 - Versions: {versions}
 {lineage}
 
-Every data file's size and sha256 are in `manifest.json`. Check them all with
-`softtargets verify {url}`.
+Paths above are relative to the store; `{url}` stands for the store itself: replace it with
+where the store lives now. Every data file's size and sha256 are in `manifest.json`. Check them
+all with `softtargets verify {url}`.
 
 ## Read it with softtargets
 

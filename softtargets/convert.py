@@ -12,6 +12,7 @@ conversion and its inverse give back the original bits.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .manifest import MANIFEST_NAME, Manifest, utc_now
 from .store import TargetStore, TargetWriter, create_targets, infer_layout, open_targets
-from .store.base import PENDING_NAME
+from .store.base import PENDING_NAME, delete_store
 from .store.encoding import encode_logits
 from .store.files import join, url_to_fs
 from .temperature import reduce_teachers
@@ -109,7 +110,8 @@ def derive(writer_args: dict[str, Any], fill: Any, dst: str, overwrite: bool) ->
     except BaseException:
         fs, root = writer.fs, writer.root
         if fs.exists(join(root, PENDING_NAME)) and not fs.exists(join(root, MANIFEST_NAME)):
-            fs.rm(root, recursive=True)
+            with contextlib.suppress(FileExistsError):  # refused (not recognisably ours): left as it is
+                delete_store(fs, root, writer.url)
         raise
 
 

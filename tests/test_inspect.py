@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import softtargets as st
+from softtargets.card import URL_PLACEHOLDER
 from softtargets.cli import main
 from softtargets.convert import convert_store
 from softtargets.inspect import inspect_store
@@ -140,8 +141,8 @@ def test_plot_without_matplotlib_says_how_to_get_it(zarr_store, tmp_path, capsys
 
 
 def card_blocks(path) -> list[str]:
-    """The python code blocks of the card's 'Read it without softtargets' section."""
-    text = (path / "README.md").read_text()
+    """The python code blocks of the card's 'Read it without softtargets' section, naming the store at ``path``."""
+    text = (path / "README.md").read_text().replace(URL_PLACEHOLDER, str(path))
     section = text.split("## Read it without softtargets", 1)[1]
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 

@@ -126,8 +126,8 @@ def create_targets(
     if num_samples:  # a small store gets small blocks, not one mostly-empty chunk
         fit = 1 << max(0, int(num_samples) - 1).bit_length()
         auto_block, auto_shard = min(auto_block, fit), min(auto_shard, fit)
-    block_rows = int(block_rows or (1 if layout == "wds" and sample_layout == "sample" else auto_block))
-    shard_rows = int(shard_rows or max(auto_shard // block_rows, 1) * block_rows)
+    block_rows, shard_rows = _block_and_shard(block_rows, shard_rows, auto_block, auto_shard,
+                                              layout == "wds" and sample_layout == "sample")
     if shard_rows % block_rows:
         raise ValueError(f"shard_rows={shard_rows} must be a multiple of block_rows={block_rows}")
     spec = Manifest(
@@ -143,6 +143,31 @@ def create_targets(
     writer_cls = LAYOUTS[layout][0]
     return writer_cls(str(url), spec, mode=mode, fixed_rows=num_samples is not None, storage_options=storage_options,
                       defer=defer)
+
+
+def _block_and_shard(
+    block_rows: int | None, shard_rows: int | None, auto_block: int, auto_shard: int, one_row_samples: bool
+) -> tuple[int, int]:
+    """``(block_rows, shard_rows)`` from the caller's choices, the defaults filling what was not given: a default
+    shard is whole blocks; a default block divides the shard given (the largest that does, up to the default);
+    a one-row-per-sample wds store reads blocks of 1."""
+    if not block_rows:
+        block_rows = 1 if one_row_samples else _largest_divisor(int(shard_rows), auto_block) if shard_rows \
+            else auto_block
+    block_rows = int(block_rows)
+    return block_rows, int(shard_rows or max(auto_shard // block_rows, 1) * block_rows)
+
+
+def _largest_divisor(n: int, cap: int) -> int:
+    """The largest divisor of ``n`` (>= 1) that is at most ``cap``."""
+    if n < 1:
+        return 1
+    best, d = 1, 1
+    while d * d <= n:
+        if n % d == 0:
+            best = max(best, *(x for x in (d, n // d) if x <= cap), 1)
+        d += 1
+    return best
 
 
 def _teacher_info(t: Any, i: int) -> dict[str, Any]:

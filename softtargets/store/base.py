@@ -23,6 +23,8 @@ import dataclasses
 import json
 import os
 import posixpath
+import shutil
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -195,9 +197,7 @@ class TargetWriter(ABC):
                 )
             raise FileExistsError(f"{self.url} exists; choose a new path or pass overwrite=True")
         if exists:
-            if not (has_manifest or has_pending):
-                raise FileExistsError(f"{self.url} exists and is not a softtargets store; refusing to delete it")
-            fs.rm(root, recursive=True)
+            delete_store(fs, root, self.url)
         fs.makedirs(root, exist_ok=True)
         self.spec.created = self.spec.created or utc_now()
         self.spec.softtargets_version = __version__
@@ -467,11 +467,12 @@ class TargetWriter(ABC):
         self.sync()
         from ..card import dataset_card
 
-        atomic_write(self.fs, self._path(CARD_NAME), dataset_card(spec, self.url).encode())
+        ran_here = spec.provenance.get("command") == sys.argv  # its relative paths are relative to this cwd
+        card = dataset_card(spec, self.url, cwd=os.getcwd() if ran_here else None)
+        atomic_write(self.fs, self._path(CARD_NAME), card.encode())
         atomic_write(self.fs, self._path(MANIFEST_NAME), spec.to_json().encode())
         for rel in (PENDING_NAME, MARKER_DIR):
-            if self.fs.exists(self._path(rel)):
-                self.fs.rm(self._path(rel), recursive=True)
+            remove_tree(self.fs, self._path(rel))
         self._closed = True
         return spec
 
@@ -497,6 +498,87 @@ def _file_matches(fs: fsspec.AbstractFileSystem, root: str, rec: FileRecord) -> 
     except FileNotFoundError:
         return False
     return len(data) == rec.bytes and sha256_hex(data) == rec.sha256
+
+
+# ---------------------------------------------------------------------------------------------------
+# Deleting a store: only what is recognisably one, never what lies outside it
+
+
+def not_a_store(fs: fsspec.AbstractFileSystem, root: str) -> str | None:
+    """Why ``root`` is not recognisably a softtargets store, or None when it is one: its ``manifest.json``
+    parses as a softtargets manifest (schema and format version checked), or its pending spec (the marker
+    of an unfinished run) does."""
+    reasons = []
+    for name in (MANIFEST_NAME, PENDING_NAME):
+        try:
+            text = fs.cat_file(join(root, name))
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
+            continue
+        try:
+            d = json.loads(text)
+            Manifest.from_dict({**d, "shards": []} if name == PENDING_NAME and isinstance(d, dict) else d, name)
+            return None
+        except (ValueError, TypeError, KeyError) as e:  # ManifestError and JSON errors are ValueErrors
+            reasons.append(" ".join(str(e).split())[:200] if isinstance(e, ManifestError) else f"{name}: {e}")
+    return "; ".join(reasons) or f"no {MANIFEST_NAME} or {PENDING_NAME}"
+
+
+def _within(inner: str, outer: str) -> bool:
+    """Local real path ``inner`` is ``outer`` or lies under it."""
+    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
+
+
+def _protected(fs: fsspec.AbstractFileSystem, root: str) -> str | None:
+    """What makes ``root`` a folder never to delete (the filesystem's root, or a folder holding the current
+    folder or the home folder), or None."""
+    if not root.strip("/"):
+        return "the filesystem's root"
+    if not is_local(fs):
+        return None
+    real = os.path.realpath(fs._strip_protocol(root))
+    if os.path.dirname(real) == real:
+        return "the filesystem's root"
+    for what, path in (("the current folder", os.getcwd()), ("the home folder", os.path.expanduser("~"))):
+        if _within(os.path.realpath(path), real):
+            return f"{what} or a folder above it"
+    return None
+
+
+def remove_tree(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Delete the file or folder ``path`` where there is one, without following symbolic links: a link is
+    removed, never what it points to."""
+    if not is_local(fs):
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+        return
+    local = fs._strip_protocol(path)
+    if os.path.isdir(local) and not os.path.islink(local):
+        shutil.rmtree(local)  # unlinks the links inside, never enters them
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(local)
+
+
+def delete_store(fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
+    """Delete the softtargets store at ``root`` (named ``url`` in errors), and nothing else.
+
+    Raises:
+        FileExistsError: ``root`` is not recognisably a store (:func:`not_a_store`), or is a folder never to
+            delete (the filesystem's root, the current or home folder or one above them); nothing is deleted.
+    """
+    protected = _protected(fs, root)
+    if protected is not None:
+        raise FileExistsError(f"refusing to delete {url}: it is {protected}; choose another path for the store")
+    why = not_a_store(fs, root)
+    if why is not None:
+        raise FileExistsError(f"{url} exists and is not a softtargets store; refusing to delete it ({why}): "
+                              "choose a new path or remove it yourself")
+    local = fs._strip_protocol(root) if is_local(fs) else None
+    if local is not None and os.path.islink(local):  # the store is where the link leads: empty it, keep the link
+        for entry in os.listdir(local):
+            remove_tree(fs, join(root, entry))
+        return
+    remove_tree(fs, root)
 
 
 # ---------------------------------------------------------------------------------------------------
