@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .store import TargetStore, open_targets
-from .streaming.inputs import dataset_keys, fetch
+from .streaming.inputs import check_labels, dataset_keys, fetch, item_labels
 from .streaming.plan import Units, unit_rows_for
 
 
@@ -28,10 +28,11 @@ class TargetJoin(Dataset):
     def __init__(
         self, dataset: Any, store: TargetStore, by: str = "index",
         keys: Sequence[str] | Callable[[int], str] | None = None, cache_bytes: int = 256 << 20,
+        check_join: bool = True,
     ):
         if by not in ("index", "key"):
             raise ValueError(f"unknown join {by!r}; expected 'index' or 'key'")
-        self.dataset, self.by, self.cache_bytes = dataset, by, int(cache_bytes)
+        self.dataset, self.by, self.cache_bytes, self.check_join = dataset, by, int(cache_bytes), bool(check_join)
         self.store = store  # pickles as "open again" in each worker
         m = store.manifest
         self.rows: np.ndarray | None = None
@@ -90,6 +91,14 @@ class TargetJoin(Dataset):
                 out[pos] = (logits[off].clone(), int(labels[off]))
         return out  # type: ignore[return-value]
 
+    def _check(self, rows: list[int], targets: list[tuple[torch.Tensor, int]], items: list[Any]) -> None:
+        """The items' labels against the stored labels of ``rows`` (see :func:`with_targets`'s ``check_join``)."""
+        if not self.check_join:
+            return
+        stored = np.fromiter((t[1] for t in targets), dtype=np.int64, count=len(targets))
+        check_labels(stored, item_labels(items), lambda at: [str(k) for k in self.store.take(
+            np.asarray(rows, dtype=np.int64)[at])["key"]], str(self.store.url))
+
     @staticmethod
     def _assemble(item: Any, target: tuple[torch.Tensor, int]) -> tuple[Any, Any, torch.Tensor]:
         logits, label = target
@@ -101,12 +110,17 @@ class TargetJoin(Dataset):
         if not -len(self) <= int(i) < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} items")
         i = int(i) % len(self)
-        return self._assemble(self.dataset[i], self._targets([self.row_of(i)])[0])
+        item, rows = self.dataset[i], [self.row_of(i)]
+        targets = self._targets(rows)
+        self._check(rows, targets, [item])
+        return self._assemble(item, targets[0])
 
     def __getitems__(self, indices: Sequence[int]) -> list[tuple[Any, Any, torch.Tensor]]:
         indices = [int(i) for i in indices]
-        targets = self._targets([self.row_of(i) for i in indices])
-        return [self._assemble(it, t) for it, t in zip(fetch(self.dataset, indices), targets, strict=True)]
+        rows = [self.row_of(i) for i in indices]
+        targets, items = self._targets(rows), fetch(self.dataset, indices)
+        self._check(rows, targets, items)
+        return [self._assemble(it, t) for it, t in zip(items, targets, strict=True)]
 
 
 def with_targets(
@@ -117,6 +131,7 @@ def with_targets(
     keys: Sequence[str] | Callable[[int], str] | None = None,
     cache_bytes: int = 256 << 20,
     verify: str = "lazy",
+    check_join: bool = True,
 ) -> TargetJoin:
     """A map-style dataset whose item ``i`` is ``(x, y, teacher_logits)``.
 
@@ -131,7 +146,14 @@ def with_targets(
             dataset or a function ``i -> key``, else the dataset's ``keys`` attribute/method).
             Every item's key must be in the store (checked here, ``KeyError`` naming some missing).
         cache_bytes: LRU budget for read units (whole zarr chunks / wds blocks).
+        check_join: refuse items whose label ``y`` (an integer) disagrees with the store's label of the
+            joined row, where both are labelled: stored labels are copies of the transfer set's, so any
+            disagreement means another dataset, or the same one in another order. ``False`` skips it.
+
+    Raises:
+        JoinMismatchError: (a ``ValueError``, when an item is read) a joined item's label disagrees with
+            the store's; the message counts the rows and names the first keys.
     """
     if not isinstance(store, TargetStore):
         store = open_targets(store, verify=verify)
-    return TargetJoin(dataset, store, by, keys, cache_bytes)
+    return TargetJoin(dataset, store, by, keys, cache_bytes, check_join)

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import Dataset, TensorDataset
 
+import softtargets as st
+from softtargets.joined import with_targets
 from softtargets.losses import DistillationLoss, distillation_loss, kd_loss
+from softtargets.streaming import JoinMismatchError
+
+from .sharing import N, labels, make_store, sample_keys
 
 # -- the KD loss: KL by default, CE by name --------------------------------------------------------------
 
@@ -60,3 +67,106 @@ def test_kd_loss_form_is_checked_and_kl_ignores_zero_probability_classes():
     loss.backward()
     assert loss.item() == pytest.approx(float(torch.log(torch.tensor(2.0))))  # KL((.5, .5, 0, 0) || uniform)
     assert torch.isfinite(zz.grad).all()
+
+
+# -- joins check the dataset's labels against the store's ---------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["zarr", "wds"])
+def labelled_store(request, tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("join-check"), request.param)
+
+
+class Rows(Dataset):
+    """The transfer set in ``order``: item ``i`` is ``(x, y)`` of sample ``order[i]`` (x carries the number)."""
+
+    def __init__(self, order: np.ndarray, y: np.ndarray | None = None):
+        self.order = order
+        self.y = labels(N).numpy() if y is None else y
+        self.keys = [sample_keys(N)[j] for j in order]
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int):
+        j = int(self.order[i])
+        return torch.tensor([float(j)]), int(self.y[j])
+
+
+def expected_mismatch(rows: np.ndarray, order: np.ndarray) -> tuple[int, int, list[str]]:
+    """(mismatched, compared, first keys) of joining ``Rows(order)`` by index on store ``rows``."""
+    y = labels(N).numpy()
+    stored, given = y[rows], y[order[rows]]
+    both = (stored >= 0) & (given >= 0)
+    bad = np.flatnonzero(both & (stored != given))
+    return len(bad), int(both.sum()), [sample_keys(N)[r] for r in rows[bad[:3]]]
+
+
+def test_with_targets_refuses_a_reversed_dataset_and_names_what_disagreed(labelled_store):
+    store = st.open_targets(labelled_store)
+    reverse = np.arange(N)[::-1].copy()
+    joined = with_targets(Rows(reverse), store, by="index")
+    rows = np.arange(40)
+    with pytest.raises(JoinMismatchError) as caught:
+        joined.__getitems__(rows.tolist())
+    mismatched, compared, first = expected_mismatch(rows, reverse)
+    assert 0 < mismatched == compared < 40  # every row labelled in both disagrees; the unlabelled are not counted
+    e = caught.value
+    assert (e.mismatched, e.compared, e.keys) == (mismatched, compared, first)
+    assert f"{mismatched} of {compared} labelled rows" in str(e) and repr(first[0]) in str(e)
+    assert "check_join=False" in str(e) and "\n" not in str(e)
+    y = labels(N).numpy()
+    assert y[0] < 0 <= y[N - 1]
+    assert joined[0][1] == y[N - 1]  # the store does not label row 0: nothing to compare, served
+    with pytest.raises(JoinMismatchError, match="1 of 1 labelled rows"):
+        joined[1]
+    loose = with_targets(Rows(reverse), store, by="index", check_join=False)
+    x, yy, v = loose[3]
+    assert int(x[0]) == N - 4 and yy == y[N - 4] and torch.equal(v, store[3]["logits"])
+
+
+def test_with_targets_accepts_the_transfer_set_and_skips_unlabelled_rows(labelled_store):
+    store = st.open_targets(labelled_store)
+    y = labels(N).numpy()
+    relabelled = y.copy()
+    relabelled[y < 0] = 5  # the dataset labels rows the store holds as unlabelled: nothing to compare
+    for dataset in (Rows(np.arange(N)), Rows(np.arange(N), relabelled)):
+        joined = with_targets(dataset, store, by="index")
+        batch = joined.__getitems__(list(range(N)))
+        assert [int(x[0]) for x, _, _ in batch] == list(range(N))
+    shuffled = np.random.default_rng(0).permutation(N)
+    joined = with_targets(Rows(shuffled), store, by="key")  # the same samples in another order, joined by key
+    assert [b[1] for b in joined.__getitems__(list(range(N)))] == y[shuffled].tolist()
+    unlabelled = [torch.zeros(2)] * N  # items without a label: nothing to check against
+    assert len(with_targets(unlabelled, store, by="index").__getitems__(list(range(N)))) == N
+
+
+def test_stream_refuses_a_reversed_dataset(labelled_store):
+    # (In DataLoader workers the same error reaches the caller, as JoinMismatchError with this message; not run
+    # here: a worker that raised takes torch's 5 s join timeout to end.)
+    reverse = np.arange(N)[::-1].copy()
+    ds = st.stream(labelled_store, batch_size=30, shuffle=False, dataset=Rows(reverse), by="index")
+    with pytest.raises(JoinMismatchError, match=r"labelled rows read have other labels.*check_join=False"):
+        list(ds.loader())
+    with pytest.raises(JoinMismatchError) as caught:
+        next(iter(ds))
+    assert (caught.value.mismatched, caught.value.compared, caught.value.keys) == expected_mismatch(
+        np.arange(30), reverse)
+    ok = st.stream(labelled_store, batch_size=30, shuffle=True, seed=2, dataset=Rows(np.arange(N)), by="index")
+    batches = list(ok.loader())
+    assert sorted(i for b in batches for i in b["index"].tolist()) == list(range(N))
+    assert all(torch.equal(b["input"][:, 0].long(), b["index"]) for b in batches)
+    loose = st.stream(labelled_store, batch_size=30, shuffle=False, dataset=Rows(reverse), check_join=False)
+    assert next(iter(loose))["input"][:, 0].long().tolist() == list(range(N - 1, N - 31, -1))
+
+
+def test_stream_checks_a_tensor_dataset_label_column(labelled_store):
+    y = labels(N)
+    x = torch.arange(N, dtype=torch.float32)[:, None]
+    right = st.stream(labelled_store, batch_size=50, shuffle=False, dataset=TensorDataset(x, y))
+    assert [b["input"][0, 0].item() for b in right] == [0.0, 50.0, 100.0]
+    wrong = st.stream(labelled_store, batch_size=50, shuffle=False, dataset=TensorDataset(x.flip(0), y.flip(0)))
+    with pytest.raises(JoinMismatchError, match="check_join=False"):
+        next(iter(wrong))
+    floats = st.stream(labelled_store, batch_size=50, shuffle=False, dataset=TensorDataset(x, y.flip(0).float()))
+    assert len(list(floats)) == 3  # a float second tensor is not a label column: not compared

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..store import TargetStore, open_targets
 from .dataset import StreamLoader, TargetStream, resolve_rank
-from .inputs import Decoder, default_decode
+from .inputs import Decoder, JoinMismatchError, default_decode
 from .plan import EpochPlan, SplitConfig
 
 
@@ -34,6 +34,7 @@ def stream(
     by: str = "index",
     dataset_keys: Sequence[str] | Callable[[int], str] | None = None,
     read_ahead: bool = True,
+    check_join: bool = True,
     verify: str = "lazy",
     storage_options: dict | None = None,
 ) -> TargetStream:
@@ -61,6 +62,9 @@ def stream(
         dataset, by, dataset_keys: join a map-style dataset's items as ``input``: item ``i`` for
             store row ``i`` (``by="index"``), or the item whose key (``dataset_keys`` or the
             dataset's ``keys``) equals the row's key (``by="key"``).
+        check_join: refuse a joined dataset whose labels (``y`` of its ``(x, y)`` items) disagree with the
+            store's on any row read that both label (``JoinMismatchError``: the wrong dataset, or the
+            right one in another order). ``False`` skips the check.
         read_ahead: read and arrange the next shuffle window (and fetch a joined dataset's next batch)
             on a thread while the current one is handed out, and the next epoch's first window during an
             epoch's last: the training step then rarely waits. ``False``: all on the calling thread
@@ -75,11 +79,11 @@ def stream(
     return TargetStream(
         store, batch_size=batch_size, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
         remainder=remainder, drop_last=drop_last, buffer_size=buffer_size, inputs=inputs, decode=decode,
-        dataset=dataset, by=by, dataset_keys=dataset_keys, read_ahead=read_ahead,
+        dataset=dataset, by=by, dataset_keys=dataset_keys, read_ahead=read_ahead, check_join=check_join,
     )
 
 
 __all__ = [
-    "Decoder", "EpochPlan", "SplitConfig", "StreamLoader", "TargetStream", "default_decode", "resolve_rank",
-    "stream",
+    "Decoder", "EpochPlan", "JoinMismatchError", "SplitConfig", "StreamLoader", "TargetStream", "default_decode",
+    "resolve_rank", "stream",
 ]

@@ -76,6 +76,7 @@ class TargetStream(IterableDataset):
         by: str = "index",
         dataset_keys: Sequence[str] | Callable[[int], str] | None = None,
         read_ahead: bool = True,
+        check_join: bool = True,
     ):
         super().__init__()
         m = store.manifest
@@ -100,7 +101,8 @@ class TargetStream(IterableDataset):
         self._logits_dtype = TORCH_DTYPES[m.dtype]
         if dataset is not None and self.packed:
             raise ValueError("the store packs its own inputs; pass inputs=False to join a dataset instead")
-        self.join = None if dataset is None else DatasetJoin(dataset, by, len(store), dataset_keys)
+        self.join = None if dataset is None else DatasetJoin(
+            dataset, by, len(store), dataset_keys, check=check_join, where=str(store.url))
         self.read_ahead = bool(read_ahead)
         self.epoch = 0
         self._consumed = BatchSet()
@@ -286,7 +288,7 @@ class TargetStream(IterableDataset):
         if members is not None:
             batch.update(collate_packed(members, self.decode))
         if self.join is not None:
-            batch.update(self.join(batch["index"], batch["key"]))
+            batch.update(self.join(batch["index"], batch["key"], batch["label"]))
         batch["epoch"], batch["batch_idx"] = plan.epoch, j
         return batch
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import TensorDataset, default_collate
 
 from ..store.wds_layout import npy_load
+
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 #: Turns one sample's packed members (member extension -> raw bytes) into named values.
 Decoder = Callable[[dict[str, bytes]], dict[str, Any]]
@@ -33,6 +36,63 @@ def collate_packed(raw: Sequence[dict[str, bytes]], decode: Decoder | None = Non
     bytes and strings stay lists of ``B``.
     """
     return default_collate([(decode or default_decode)(dict(m)) for m in raw])
+
+
+class JoinMismatchError(ValueError):
+    """A joined dataset's labels disagree with the store's on the rows read: not the transfer set the
+    targets were computed on, or not in its order. ``mismatched`` of ``compared`` labelled rows disagree;
+    ``keys`` are the store keys of the first few (0, 0 and [] when re-raised from a DataLoader worker,
+    which keeps only the message)."""
+
+    def __init__(self, message: str, *, mismatched: int = 0, compared: int = 0, keys: list[str] | None = None):
+        super().__init__(message)
+        self.mismatched, self.compared, self.keys = mismatched, compared, list(keys or [])
+
+
+def item_label(item: Any) -> int:
+    """The integer label ``y`` of a dataset item ``(x, y, ...)``, or -1 where there is none to compare
+    (not a tuple, or ``y`` not an integer scalar: a one-hot vector, a float, a string)."""
+    if not isinstance(item, (tuple, list)) or len(item) < 2:
+        return -1
+    y = item[1]
+    if isinstance(y, (int, np.integer)) and not isinstance(y, bool):
+        return int(y)
+    if isinstance(y, torch.Tensor) and y.ndim == 0 and y.dtype in INT_DTYPES:
+        return int(y)
+    if isinstance(y, np.ndarray) and y.ndim == 0 and y.dtype.kind in "iu":
+        return int(y)
+    return -1
+
+
+def item_labels(items: Sequence[Any]) -> np.ndarray:
+    """:func:`item_label` of each item: int64 ``[B]``, -1 where an item has no integer label."""
+    return np.fromiter((item_label(it) for it in items), dtype=np.int64, count=len(items))
+
+
+def check_labels(stored: np.ndarray, given: np.ndarray, keys: Callable[[np.ndarray], list[str]],
+                 where: str) -> None:
+    """Refuse a join whose dataset labels ``given`` disagree with the store's labels ``stored`` (both int64
+    ``[B]``, -1 = unlabelled) on any row labelled in both: stored labels are copies of the transfer set's.
+
+    ``keys(positions)`` gives the store keys of batch positions, for the message; ``where`` names the store.
+
+    Raises:
+        JoinMismatchError: naming how many of how many labelled rows disagree, and the first keys.
+    """
+    stored, given = np.asarray(stored, dtype=np.int64), np.asarray(given, dtype=np.int64)
+    both = (stored >= 0) & (given >= 0)
+    bad = np.flatnonzero(both & (stored != given))
+    if not len(bad):
+        return
+    first = bad[:3]
+    shown = ", ".join(f"{k!r} (store {a}, dataset {b})" for k, a, b in zip(
+        keys(first), stored[first].tolist(), given[first].tolist(), strict=True))
+    raise JoinMismatchError(
+        f"the joined dataset is not the transfer set of {where} in its order: {len(bad)} of {int(both.sum())} "
+        f"labelled rows read have other labels, first {shown}; join the dataset the targets were computed on "
+        f"(by='key' if its order differs), or pass check_join=False to skip this check",
+        mismatched=len(bad), compared=int(both.sum()), keys=keys(first),
+    )
 
 
 def dataset_keys(dataset: Any, keys: Sequence[str] | Callable[[int], str] | None) -> list[str]:
@@ -71,16 +131,21 @@ def fetch(dataset: Any, positions: list[int]) -> list[Any]:
 
 class DatasetJoin:
     """Inputs of a batch's store rows from a map-style ``dataset``: item ``i`` is row ``i`` (``by="index"``),
-    or the item whose key equals the row's key (``by="key"``). Adds ``input`` (collated ``x``) to batches."""
+    or the item whose key equals the row's key (``by="key"``). Adds ``input`` (collated ``x``) to batches.
 
-    def __init__(self, dataset: Any, by: str, num_rows: int, keys: Sequence[str] | Callable | None = None):
+    With ``check``, each batch's dataset labels (``y`` of ``(x, y, ...)`` items, or a ``TensorDataset``'s
+    second tensor) are compared with the store's on the rows labelled in both (:func:`check_labels`).
+    """
+
+    def __init__(self, dataset: Any, by: str, num_rows: int, keys: Sequence[str] | Callable | None = None,
+                 *, check: bool = True, where: str = "the store"):
         if by not in ("index", "key"):
             raise ValueError(f"unknown join {by!r}; expected 'index' or 'key'")
         if by == "index" and len(dataset) != num_rows:
             raise ValueError(
                 f"cannot join by index: the dataset has {len(dataset)} items, the store {num_rows} rows"
             )
-        self.dataset, self.by = dataset, by
+        self.dataset, self.by, self.check, self.where = dataset, by, bool(check), where
         # A TensorDataset joins by one gather: cheaper on the calling thread than handed to another.
         self.cheap = isinstance(dataset, TensorDataset)
         self._position: dict[str, int] | None = None
@@ -95,8 +160,25 @@ class DatasetJoin:
         except KeyError as e:
             raise KeyError(f"store key {e.args[0]!r} has no item in the joined {type(self.dataset).__name__}") from None
 
-    def __call__(self, index: torch.Tensor, keys: list[str]) -> dict[str, Any]:
+    def _tensor_labels(self, positions: torch.Tensor) -> np.ndarray | None:
+        """A ``TensorDataset``'s labels at ``positions``: its second tensor when that is integer ``[N]``."""
+        tensors = self.dataset.tensors
+        if len(tensors) < 2 or tensors[1].dim() != 1 or tensors[1].dtype not in INT_DTYPES:
+            return None
+        return tensors[1][positions].numpy().astype(np.int64, copy=False)
+
+    def __call__(self, index: torch.Tensor, keys: list[str], labels: torch.Tensor | None = None) -> dict[str, Any]:
+        """``{"input": ...}`` for the batch's store rows ``index`` int64 [B] / ``keys``; ``labels`` int64 [B]
+        (the store's, -1 = unlabelled) are checked against the dataset's when given and ``check`` is on."""
+        positions = self.positions(index, keys)
         if isinstance(self.dataset, TensorDataset):  # one gather, not a Python call per row
-            return {"input": self.dataset.tensors[0][torch.as_tensor(self.positions(index, keys))]}
-        items = fetch(self.dataset, self.positions(index, keys))
-        return {"input": default_collate([first_item(it) for it in items])}
+            at = torch.as_tensor(positions)
+            out = {"input": self.dataset.tensors[0][at]}
+            given = self._tensor_labels(at) if self.check and labels is not None else None
+        else:
+            items = fetch(self.dataset, positions)
+            out = {"input": default_collate([first_item(it) for it in items])}
+            given = item_labels(items) if self.check and labels is not None else None
+        if given is not None:
+            check_labels(labels.numpy(), given, lambda at: [keys[i] for i in at.tolist()], self.where)
+        return out
