@@ -763,6 +763,7 @@ def precompute(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    on_rows: Callable[[int], None] | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> Manifest:
     """Run ``teachers`` over ``dataset`` once and write their logits to a target store at ``out``.
@@ -787,6 +788,8 @@ def precompute(
         resume: continue an unfinished store: shards that are complete and verified are kept.
         overwrite: replace whatever is at ``out``. Without either, an existing ``out`` is refused.
         progress: a tqdm bar (samples/s, ETA).
+        on_rows: called with each number of rows this run computes (a resumed store's kept shards are
+            not counted): their sum is this run's work, e.g. for its samples/s.
 
     Returns:
         The written :class:`Manifest`. The store is complete only once this returns; a failed or
@@ -846,11 +849,16 @@ def precompute(
     rows_todo = sum(spec.shard_range(i)[1] - spec.shard_range(i)[0] for i in todo)
 
     with _progress(rows_todo, progress, "precompute") as bar:
+        def update(rows: int) -> None:
+            bar.update(rows)
+            if on_rows is not None:
+                on_rows(rows)
+
         if not todo:
             records: list[ShardRecord] = []
         elif local:
             runner = ShardRunner(loaded, ts, writer, options)
-            records = runner.run(todo, on_rows=bar.update, prepare=prepare if defer else None)
+            records = runner.run(todo, on_rows=update, prepare=prepare if defer else None)
         else:
             from .cluster import map_shards
 
@@ -860,7 +868,7 @@ def precompute(
                 dataset_fingerprint=ts.fingerprint, options=options, storage_options=storage_options,
             )
             records = map_shards(run_shard_task, job, todo, scheduler=scheduler, workers=workers, retries=retries,
-                                 on_result=lambda rec: bar.update(rec.rows), name=f"softtargets-{job.token}")
+                                 on_result=lambda rec: update(rec.rows), name=f"softtargets-{job.token}")
     if defer and not todo:
         prepare()
     spec.extra["precompute"] = options.settings()

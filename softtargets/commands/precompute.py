@@ -36,6 +36,7 @@ Config (relative paths are relative to the config file; its folder is appended t
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -114,6 +115,23 @@ def _finished(url: str) -> bool:
     return True
 
 
+class _Rows:
+    """A precompute ``on_rows`` callback: the rows computed in this run, summed."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+    def __call__(self, rows: int) -> None:
+        self.rows += rows
+
+
+def _summary(m: Any, url: str, computed: int, seconds: float) -> dict[str, Any]:
+    """What ``precompute --json`` prints: the store, its size and shape, and this run's rows, seconds, samples/s."""
+    return {"url": url, "samples": m.num_samples, "shards": m.num_shards, "rows_computed": computed,
+            "seconds": seconds, "samples_per_s": computed / seconds, "bytes": m.nbytes, "layout": m.layout,
+            "content": m.content, "logits_shape": list(m.logits_shape), "dtype": m.dtype, "nothing_to_do": False}
+
+
 def run(args: argparse.Namespace) -> int:
     from ..precompute import precompute
 
@@ -131,19 +149,29 @@ def run(args: argparse.Namespace) -> int:
     if kwargs.get("scheduler") == "":
         kwargs["scheduler"] = None
     if args.resume and _finished(kwargs["out"]):
+        if args.json:
+            print(json.dumps({"url": kwargs["out"], "nothing_to_do": True, "rows_computed": 0}, indent=1))
+            return 0
         print(f"precompute: {kwargs['out']} is already complete; nothing to resume")
         return 0
-    started = time.perf_counter()
+    started, computed = time.perf_counter(), _Rows()
     try:
-        manifest = precompute(**kwargs, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+        manifest = precompute(**kwargs, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+                              on_rows=computed)
     except FileExistsError as e:
         flags = [flag for flag, given in (("--resume", args.resume), ("--overwrite", args.overwrite)) if not given]
         raise FileExistsError(f"{e} (command line: {' or '.join(flags)})" if flags else str(e)) from None
     seconds = time.perf_counter() - started
     m = manifest
+    if args.json:
+        print(json.dumps(_summary(m, kwargs["out"], computed.rows, seconds), indent=1))
+        return 0
+    rate = f"{computed.rows / seconds:,.0f} samples/s"
+    if computed.rows != m.num_samples:
+        rate += f" over the {plural(computed.rows, 'sample')} computed in this run"
     shape = "x".join(map(str, m.logits_shape))
     print(f"precompute: {plural(m.num_samples, 'sample')} in {plural(m.num_shards, 'shard')}, {seconds:.1f} s "
-          f"({m.num_samples / seconds:,.0f} samples/s); {_size(m.nbytes)} at {kwargs['out']} "
+          f"({rate}); {_size(m.nbytes)} at {kwargs['out']} "
           f"({m.layout}, {m.content} logits {shape} {m.dtype})")
     return 0
 
@@ -161,5 +189,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                                             "(default: the config's, else a LocalCluster)")
     parser.add_argument("--workers", type=int, help="LocalCluster workers (default: one per GPU, one on CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or messages, only the summary")
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     parser.set_defaults(run=run)
     return parser
