@@ -5,8 +5,10 @@ stops at the first problem), so a broken store can still be examined whole:
 
 1. ``manifest.json``: valid JSON, schema, known ``format_version``; the shard table
    covers rows ``[0, num_samples)`` with no gap or overlap (ids, starts, row counts).
-2. every data file: present, of its recorded size, with its recorded sha256 (zarr, format 2:
-   and its ``chunks_sha256``, which lazy readers check);
+2. every data file: listed at the path the layout reads, inside the store (no ``..``, absolute path or
+   link out of it: such a file is named, not read), big enough for its shard's rows, present, of its
+   recorded size, with its recorded sha256 (zarr, format 2: and its ``chunks_sha256``, which lazy
+   readers check);
 3. every shard whose files pass: decoded, holding exactly its rows (wds: every block's
    ``index.npy`` continues the last; zarr: array shapes, chunking and dtype), keys
    non-empty, labels in ``[-1, C)`` and as many labeled as recorded, logits finite;
@@ -38,10 +40,10 @@ from tqdm.auto import tqdm
 from .manifest import MANIFEST_NAME, FileRecord, Manifest, ManifestError, ShardRecord
 from .store.base import MARKER_DIR, PENDING_NAME, read_manifest
 from .store.encoding import NUMPY_STORAGE
-from .store.files import join, list_sizes, url_to_fs
-from .store.wds_layout import npy_load
-from .store.zarr_layout import _zarr_store
-from .store.zarr_shards import chunks_digest, index_ends
+from .store.files import is_local, join, link_outside, list_sizes, local_tree, unsafe_path, url_to_fs
+from .store.wds_layout import least_tar_bytes, npy_load, shard_name
+from .store.zarr_layout import ARRAYS, _zarr_store, least_shard_bytes, shard_file
+from .store.zarr_shards import ShardFormat, chunks_digest, index_ends
 from .unique_keys import KeyChecker, str_array
 
 READ_BYTES = 4 << 20  # hashing reads zarr shard files in pieces of this size
@@ -94,6 +96,47 @@ class _Checker:
 
     def __init__(self, url: str, fs: fsspec.AbstractFileSystem, root: str, m: Manifest, report: VerifyReport):
         self.url, self.fs, self.root, self.m, self.report = url, fs, root, m, report
+        # Every file in the store (None where the filesystem cannot list) and, locally, its symbolic links.
+        self.sizes, self.links = local_tree(fs._strip_protocol(root)) if is_local(fs) else (list_sizes(fs, root), None)
+
+    def shard_files(self, rec: ShardRecord) -> list[str] | None:
+        """The paths this layout reads for shard ``rec`` (None where it cannot tell)."""
+        raise NotImplementedError
+
+    def least_bytes(self, rec: ShardRecord) -> dict[str, int]:
+        """Relative path -> the fewest bytes that file of ``rec`` can have for its rows (files with a bound)."""
+        return {}
+
+    def paths_ok(self, rec: ShardRecord) -> bool:
+        """Whether every file of shard ``rec`` is listed at the path this layout reads, inside the store (no
+        ``..``, absolute path or link out of it), and large enough for the shard's rows; each one that is not
+        is named, and none of the shard's files is read."""
+        expected, ok = self.shard_files(rec), True
+        for i, f in enumerate(rec.files):
+            why = unsafe_path(f.path)
+            real = None if why else link_outside(self.fs, self.root, f.path, self.links)
+            want = expected[i] if expected is not None and i < len(expected) else None
+            if why or real:
+                where = f"leaves the store ({why})" if why else f"is a link out of the store (to {real})"
+                self.problem(f.path, f"shard {rec.id}: the path {where}; refused, not read")
+            elif expected is not None and f.path != want:
+                self.problem(f.path, f"shard {rec.id}: listed where this layout reads {want!r} (a manifest that "
+                             "points at another file than the one readers read)")
+            else:
+                continue
+            ok = False
+        if expected is not None and len(rec.files) != len(expected):
+            self.problem(MANIFEST_NAME, f"shard {rec.id} lists {len(rec.files)} files; this layout reads {expected}")
+            ok = False
+        if not ok:
+            return False
+        least = self.least_bytes(rec)
+        for f in rec.files:
+            if f.bytes < least.get(f.path, 0):
+                self.problem(f.path, f"shard {rec.id}: {f.bytes} bytes cannot hold its {rec.rows} rows (at least "
+                             f"{least[f.path]} bytes); the manifest's row counts are wrong")
+                ok = False
+        return ok
 
     def file_url(self, rel: str) -> str:
         return posixpath.join(self.url.rstrip("/"), rel)
@@ -173,6 +216,15 @@ class _ZarrChecker(_Checker):
         want = {"logits": (m.logits_shape, NUMPY_STORAGE[m.dtype]), "labels": ((m.num_samples,), np.dtype("int64")),
                 "keys": ((m.num_samples,), None)}
         self.arrays: dict[str, Any] | None = {}
+        self.opened: dict[str, Any] = {}  # every array that opened, sound or not (for its paths)
+        escaping = [(rel, link_outside(self.fs, self.root, rel)) for rel in ("zarr.json", *(f"{a}/zarr.json"
+                                                                                          for a in ARRAYS))]
+        for rel, real in escaping:
+            if real is not None:
+                self.problem(rel, f"a link out of the store (to {real}); refused, not read")
+        if any(real for _, real in escaping):
+            self.arrays = None
+            return
         try:
             group = zarr.open_group(_zarr_store(self.fs, self.root, read_only=True), mode="r")
         except Exception as e:  # noqa: BLE001 - any failure here means the group is unreadable
@@ -187,6 +239,7 @@ class _ZarrChecker(_Checker):
                 self.problem(rel, f"cannot open array {name!r} ({type(e).__name__}: {e})")
                 self.arrays = None
                 continue
+            self.opened[name] = arr
             found = []
             if tuple(arr.shape) != tuple(shape):
                 self.problem(MANIFEST_NAME, f"num_samples={m.num_samples} makes {name} {tuple(shape)}, but {rel} "
@@ -205,6 +258,18 @@ class _ZarrChecker(_Checker):
                 self.arrays = None
             elif self.arrays is not None:
                 self.arrays[name] = arr
+
+    def shard_files(self, rec: ShardRecord) -> list[str] | None:
+        if set(self.opened) != set(ARRAYS):
+            return None
+        return [shard_file(name, self.opened[name], rec.id) for name in ARRAYS]
+
+    def least_bytes(self, rec: ShardRecord) -> dict[str, int]:
+        if self.arrays is None:
+            return {}
+        bounds = {f.path: least_shard_bytes(ShardFormat.of(self.arrays[name]), rec.rows)
+                  for name, f in zip(ARRAYS, rec.files, strict=True)}
+        return {rel: least for rel, least in bounds.items() if least is not None}
 
     def chunks_match(self, f: FileRecord) -> bool:
         """Whether file ``f`` (sound by its sha256) has the ``chunks_sha256`` its manifest records (format 2),
@@ -228,6 +293,8 @@ class _ZarrChecker(_Checker):
         return True
 
     def check_shard(self, rec: ShardRecord) -> np.ndarray | None:
+        if not self.paths_ok(rec):
+            return None
         good = [self.hash_file(f) and self.chunks_match(f) for f in rec.files]  # every file: every bad one named
         if not all(good) or self.arrays is None:
             return None
@@ -248,16 +315,21 @@ class _ZarrChecker(_Checker):
 class _WdsChecker(_Checker):
     """The WebDataset layout: each tar shard read once, hashed, then decoded member by member."""
 
+    def shard_files(self, rec: ShardRecord) -> list[str] | None:
+        return [shard_name(rec.id)]
+
+    def least_bytes(self, rec: ShardRecord) -> dict[str, int]:
+        return {shard_name(rec.id): least_tar_bytes(self.m, rec.rows)}
+
     def check_shard(self, rec: ShardRecord) -> np.ndarray | None:
-        datas = [self.read_file(f) for f in rec.files]
-        if len(rec.files) != 1:
-            self.problem(MANIFEST_NAME, f"shard {rec.id} lists {len(rec.files)} files; a wds shard is one tar")
+        if not self.paths_ok(rec):
             return None
-        if datas[0] is None:
+        data = self.read_file(rec.files[0])
+        if data is None:
             return None
         rel = rec.files[0].path
         found: list[str] = []
-        decoded = self.decode(datas[0], rec, found)
+        decoded = self.decode(data, rec, found)
         for msg in found[:MAX_PER_FILE]:
             self.problem(rel, f"shard {rec.id}: {msg}")
         if len(found) > MAX_PER_FILE:
@@ -283,7 +355,7 @@ class _WdsChecker(_Checker):
         trailing = m.logits_shape[1:]
         keys, logits, labels = [], [], []
         pos = rec.start
-        for name, members in samples.items():
+        for i, (name, members) in enumerate(samples.items()):
             need = ("logits.npy", "labels.npy", "keys.npy", "index.npy") if m.sample_layout == "block" else (
                 "logits.npy", "label.cls", "key.txt")
             missing = [e for e in need if e not in members]
@@ -304,6 +376,10 @@ class _WdsChecker(_Checker):
             if lg.shape[1:] != trailing or lg.dtype != NUMPY_STORAGE[m.dtype] or len(lg) != n or len(lb) != n:
                 found.append(f"sample {name!r}: logits {lg.dtype}{list(lg.shape)}, {len(lb)} labels, {n} keys; "
                              f"expected {NUMPY_STORAGE[m.dtype]}[{n}, {', '.join(map(str, trailing))}]")
+                return None
+            if m.sample_layout == "block" and not (0 < n <= m.block_rows and (n == m.block_rows
+                                                                            or i == len(samples) - 1)):
+                found.append(f"sample {name!r} holds {n} rows, block_rows is {m.block_rows}")
                 return None
             if not np.array_equal(ix, np.arange(pos, pos + n)):
                 found.append(f"sample {name!r} holds rows {ix[:1].tolist()}..., expected row {pos} next "
@@ -424,7 +500,7 @@ def _leftovers(checker: _Checker) -> None:
                 report.warnings.append(f"{checker.file_url(rel)}: writer state left beside a finished store")
         except OSError:
             pass
-    sizes = list_sizes(fs, root)
+    sizes = checker.sizes
     if sizes is None:
         return
     listed = {f.path for s in checker.m.shards for f in s.files}

@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..text import plural
 from ..verify import format_report, to_json, verify_store
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "verify", help="check a store end to end; exit 1 naming every bad file",
-        description="Check a store's manifest (schema, format version, shard table), every data file's size and "
-        "sha256, every shard's rows, and that keys are unique; lists ALL problems, each with the file at fault. "
+        description="Check a store's manifest (schema, format version, shard table), every data file's path (the "
+        "layout's own, inside the store: a path out of it is named, never read), size and sha256, every shard's "
+        "rows, and that keys are unique; lists ALL problems, each with the file at fault. "
         "Memory stays at about two shards whatever the store's size. Exit status 0 when sound, 1 when not.",
     )
     p.add_argument("url", help="store path or fsspec URL (file://, http(s)://, s3://, ...)")
@@ -30,5 +32,6 @@ def run(args: argparse.Namespace) -> int:
                           key_memory=int(args.key_memory * 2**20))
     print(to_json(report) if args.json else format_report(report))
     if not report.ok and args.json:
-        print(f"softtargets verify: {len(report.problems)} problems in {len(report.bad_files)} files", file=sys.stderr)
+        problems, files = plural(len(report.problems), "problem"), plural(len(report.bad_files), "file")
+        print(f"softtargets verify: {problems} in {files}", file=sys.stderr)
     return 0 if report.ok else 1

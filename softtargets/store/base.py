@@ -7,10 +7,11 @@ parallel work), then write ``manifest.json`` last. While a store is being writte
 per finished shard, so a crashed run can be resumed and a shard task can run in any
 process (:meth:`TargetWriter.attach`).
 
-Readers check the manifest and the files' sizes when opened, and each file's sha256
+Readers check the manifest and the files' sizes when opened (each file listed at the path the
+layout reads, inside the store, and big enough for its rows), and each file's sha256
 the first time this process reads it (``verify="lazy"``), or all at open
-(``"full"``), or never (``"none"``). Lazily, a local zarr store of format 2 checks
-less up front and the same bytes in the end: each shard file's chunk checksums and
+(``"full"``, which checks all that ``"lazy"`` does), or never (``"none"``). Lazily, a local
+zarr store of format 2 checks less up front and the same bytes in the end: each shard file's chunk checksums and
 index against the manifest's ``chunks_sha256`` when first read, then each inner chunk
 against its crc32c when first read (a shuffle window waits for its own chunks, not for
 hashing every file it touches).
@@ -43,11 +44,14 @@ from .files import (
     fsync_files,
     is_local,
     join,
+    link_outside,
     list_sizes,
+    local_tree,
     remove_file,
     remove_temporaries,
     sha256_hex,
     temporary_path,
+    unsafe_path,
     url_to_fs,
 )
 
@@ -604,10 +608,12 @@ class TargetStore(ABC):
         self._key_index: dict[str, int] | None = None
         self._starts = np.array([s.start for s in manifest.shards], dtype=np.int64)
         self._check_rows()
-        self._check_sizes()
+        self._check_metadata_paths()
+        self._open_layout()
+        self._check_files()
         if verify == "full":
             for s in manifest.shards:
-                self.check_shard(s.id)
+                self.check_shard(s.id, self._held_files(s.id))
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickle as "open again" (for DataLoader workers): no caches, zarr handles or file handles travel."""
@@ -630,20 +636,59 @@ class TargetStore(ABC):
                 + (f"; shards {bad[:5]} do not cover their rows" if bad else "")
             )
 
-    def _check_sizes(self) -> None:
-        """Every file the manifest lists exists with its recorded size (listable filesystems only)."""
-        sizes = list_sizes(self.fs, self.root)
-        if sizes is None:
-            return
+    def _check_metadata_paths(self) -> None:
+        """No layout metadata file (:attr:`metadata_files`) is a link out of the store; checked before any is read."""
+        for rel in self.metadata_files:
+            real = link_outside(self.fs, self.root, rel)
+            if real is not None:
+                raise StoreError(f"{self._file_url(rel)}: a link out of the store (to {real}); refused, not read")
+
+    def _check_files(self) -> None:
+        """Every file the manifest lists is at the path the layout computes for it (so the file checked is the one
+        read), stays inside the store (no link out of it), exists with its recorded size (listable filesystems),
+        and is large enough for the rows the manifest gives its shard (so no row count is believed that the
+        files cannot hold)."""
+        sizes, links = self._listing()
         for shard in self.manifest.shards:
+            paths = [f.path for f in shard.files]
+            expected = self.shard_files(shard.id)
+            if paths != expected:
+                raise StoreError(self._path_refusal(shard.id, paths, expected))
+            least = self.least_bytes(shard)
             for f in shard.files:
-                if f.path not in sizes:
+                real = link_outside(self.fs, self.root, f.path, links)
+                if real is not None:
+                    raise StoreError(f"{self._file_url(f.path)}: a link out of the store (to {real}), shard "
+                                     f"{shard.id}; refused, not read")
+                if sizes is not None and f.path not in sizes:
                     raise StoreError(f"{self._file_url(f.path)}: missing (listed in the manifest, shard {shard.id})")
-                if sizes[f.path] != f.bytes:
+                if sizes is not None and sizes[f.path] != f.bytes:
                     raise StoreError(
                         f"{self._file_url(f.path)}: {sizes[f.path]} bytes, the manifest says {f.bytes} "
                         f"(truncated or replaced)"
                     )
+                if f.bytes < least.get(f.path, 0):
+                    raise StoreError(
+                        f"{self._file_url(f.path)}: {f.bytes} bytes cannot hold the {shard.rows} rows the manifest "
+                        f"gives shard {shard.id} (at least {least[f.path]} bytes); the manifest's row counts are wrong"
+                    )
+
+    def _listing(self) -> tuple[dict[str, int] | None, set[str] | None]:
+        """Relative path -> bytes of every file in the store and, for local stores, the symbolic links in it
+        (``(None, None)`` where the filesystem cannot list)."""
+        if is_local(self.fs):
+            return local_tree(self.fs._strip_protocol(self.root))
+        return list_sizes(self.fs, self.root), None
+
+    def _path_refusal(self, shard_id: int, paths: list[str], expected: list[str]) -> str:
+        """The one-line refusal of shard ``shard_id``'s file paths ``paths`` where the layout reads ``expected``."""
+        for rel in paths:
+            why = unsafe_path(rel)
+            if why is not None:
+                return (f"{self._file_url(MANIFEST_NAME)}: shard {shard_id} lists the file {rel!r}, which leaves the "
+                        f"store ({why}); refused, not read")
+        return (f"{self._file_url(MANIFEST_NAME)}: shard {shard_id} lists files {paths}, but this layout reads "
+                f"{expected}; rewrite the manifest with the layout's paths")
 
     def check_shard(self, shard_id: int, data: dict[str, Any] | None = None) -> None:
         """Check shard ``shard_id``'s files against the manifest (once per process; ``data``: the bytes of
@@ -688,6 +733,24 @@ class TargetStore(ABC):
         """Rows from a shard's start at whose multiples :meth:`read_block` ranges are best cut (a range
         inside one such piece can be a view rather than a copy)."""
         return self.manifest.shard_rows
+
+    @property
+    def metadata_files(self) -> list[str]:
+        """Relative paths of the layout's own files read at open, besides the manifest (zarr: its ``zarr.json``)."""
+        return []
+
+    def _open_layout(self) -> None:
+        """Open what the layout reads besides the shard files (zarr: its arrays), checking it against the manifest;
+        runs at open, after the manifest's row counts and before the files are checked."""
+
+    @abstractmethod
+    def shard_files(self, shard_id: int) -> list[str]:
+        """Relative paths of shard ``shard_id``'s files, in the order the manifest lists them: the files read."""
+
+    def least_bytes(self, shard: ShardRecord) -> dict[str, int]:
+        """Relative path -> the fewest bytes that file of ``shard`` can have for ``shard.rows`` rows, for files
+        whose layout bounds it (uncompressed data); files not named have no bound."""
+        return {}
 
     def _held_files(self, shard_id: int) -> dict[str, Any]:
         """Relative path -> bytes of the shard's files this reader has at hand (memory-mapped), so hashing
@@ -887,6 +950,9 @@ def read_manifest(url: str, fs: fsspec.AbstractFileSystem, root: str) -> Manifes
     """The manifest of the store at ``url``; clear errors when missing or invalid."""
     path = join(root, MANIFEST_NAME)
     where = posixpath.join(url.rstrip("/"), MANIFEST_NAME)
+    real = link_outside(fs, root, MANIFEST_NAME)
+    if real is not None:
+        raise ManifestError(f"{where}: a link out of the store (to {real}); refused, not read")
     try:
         text = fs.cat_file(path)
     except FileNotFoundError:

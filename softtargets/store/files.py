@@ -42,7 +42,17 @@ def list_sizes(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int] | Non
 
 
 def _local_sizes(root: str) -> dict[str, int]:
+    return local_tree(root)[0]
+
+
+def local_tree(root: str) -> tuple[dict[str, int], set[str]]:
+    """Every file under the local folder ``root`` as relative path -> bytes, and the relative paths of the
+    symbolic links met on the way (to files or folders). A linked folder is listed when it lies inside
+    ``root`` (once per target, so a loop ends); one that leads out of ``root`` is not entered."""
     sizes: dict[str, int] = {}
+    links: set[str] = set()
+    base = os.path.realpath(root)
+    entered: set[str] = set()
     todo = [("", root)]
     while todo:
         rel, path = todo.pop()
@@ -51,12 +61,62 @@ def _local_sizes(root: str) -> dict[str, int]:
         except (FileNotFoundError, NotADirectoryError):
             continue
         for e in entries:
+            if e.is_symlink():
+                links.add(f"{rel}{e.name}")
             if e.is_dir():
+                if e.is_symlink():
+                    real = os.path.realpath(e.path)
+                    if not _inside(base, real) or real in entered:
+                        continue
+                    entered.add(real)
                 todo.append((f"{rel}{e.name}/", e.path))
                 continue
             with contextlib.suppress(FileNotFoundError):  # a dangling link, or removed meanwhile
                 sizes[f"{rel}{e.name}"] = e.stat().st_size
-    return sizes
+    return sizes, links
+
+
+def _inside(base: str, real: str) -> bool:
+    return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
+
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def unsafe_path(rel: str) -> str | None:
+    """Why the relative path ``rel`` (from a manifest) could name something outside its store, or None when it
+    is a plain relative path: no absolute path, ``..`` or ``.`` component, empty component, backslash, colon
+    (drive letter, URL scheme) or control character."""
+    if not rel:
+        return "an empty path"
+    if rel.startswith("/") or _DRIVE.match(rel):
+        return "an absolute path"
+    if "\\" in rel:
+        return "a backslash in the path"
+    if ":" in rel:
+        return "a colon in the path (a drive or URL)"
+    if any(ord(ch) < 32 for ch in rel):
+        return "a control character in the path"
+    parts = rel.split("/")
+    if ".." in parts:
+        return "a '..' component"
+    if "" in parts or "." in parts:
+        return "an empty or '.' component"
+    return None
+
+
+def link_outside(fs: fsspec.AbstractFileSystem, root: str, rel: str, links: set[str] | None = None) -> str | None:
+    """Where the local file ``root/rel`` really is, when a symbolic link on its way (``rel`` itself or a folder
+    above it) leads out of ``root``; else None (always on filesystems without links). ``links``: the store's
+    links (:func:`local_tree`), so that paths with none on the way cost no system call."""
+    if not is_local(fs) or links is not None and not links:
+        return None
+    parts = rel.split("/")
+    if links is not None and not any("/".join(parts[:i]) in links for i in range(1, len(parts) + 1)):
+        return None
+    local = fs._strip_protocol(root)
+    real = os.path.realpath(join(local, rel))
+    return None if _inside(os.path.realpath(local), real) else real
 
 
 def remove_temporaries(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:

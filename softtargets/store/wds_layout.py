@@ -32,8 +32,9 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from ..manifest import FileRecord, Manifest
+from ..manifest import FileRecord, Manifest, ShardRecord
 from .base import ShardStream, StoreError, TargetStore, TargetWriter
+from .encoding import NUMPY_STORAGE
 from .files import atomic_write, file_record, is_local, join
 from .lru import Lru
 from .mapped import MappedFiles
@@ -51,6 +52,14 @@ def npy_bytes(arr: np.ndarray) -> bytes:
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(arr))
     return b"".join([header.getvalue(), memoryview(arr).cast("B") if arr.size else b""])
+
+
+def least_tar_bytes(m: Manifest, rows: int) -> int:
+    """The fewest bytes a tar shard of ``rows`` rows of store ``m`` can have: every row's logits, raw; ``block``
+    samples also an int64 label and row number per row, ``sample`` samples three members per row, each behind
+    a 512-byte header."""
+    row = NUMPY_STORAGE[m.dtype].itemsize * int(np.prod(m.logits_shape[1:], dtype=np.int64))
+    return rows * (row + (16 if m.sample_layout == "block" else 3 * 512))
 
 
 def npy_load(data: bytes) -> np.ndarray:
@@ -236,9 +245,9 @@ class WdsStore(TargetStore):
     cache_shards = 2
 
     def __init__(self, url: str, manifest: Manifest, fs: Any, root: str, verify: str = "lazy"):
-        super().__init__(url, manifest, fs, root, verify)
         self._cache: Lru[int, dict[str, Any]] = Lru(self.cache_shards)
         self._maps = MappedFiles()
+        super().__init__(url, manifest, fs, root, verify)
 
     @property
     def shard_urls(self) -> list[str]:
@@ -265,41 +274,98 @@ class WdsStore(TargetStore):
         self.check_shard(shard_id, {rel: data})
         try:
             with tarfile.open(mode="r:", **source) as tar:
-                decoded = self._decode(tar, data, self.manifest.shards[shard_id].rows)
+                decoded = self._decode(tar, data, shard_id)
+        except StoreError:
+            raise
         except (tarfile.TarError, ValueError, KeyError, EOFError) as e:
             raise StoreError(f"{self._file_url(rel)}: cannot decode ({e})") from None
         return self._cache.put(shard_id, decoded)
 
-    def _decode(self, tar: tarfile.TarFile, data: np.ndarray, rows: int) -> dict[str, Any]:
-        """Members located by ``tar`` (headers only) in the shard's bytes ``data``; ``.npy`` viewed in place."""
+    def shard_files(self, shard_id: int) -> list[str]:
+        return [shard_name(shard_id)]
+
+    def least_bytes(self, shard: ShardRecord) -> dict[str, int]:
+        return {shard_name(shard.id): least_tar_bytes(self.manifest, shard.rows)}
+
+    def _decode(self, tar: tarfile.TarFile, data: np.ndarray, shard_id: int) -> dict[str, Any]:
+        """Members located by ``tar`` (headers only) in the shard's bytes ``data``; ``.npy`` viewed in place, each
+        checked against the manifest's shapes and dtype (:class:`StoreError` naming the shard file)."""
         members: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
         for info in tar:
             if info.isfile():
                 key, _, ext = info.name.partition(".")
                 members.setdefault(key, {})[ext] = data[info.offset_data:info.offset_data + info.size]
+        rows = self.manifest.shards[shard_id].rows
         if self.manifest.sample_layout == "block":
-            parts = list(members.values())
-            logits = [npy_view(p["logits.npy"]) for p in parts]
-            out = {
-                "key": np.concatenate([npy_view(p["keys.npy"]) for p in parts]) if parts else np.zeros(0, str),
-                "logits": logits,
-                "label": np.concatenate([npy_view(p["labels.npy"]) for p in parts]) if parts else np.zeros(0, np.int64),
-                "inputs": None,
-            }
+            out = self._decode_blocks(members, shard_id)
         else:
-            samples = list(members.values())
-            wanted = set(self.manifest.inputs or ())
-            out = {
-                "key": np.array([s["key.txt"].tobytes().decode() for s in samples], dtype=str),
-                "logits": [np.stack([npy_view(s["logits.npy"]) for s in samples]) if samples else
-                           np.zeros((0, *self.manifest.logits_shape[1:]))],
-                "label": np.array([int(s["label.cls"].tobytes()) for s in samples], dtype=np.int64),
-                "inputs": [{ext: v.tobytes() for ext, v in s.items() if ext in wanted} for s in samples],
-            }
+            out = self._decode_samples(members, shard_id)
         out["starts"] = np.cumsum([0] + [len(x) for x in out["logits"]])
         if len(out["key"]) != rows or out["starts"][-1] != rows:
             raise ValueError(f"holds {len(out['key'])} rows, the manifest says {rows}")
         return out
+
+    def _decode_blocks(self, members: OrderedDict[str, dict[str, np.ndarray]], shard_id: int) -> dict[str, Any]:
+        """``block`` samples: each of ``block_rows`` rows (the shard's last may hold fewer), as the manifest says."""
+        logits, keys, labels = [], [], []
+        parts = list(members.values())
+        for i, (name, p) in enumerate(members.items()):
+            lg, kk, lb = (npy_view(p[ext]) for ext in ("logits.npy", "keys.npy", "labels.npy"))
+            n = len(lg) if lg.ndim else 0
+            full = self.manifest.block_rows
+            self._expect(shard_id, name, "logits", lg, n if n and (n == full or i == len(parts) - 1) else full)
+            self._expect(shard_id, name, "labels", lb, n, np.dtype(np.int64), ())
+            if kk.ndim != 1 or len(kk) != n or kk.dtype.kind != "U":
+                self._refuse(shard_id, name, "keys", kk, f"str[{n}]")
+            logits.append(lg)
+            keys.append(kk)
+            labels.append(lb)
+        return {
+            "key": np.concatenate(keys) if keys else np.zeros(0, str),
+            "logits": logits,
+            "label": np.concatenate(labels) if labels else np.zeros(0, np.int64),
+            "inputs": None,
+        }
+
+    def _decode_samples(self, members: OrderedDict[str, dict[str, np.ndarray]], shard_id: int) -> dict[str, Any]:
+        """``sample`` samples: one row each, logits of the manifest's shape and dtype."""
+        samples = list(members.values())
+        wanted = set(self.manifest.inputs or ())
+        trailing = self.manifest.logits_shape[1:]
+        rows = []
+        for name, s in members.items():
+            lg = npy_view(s["logits.npy"])
+            storage = NUMPY_STORAGE[self.manifest.dtype]
+            if lg.dtype != storage or lg.shape != trailing:
+                self._refuse(shard_id, name, "logits", lg, f"{storage}{self._shape(trailing)}")
+            rows.append(lg)
+        return {
+            "key": np.array([s["key.txt"].tobytes().decode() for s in samples], dtype=str),
+            "logits": [np.stack(rows) if rows else np.zeros((0, *trailing), NUMPY_STORAGE[self.manifest.dtype])],
+            "label": np.array([int(s["label.cls"].tobytes()) for s in samples], dtype=np.int64),
+            "inputs": [{ext: v.tobytes() for ext, v in s.items() if ext in wanted} for s in samples],
+        }
+
+    def _expect(self, shard_id: int, name: str, what: str, arr: np.ndarray, rows: int,
+                dtype: np.dtype | None = None, trailing: tuple[int, ...] | None = None) -> None:
+        """Refuse member ``what`` of tar sample ``name`` unless it is ``dtype[rows, *trailing]`` (default: the
+        manifest's stored logits)."""
+        dtype = NUMPY_STORAGE[self.manifest.dtype] if dtype is None else dtype
+        trailing = self.manifest.logits_shape[1:] if trailing is None else trailing
+        if arr.dtype != dtype or arr.shape != (rows, *trailing):
+            self._refuse(shard_id, name, what, arr, f"{dtype}{self._shape((rows, *trailing))}")
+
+    @staticmethod
+    def _shape(shape: tuple[int, ...]) -> str:
+        return f"[{', '.join(map(str, shape))}]"
+
+    def _refuse(self, shard_id: int, name: str, what: str, arr: np.ndarray, expected: str) -> None:
+        m, found = self.manifest, f"{arr.dtype}{self._shape(arr.shape)}"
+        raise StoreError(
+            f"{self._file_url(shard_name(shard_id))}: sample {name!r} holds {what} {found}, "
+            f"the manifest (C={m.num_classes}, K={m.num_teachers}, {m.dtype}, block_rows={m.block_rows}) says "
+            f"{expected}; the manifest does not describe this data"
+        )
 
     def _held_files(self, shard_id: int) -> dict[str, Any]:
         rel = shard_name(shard_id)

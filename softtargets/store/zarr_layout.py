@@ -37,7 +37,7 @@ import zarr
 import zarr.storage
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from ..manifest import FileRecord, Manifest
+from ..manifest import FileRecord, Manifest, ShardRecord
 from .base import ChecksumError, ShardStream, StoreError, TargetStore, TargetWriter
 from .encoding import NUMPY_STORAGE
 from .files import atomic_write, file_record, flush_and_close, is_local, join
@@ -62,6 +62,14 @@ def shard_file(name: str, arr: zarr.Array, shard_id: int) -> str:
     return f"{name}/{arr.metadata.encode_chunk_key((shard_id,) + (0,) * (arr.ndim - 1))}"
 
 
+def least_shard_bytes(fmt: ShardFormat | None, rows: int) -> int | None:
+    """The fewest bytes a shard file of ``rows`` rows in format ``fmt`` can have: every inner chunk it holds,
+    whole, where the chunks are uncompressed numbers; None (no bound) for strings, compressed or other chains."""
+    if fmt is None or fmt.strings or fmt.zstd:
+        return None
+    return -(-rows // fmt.chunk_rows) * fmt.chunk_rows * fmt.dtype.itemsize * int(np.prod(fmt.trailing, dtype=np.int64))
+
+
 def _chunks_per_shard(arr: zarr.Array) -> int:
     """Index entries of ``arr``'s shard files (sharded along axis 0 only)."""
     return arr.metadata.chunk_grid.chunk_shape[0] // arr.metadata.codecs[0].chunk_shape[0]
@@ -71,6 +79,18 @@ def _zarr_store(fs: Any, root: str, read_only: bool) -> Any:
     if is_local(fs):
         return zarr.storage.LocalStore(root, read_only=read_only)
     return zarr.storage.FsspecStore.from_url(f"{fs.unstrip_protocol(root)}", read_only=read_only)
+
+
+def _refuse_ignored_ranges(fs: Any, root: str, url: str) -> None:
+    """Over http(s), refuse a server that answers a byte-range request with the whole file (Python's
+    ``http.server`` does): zarr reads parts of shard files, and would find their checksums wrong."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if not {"http", "https"} & set(protocols):
+        return
+    got = len(fs.cat_file(join(root, "zarr.json"), start=0, end=1))
+    if got != 1:
+        raise StoreError(f"{url}: the HTTP server ignores Range requests (asked for 1 byte, got {got}); serve the "
+                         "store from one that honours them (nginx, an object store), or convert it to wds")
 
 
 def _refuse_inputs(inputs: list[dict] | None) -> None:
@@ -216,21 +236,60 @@ class ZarrStore(TargetStore):
     meta_cache_bytes = 256 << 20
 
     def __init__(self, url: str, manifest: Manifest, fs: Any, root: str, verify: str = "lazy"):
-        super().__init__(url, manifest, fs, root, verify)
-        group = zarr.open_group(_zarr_store(fs, root, read_only=True), mode="r")
-        self.arrays = {name: group[name] for name in ARRAYS}
         self._meta: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._meta_bytes = 0
-        # Local stores: shard files mapped and decoded here; None where zarr must decode an array.
-        self._formats = {name: ShardFormat.of(arr) for name, arr in self.arrays.items()} if is_local(fs) else {}
         self._maps = MappedFiles()
         # Files checked by chunks_sha256 (lazy, format 2): relative path -> chunks not yet checked (bool [chunks]).
         self._unchecked: dict[str, np.ndarray] = {}
-        if self.arrays["logits"].shape != manifest.logits_shape:
+        super().__init__(url, manifest, fs, root, verify)
+
+    @property
+    def metadata_files(self) -> list[str]:
+        return ["zarr.json", *(f"{name}/zarr.json" for name in ARRAYS)]
+
+    def _open_layout(self) -> None:
+        """The group's arrays, each checked against the manifest: shape, dtype, shard and inner chunk rows."""
+        _refuse_ignored_ranges(self.fs, self.root, self._file_url("zarr.json"))
+        group = zarr.open_group(_zarr_store(self.fs, self.root, read_only=True), mode="r")
+        try:
+            self.arrays = {name: group[name] for name in ARRAYS}
+        except KeyError as e:
+            raise StoreError(f"{self._file_url('zarr.json')}: the group lacks array {e}; not a softtargets store?") \
+                from None
+        for name, arr in self.arrays.items():
+            self._check_array(name, arr)
+        self._layouts = {name: ShardFormat.of(arr) for name, arr in self.arrays.items()}
+        # Local stores: shard files mapped and decoded here; None where zarr must decode an array.
+        self._formats = self._layouts if is_local(self.fs) else {}
+
+    def _check_array(self, name: str, arr: zarr.Array) -> None:
+        """Array ``name``'s metadata agrees with the manifest (one :class:`StoreError` naming both)."""
+        m = self.manifest
+        shape, dtype = {"logits": (m.logits_shape, NUMPY_STORAGE[m.dtype]), "labels": ((m.num_samples,), np.int64),
+                        "keys": ((m.num_samples,), None)}[name]
+        found = {"shape": tuple(arr.shape), "shard rows": (arr.shards or arr.chunks)[0], "chunk rows": arr.chunks[0]}
+        want = {"shape": tuple(shape), "shard rows": m.shard_rows, "chunk rows": m.block_rows}
+        if dtype is not None:
+            found["dtype"], want["dtype"] = str(arr.dtype), str(np.dtype(dtype))
+        elif not isinstance(arr.dtype, np.dtypes.StringDType) and np.dtype(arr.dtype).kind not in "OUT":
+            found["dtype"], want["dtype"] = str(arr.dtype), "str"
+        wrong = [k for k in want if found[k] != want[k]]
+        if wrong:
             raise StoreError(
-                f"{url}: logits array has shape {self.arrays['logits'].shape}, the manifest says "
-                f"{manifest.logits_shape}"
+                f"{self._file_url(f'{name}/zarr.json')}: {name} array has "
+                + ", ".join(f"{k} {found[k]}" for k in wrong) + "; the manifest says "
+                + ", ".join(f"{k} {want[k]}" for k in wrong) + " (the manifest does not describe these arrays)"
             )
+
+    def shard_files(self, shard_id: int) -> list[str]:
+        return [shard_file(name, self.arrays[name], shard_id) for name in ARRAYS]
+
+    def least_bytes(self, shard: ShardRecord) -> dict[str, int]:
+        """Uncompressed numeric arrays (the default logits, labels): every inner chunk the shard holds is stored
+        whole. Compressed chunks have no bound."""
+        bounds = {f.path: least_shard_bytes(self._layouts[name], shard.rows) for name, f in zip(ARRAYS, shard.files,
+                                                                                                strict=True)}
+        return {rel: least for rel, least in bounds.items() if least is not None}
 
     @property
     def piece_rows(self) -> int:
@@ -253,17 +312,25 @@ class ZarrStore(TargetStore):
 
     def _check_file(self, shard_id: int, f: FileRecord, blob: Any) -> None:
         """Lazily, a mapped format-2 file is checked by its chunk checksums and index here, and its chunks as
-        they are read (:meth:`_check_chunks`); otherwise by its sha256."""
+        they are read (:meth:`_check_chunks`); otherwise by its sha256, and (``full``, format 2) by its chunk
+        checksums, index and every inner chunk's crc32c too: ``full`` checks all that ``lazy`` does."""
         name = f.path.split("/", 1)[0]
-        shard_format = self._formats.get(name) if self.verify_mode == "lazy" else None
-        if blob is None or f.chunks_sha256 is None or shard_format is None or not shard_format.crc:
-            return super()._check_file(shard_id, f, blob)
+        shard_format = self._formats.get(name)
+        chunked = blob is not None and f.chunks_sha256 is not None and shard_format is not None and shard_format.crc
+        if not chunked or self.verify_mode != "lazy":
+            super()._check_file(shard_id, f, blob)
+        if not chunked:
+            return
         if len(blob) != f.bytes:
             raise StoreError(f"{self._file_url(f.path)}: {len(blob)} bytes, the manifest says {f.bytes}")
         if file_chunks_digest(blob, shard_format.chunks_per_shard) != f.chunks_sha256:
             raise ChecksumError(f"{self._file_url(f.path)}: chunk checksums or shard index do not match the manifest "
                                 f"(corrupt or altered file)")
-        self._unchecked[f.path] = np.ones(shard_format.chunks_per_shard, dtype=bool)
+        todo = np.ones(shard_format.chunks_per_shard, dtype=bool)
+        if self.verify_mode == "lazy":
+            self._unchecked[f.path] = todo
+        else:
+            self._check_chunk_ids(f.path, shard_format, shard_id, blob, list(range(len(todo))), todo)
 
     def _check_chunks(self, name: str, shard_id: int, buf: np.ndarray, lo: int, hi: int) -> None:
         """The inner chunks of array ``name`` holding rows ``[lo, hi)`` of shard ``shard_id`` (file bytes
@@ -273,8 +340,13 @@ class ZarrStore(TargetStore):
         if todo is None:
             return
         shard_format = self._formats[name]
-        ids = [i for i in shard_format.chunks_of(lo, hi) if todo[i]]
+        self._check_chunk_ids(rel, shard_format, shard_id, buf, list(shard_format.chunks_of(lo, hi)), todo)
+
+    def _check_chunk_ids(self, rel: str, shard_format: ShardFormat, shard_id: int, buf: np.ndarray, ids: list[int],
+                         todo: np.ndarray) -> None:
+        """Those of inner chunks ``ids`` of file ``rel`` still marked in ``todo`` match their crc32c; marked done."""
         rows = self.manifest.shards[shard_id].rows
+        ids = [i for i in ids if i < -(-rows // shard_format.chunk_rows) and todo[i]]
         bad = shard_format.bad_chunks(buf, rows, ids) if ids else []
         if bad:
             a = bad[0] * shard_format.chunk_rows
