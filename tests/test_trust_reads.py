@@ -320,3 +320,14 @@ def test_zarr_array_metadata_checked_against_the_manifest(tmp_path, array, chang
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(st.StoreError, match=f"{array}/zarr.json: {array} array has {words}"):
         st.open_targets(store_dir, verify="none")
+
+
+def test_zarr_metadata_link_out_of_the_store_refused(tmp_path, capsys):
+    """An array's zarr.json replaced by a link to a copy outside the store: refused before zarr reads it."""
+    store_dir = make_store(tmp_path / "in", "zarr", n=N)
+    shutil.move(store_dir / "logits" / "zarr.json", tmp_path / "zarr.json")
+    os.symlink(tmp_path / "zarr.json", store_dir / "logits" / "zarr.json")
+    with pytest.raises(st.StoreError, match=f"{store_dir}/logits/zarr.json: a link out of the store"):
+        st.open_targets(store_dir)
+    rc, out = run_verify(capsys, store_dir)
+    assert rc == 1 and f"BAD {store_dir}/logits/zarr.json: a link out of the store" in out, out
