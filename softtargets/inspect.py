@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .store import BYTES_PER_DTYPE, TargetStore, open_targets
 from .temperature import ensemble_log_probs
+from .text import plural
 
 DEFAULT_TEMPERATURES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 CONFIDENCE_BINS = 20
@@ -191,15 +192,17 @@ def format_report(r: dict[str, Any]) -> str:
         f"store         {r['url']}",
         f"layout        {r['layout']}{' (' + r['sample_layout'] + ' samples)' if r['sample_layout'] else ''}, "
         f"format version {r['format_version']}",
-        f"samples       {r['num_samples']} in {r['num_shards']} shards of up to {r['shard_rows']} rows "
+        f"samples       {r['num_samples']} in {plural(r['num_shards'], 'shard')} of up to "
+        f"{plural(r['shard_rows'], 'row')} "
         f"(read unit {r['block_rows']})",
         f"classes       {classes}",
-        f"content       {r['content']}{t0} {shape}, K = {r['num_teachers']} teachers",
-        f"dtype         {r['dtype']}, normalization {r['normalization']}, {r['clipped_values']} values clipped",
+        f"content       {r['content']}{t0} {shape}, K = {plural(r['num_teachers'], 'teacher')}",
+        f"dtype         {r['dtype']}, normalization {r['normalization']}, "
+        f"{plural(r['clipped_values'], 'value')} clipped",
         f"size          {_size(r['bytes'])} on disk ({r['bytes']} bytes), "
         + (f"{r['bytes_per_sample']:.1f} bytes/sample ({r['logit_bytes_per_sample']} of logits)"
            if r["bytes_per_sample"] else "empty"),
-        f"labels        {r['labeled']} of {r['num_samples']} rows labeled",
+        f"labels        {r['labeled']} of {plural(r['num_samples'], 'row')} labeled",
         f"transfer set  {ts.get('name', '(not recorded)')} (fingerprint {ts.get('fingerprint', '-')})",
         f"made          {r['created']} by softtargets {r['softtargets_version']}",
     ]
@@ -230,8 +233,8 @@ def format_report(r: dict[str, Any]) -> str:
     if not r["teachers"]:
         lines.append("  (not recorded)")
     if st:
-        limited = f" (first {st['rows']} rows)" if st["limit"] is not None else ""
-        lines.append(f"targets over {st['rows']} rows{limited}, {st['labeled']} labeled")
+        limited = f" (first {plural(st['rows'], 'row')})" if st["limit"] is not None else ""
+        lines.append(f"targets over {plural(st['rows'], 'row')}{limited}, {st['labeled']} labeled")
         if acc:
             lines.append("  ensemble accuracy  " + ", ".join(f"{k} {v:.4f}" for k, v in acc["ensemble"].items()))
         if agree:

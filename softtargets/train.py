@@ -174,6 +174,25 @@ def _as_input(x: Any, device: torch.device) -> Any:
     return x
 
 
+def _input_of(batch: dict[str, Any], key: str) -> Any:
+    """The student's input ``batch[key]``; a missing key raises naming the keys the batch has."""
+    if key not in batch:
+        raise ValueError(f"input_key {key!r} is not in the batches; they hold {', '.join(map(repr, sorted(batch)))}: "
+                         "set [data] input_key to the input's key")
+    return batch[key]
+
+
+def _forward(student: nn.Module, x: Any, name: str) -> torch.Tensor:
+    """``student(x)``; an error there (typically inputs of another shape than the student takes) names the
+    student and the input's shape."""
+    try:
+        return student(x)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        shape = list(x.shape) if torch.is_tensor(x) else type(x).__name__
+        raise RuntimeError(f"student {name!r} failed on an input batch of shape {shape}: {exc}; check the "
+                           "student's kwargs against the inputs") from exc
+
+
 class TrainOutputExists(FileExistsError):
     """``out`` holds files of an earlier training run (``found``); refused without resume or overwrite."""
 
@@ -328,10 +347,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                    unit="batch", disable=None if progress is None else not progress, leave=False, mininterval=0.5)
         tick = time.perf_counter()
         for batch in loader:
-            x = _as_input(batch[cfg.input_key], device)
+            x = _as_input(_input_of(batch, cfg.input_key), device)
             v = batch["teacher_logits"].to(device, non_blocking=True)
             y = batch["label"].to(device, non_blocking=True)
-            z = student(x)
+            z = _forward(student, x, cfg.student)
             loss = criterion(z, v, y) if cfg.loss == "hinton" else logit_matching_loss(z, v, cfg.rule)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..convert import convert_store
 from ..manifest import CONTENTS, DTYPES, LAYOUTS, Manifest
+from ..text import plural
 
 
 def add_layout_args(p: argparse.ArgumentParser) -> None:
@@ -68,6 +69,6 @@ def run(args: argparse.Namespace) -> int:
                       overflow=args.overflow, **layout_kwargs(args))
     if args.json:
         return print_json(m, started, src=args.src, dst=args.dst)
-    print(f"wrote {args.dst}: {m.num_samples} samples, {m.layout}, {m.content}, {m.dtype}, {len(m.shards)} shards, "
-          f"{m.nbytes} bytes")
+    print(f"wrote {args.dst}: {plural(m.num_samples, 'sample')}, {m.layout}, {m.content}, {m.dtype}, "
+          f"{plural(len(m.shards), 'shard')}, {plural(m.nbytes, 'byte')}")
     return 0

@@ -6,6 +6,7 @@ import argparse
 import time
 
 from ..combine import merge_stores
+from ..text import plural
 from .convert import add_layout_args, layout_kwargs, print_json
 
 
@@ -30,5 +31,6 @@ def run(args: argparse.Namespace) -> int:
     m = merge_stores(srcs, dst, tmpdir=args.tmpdir, **layout_kwargs(args))
     if args.json:
         return print_json(m, started, sources=srcs, dst=dst)
-    print(f"wrote {dst}: {m.num_samples} samples from {len(srcs)} stores, {m.layout}, {len(m.shards)} shards")
+    print(f"wrote {dst}: {plural(m.num_samples, 'sample')} from {plural(len(srcs), 'store')}, {m.layout}, "
+          f"{plural(len(m.shards), 'shard')}")
     return 0

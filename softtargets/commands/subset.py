@@ -7,6 +7,7 @@ import os
 import time
 
 from ..combine import read_keys_file, subset_store
+from ..text import plural
 from .convert import add_layout_args, layout_kwargs, print_json
 
 
@@ -35,5 +36,5 @@ def run(args: argparse.Namespace) -> int:
         m = subset_store(args.src, args.dst, row_range=args.range, **layout_kwargs(args))
     if args.json:
         return print_json(m, started, src=args.src, dst=args.dst, keys=args.keys, range=args.range)
-    print(f"wrote {args.dst}: {m.num_samples} samples, {m.layout}, {len(m.shards)} shards")
+    print(f"wrote {args.dst}: {plural(m.num_samples, 'sample')}, {m.layout}, {plural(len(m.shards), 'shard')}")
     return 0

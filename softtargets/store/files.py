@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import fsspec
@@ -190,6 +191,23 @@ def atomic_write(
     then renamed; object stores and memory filesystems put whole objects already.
     """
     parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+    with naming_full_disk(path):
+        _atomic_write(fs, path, parts, fsync)
+
+
+@contextlib.contextmanager
+def naming_full_disk(path: str) -> Iterator[None]:
+    """Re-raise a "no space left on device" error (ENOSPC) raised inside with ``path`` and the fix in its message."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise OSError(errno.ENOSPC, f"No space left on device writing {path}; free space there or write the store "
+                                    "elsewhere") from exc
+
+
+def _atomic_write(fs: fsspec.AbstractFileSystem, path: str, parts: list[Any], fsync: bool) -> None:
     if not is_local(fs):
         fs.pipe_file(path, parts[0] if len(parts) == 1 else b"".join(parts))
         return
