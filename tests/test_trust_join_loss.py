@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import io
+import pickle
+import re
+import shutil
+import tarfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +20,123 @@ from softtargets.joined import with_targets
 from softtargets.losses import DistillationLoss, distillation_loss, kd_loss
 from softtargets.streaming import JoinMismatchError
 
-from .sharing import N, labels, make_store, sample_keys
+from .sharing import C, K, N, all_rows, labels, make_store, sample_keys
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+# -- the README's plain-webdataset recipe reads arrays, never pickles -----------------------------------------
+
+
+def readme_recipe(name: str) -> str:
+    """The python block after ``<!-- recipe: NAME -->`` in the README."""
+    found = re.search(rf"<!-- recipe: {name} -->\n```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert found, f"README.md has no block marked <!-- recipe: {name} -->"
+    return found.group(1)
+
+
+def run_recipe(code: str) -> list[tuple]:
+    """Run the recipe (its loop last) as written, recording what each pass of the loop body read."""
+    seen: list[tuple] = []
+    exec(code + "    seen.append((logits, labels, keys, index))\n", {"seen": seen})  # noqa: S102 - the recipe
+    return seen
+
+
+class Payload:
+    """Unpickling it creates ``path``: a stand-in for code a hostile store would run."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=True)
+    return buf.getvalue()
+
+
+def hostile_shards(root: Path, marker: Path, *, in_logits: bool) -> None:
+    """Four block-layout shards whose blocks carry pickles (``.pyd``/``.pkl`` members beside the arrays, or an
+    object array as ``logits.npy``) that create ``marker`` when unpickled."""
+    evil = pickle.dumps(Payload(marker))
+    members = {
+        "logits.npy": npy_bytes(np.array([Payload(marker)], dtype=object) if in_logits else np.zeros((2, C))),
+        "labels.npy": npy_bytes(np.array([1, 2])), "keys.npy": npy_bytes(np.array(["a", "b"])),
+        "index.npy": npy_bytes(np.array([0, 1])), "extra.pyd": evil, "extra.pkl": evil,
+    }
+    root.mkdir()
+    with tarfile.open(root / "shard-000000.tar", "w") as tar:
+        for ext, data in members.items():
+            info = tarfile.TarInfo(f"000000.{ext}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    for i in range(1, 4):
+        shutil.copy(root / "shard-000000.tar", root / f"shard-{i:06d}.tar")
+
+
+def test_readme_webdataset_recipe_reads_a_real_store(tmp_path, monkeypatch):
+    path = make_store(tmp_path, "wds", name="targets", shard_rows=40, block_rows=8)  # 4 shards
+    store = st.open_targets(path)
+    assert len(store.manifest.shards) == 4
+    monkeypatch.chdir(tmp_path)
+    seen = run_recipe(readme_recipe("plain-webdataset"))
+    assert len(seen) == 3 * 5 + 4  # blocks of 8 rows: 5 per 40-row shard, 4 in the last (30 rows)
+    logits, stored_labels, keys, index = (np.concatenate(part) for part in zip(*seen, strict=True))
+    rows = all_rows(store)
+    assert index.tolist() == list(range(N)) and keys.tolist() == rows["key"]
+    assert stored_labels.tolist() == rows["label"].tolist() == labels(N).tolist()
+    assert logits.dtype == np.float16 and logits.shape == (N, K, C)
+    assert np.array_equal(logits, rows["logits"].numpy())
+
+
+@pytest.mark.parametrize("in_logits", [False, True], ids=["pickle-members", "object-array"])
+def test_readme_webdataset_recipe_never_unpickles(tmp_path, monkeypatch, in_logits):
+    import webdataset as wds
+
+    marker = tmp_path / "ran.txt"
+    hostile_shards(tmp_path / "targets.wds", marker, in_logits=in_logits)
+    monkeypatch.chdir(tmp_path)
+    code = readme_recipe("plain-webdataset")
+    if in_logits:
+        with pytest.raises(ValueError, match="allow_pickle=False"):
+            run_recipe(code)
+    else:
+        seen = run_recipe(code)
+        assert len(seen) == 4 and seen[0][2].tolist() == ["a", "b"]  # the arrays read; the pickles ignored
+    assert not marker.exists()
+    shard = tmp_path / "targets.wds/shard-000000.tar"
+    if in_logits:  # the payload is live: an unguarded np.load runs it
+        with tarfile.open(shard) as tar:
+            np.load(io.BytesIO(tar.extractfile("000000.logits.npy").read()), allow_pickle=True)
+    else:  # the payload is live: webdataset's .decode() runs it
+        next(iter(wds.WebDataset(str(shard), shardshuffle=False).decode()))
+    assert marker.exists()
+
+
+def test_softtargets_wds_reader_never_unpickles(tmp_path):
+    from softtargets.store.wds_layout import npy_load, npy_view
+
+    marker = tmp_path / "ran.txt"
+    evil = pickle.dumps(Payload(marker))
+    path = tmp_path / "packed.wds"
+    writer = st.create_targets(path, num_classes=C, content="geometric", layout="wds", sample_layout="sample",
+                               inputs={"input.npy": "float32 [2]", "extra.pyd": "a pickle"})
+    writer.write([f"r{i}" for i in range(8)], torch.randn(8, C), torch.arange(8) % C,
+                 inputs=[{"input.npy": np.full(2, i, np.float32), "extra.pyd": evil} for i in range(8)])
+    writer.close()
+    store = st.open_targets(path)
+    assert store.read_inputs(3)["extra.pyd"] == evil and store.read_inputs(3)["input.npy"].tolist() == [3.0, 3.0]
+    batch = next(iter(st.stream(path, batch_size=8, shuffle=False)))
+    assert batch["extra.pyd"] == [evil] * 8 and batch["input"][:, 0].tolist() == list(range(8))
+    hostile = npy_bytes(np.array([Payload(marker)], dtype=object))
+    with pytest.raises(ValueError, match="pickle"):
+        npy_view(np.frombuffer(hostile, np.uint8))
+    with pytest.raises(ValueError, match="allow_pickle=False"):
+        npy_load(hostile)
+    assert not marker.exists()
+
 
 # -- the KD loss: KL by default, CE by name --------------------------------------------------------------
 
