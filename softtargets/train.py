@@ -5,7 +5,8 @@ the store (wds ``sample`` layout) or from a map-style dataset joined by row inde
 the teacher logits from :func:`softtargets.stream`, the loss from :mod:`softtargets.losses`.
 Per epoch it logs the loss, the accuracy on labelled rows and samples/s; it checkpoints the
 student, optimizer, loss step counter and stream position (atomically) so a crashed run
-resumes with exactly the batches it had not trained on.
+resumes with exactly the batches it had not trained on. An earlier run's files in the output
+folder are never replaced unless asked (``overwrite``), and then only those files.
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """``softtargets train CONFIG.toml``: distil a student from a target store.
 
+An earlier run in OUT (student.pt, metrics.json, checkpoint.pt) is refused: ``--resume`` continues
+it up to ``--epochs`` epochs in all (a run that has them trains nothing and says so), ``--overwrite``
+deletes those three files (nothing else) and starts afresh.
+
 Config (relative paths are relative to the config file; its folder is appended to
 ``sys.path`` so factories next to it import)::
 
