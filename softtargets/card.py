@@ -104,25 +104,31 @@ def wds_recipe(m: Manifest, url: str) -> str:
     last = f"{max(len(m.shards) - 1, 0):06d}"
     stored = m.dtype if m.dtype != "bfloat16" else "uint16 bits of bfloat16"
     head = f'''```python
+import io
+
 import numpy as np
 import webdataset as wds
 
 URL = "{url}"  # replace with where the store lives
 shards = URL + "/shard-{{000000..{last}}}.tar"
+
+def npy(data: bytes) -> np.ndarray:  # arrays only: no .decode(), which would unpickle .pyd/.pkl members
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
 '''
     if m.sample_layout == "block":
-        body = f'''for block in wds.WebDataset(shards, shardshuffle=False).decode():
-    logits = block["logits.npy"]   # {stored} {_shape(m, "b")}, b <= {m.block_rows}
-    labels = block["labels.npy"]   # int64 [b], -1 = unlabeled
-    keys = block["keys.npy"]       # str [b]
-    index = block["index.npy"]     # int64 [b]: the rows' numbers in the store
+        body = f'''for block in wds.WebDataset(shards, shardshuffle=False):  # raw bytes per member
+    logits = npy(block["logits.npy"])   # {stored} {_shape(m, "b")}, b <= {m.block_rows}
+    labels = npy(block["labels.npy"])   # int64 [b], -1 = unlabeled
+    keys = npy(block["keys.npy"])       # str [b]
+    index = npy(block["index.npy"])     # int64 [b]: the rows' numbers in the store
     x = {_as_float(m, "logits")}
 '''
     else:
-        body = f'''for sample in wds.WebDataset(shards, shardshuffle=False).decode():
-    logits = sample["logits.npy"]  # {stored} {_row_shape(m)}
-    label = sample["label.cls"]    # int, -1 = unlabeled
-    key = sample["key.txt"]        # str
+        body = f'''for sample in wds.WebDataset(shards, shardshuffle=False):  # raw bytes per member
+    logits = npy(sample["logits.npy"])      # {stored} {_row_shape(m)}
+    label = int(sample["label.cls"])        # -1 = unlabeled
+    key = sample["key.txt"].decode()        # str
     index = int(sample["__key__"]) # the row's number in the store
     x = {_as_float(m, "logits")}
 '''

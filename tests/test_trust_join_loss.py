@@ -115,6 +115,23 @@ def test_readme_webdataset_recipe_never_unpickles(tmp_path, monkeypatch, in_logi
     assert marker.exists()
 
 
+def test_dataset_card_webdataset_recipe_never_unpickles(tmp_path):
+    from softtargets.card import URL_PLACEHOLDER
+
+    path = make_store(tmp_path, "wds", name="targets", shard_rows=40, block_rows=8)  # 4 shards, as hostile_shards
+    text = (path / "README.md").read_text().replace(URL_PLACEHOLDER, str(path))
+    (code,) = re.findall(r"```python\n(.*?)```", text.split("## Read it without softtargets", 1)[1], flags=re.S)
+    seen: list[dict] = []
+    exec(code.replace("    x = ", "    seen.append(dict(locals()))\n    x = "), {"seen": seen})  # noqa: S102
+    assert np.concatenate([s["index"] for s in seen]).tolist() == list(range(N))
+    marker = tmp_path / "ran.txt"
+    shutil.rmtree(path)
+    hostile_shards(path, marker, in_logits=False)
+    seen.clear()
+    exec(code.replace("    x = ", "    seen.append(dict(locals()))\n    x = "), {"seen": seen})  # noqa: S102
+    assert len(seen) == 4 and not marker.exists()
+
+
 def test_softtargets_wds_reader_never_unpickles(tmp_path):
     from softtargets.store.wds_layout import npy_load, npy_view
 
