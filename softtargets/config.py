@@ -121,6 +121,13 @@ def _expected(types: str | Sequence[str]) -> str:
     return " or ".join(_JSON_TYPES.get(t, t) for t in ([types] if isinstance(types, str) else types))
 
 
+def _types(schema: dict[str, Any]) -> list[str]:
+    """The JSON types a (sub)schema allows, for messages: its ``type``, else those of its ``enum`` values."""
+    if "type" in schema:
+        return [schema["type"]] if isinstance(schema["type"], str) else list(schema["type"])
+    return [repr(v) for v in schema.get("enum", [])]
+
+
 def _describe(e: jsonschema.exceptions.ValidationError) -> str:
     loc, value = list(e.absolute_path), e.instance
     if e.validator == "additionalProperties":
@@ -140,6 +147,8 @@ def _describe(e: jsonschema.exceptions.ValidationError) -> str:
     shown = f"{_key(loc)} = {value!r}" if not isinstance(value, dict | list) else _key(loc)
     if e.validator == "type":
         return f"{shown} must be {_expected(e.validator_value)}, not {_toml_type(value)}"
+    if e.validator in ("anyOf", "oneOf"):
+        return f"{shown} must be {_expected([t for sub in e.validator_value for t in _types(sub)])}"
     if e.validator == "enum":
         return f"{shown} must be one of {', '.join(repr(v) for v in e.validator_value)}"
     if e.validator in ("minLength", "minItems"):

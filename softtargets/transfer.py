@@ -355,7 +355,10 @@ class TransferSet(Dataset):
             key = self.key(i)
             if item_key is not None and item_key != key:
                 raise ValueError(f"item {i} carries key {item_key!r} but the dataset's keys say {key!r}")
-        return Sample(i, key, _to_tensor(x), _to_label(y))
+        try:
+            return Sample(i, key, _to_tensor(x), _to_label(y))
+        except TypeError as exc:  # name the item: the message alone does not say which one
+            raise TypeError(f"item {i} (key {key!r}) of {type(self.dataset).__name__}: {exc}") from None
 
     @staticmethod
     def collate(samples: Sequence[Sample]) -> Batch:

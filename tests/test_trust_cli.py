@@ -67,6 +67,20 @@ def string_items() -> Dataset:
     return StringItems()
 
 
+class LateStringItem(Dataset):
+    """Tensors, but item 5 is a string: found by a DataLoader worker, not by the first batch."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> torch.Tensor | str:
+        return "image-5.jpg" if i == 5 else torch.zeros(D)
+
+
+def late_string_item() -> Dataset:
+    return LateStringItem()
+
+
 def packed_store(root: Path, n: int = 64, d: int = 8, c: int = 5) -> Path:
     """A wds store with inputs ``input.npy`` float32 ``[d]`` packed beside every row; 2 teachers."""
     g = torch.Generator().manual_seed(0)
@@ -150,8 +164,17 @@ def test_non_tensor_dataset_item_is_one_line(tmp_path, capsys):
     config, _, _ = write_config(tmp_path)
     edit(config, 'webdataset = "inputs-{000..000}.tar"', 'factory = "tests.test_trust_cli:string_items"')
     rc, _, err = run_cli(["precompute", config, "--quiet"], capsys)
-    line = assert_one_line_error(rc, err, "str", "tensor")
+    line = assert_one_line_error(rc, err, "item 0 (key '0') of StringItems", "str", "tensor")
     assert line.startswith("softtargets precompute: error: ")
+
+
+def test_non_tensor_item_in_a_dataloader_worker_is_one_line(tmp_path, capsys):
+    config, _, _ = write_config(tmp_path)
+    edit(config, 'webdataset = "inputs-{000..000}.tar"', 'factory = "tests.test_trust_cli:late_string_item"')
+    edit(config, "num_workers = 0", "num_workers = 1")
+    rc, _, err = run_cli(["precompute", config, "--quiet"], capsys)
+    line = assert_one_line_error(rc, err, "item 5 (key '5') of LateStringItem", "got str")
+    assert "DataLoader worker" not in line and "Original Traceback" not in line
 
 
 class FullMemoryFileSystem(MemoryFileSystem):
@@ -233,7 +256,8 @@ def test_precompute_config_is_checked_by_its_schema(tmp_path, capsys, old, new, 
     ("batch_size = 16", "batch_size = 16\nshuffle = true",
      ("1 unknown key in [train]: 'shuffle'", "allowed: ", "checkpoint_every")),
     ("epochs = 1", "epochs = 0", ("[train] epochs = 0", "must be >= 1")),
-    ("temperature = 2.0", 'temperature = { start = 4.0, stop = 1.0 }', ("[loss] temperature",)),
+    ("temperature = 2.0", "temperature = { start = 4.0, stop = 1.0 }",
+     ("[loss] temperature", "must be a number or a string or a table")),
 ])
 def test_train_config_is_checked_by_its_schema(tmp_path, capsys, old, new, words):
     config = edit(train_config(tmp_path, tmp_path / "none.wds"), old, new)
