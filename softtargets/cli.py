@@ -11,6 +11,7 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -83,6 +84,18 @@ def error_message(exc: BaseException) -> str:
     return _one_line(text)
 
 
+def _hints(exc: BaseException, args: argparse.Namespace) -> str:
+    """What to add to ``exc``'s message on the command line: the flags for the keywords a refusal names
+    (``resume=True``, ``overwrite=True``) that were not given; the fix for a full disk."""
+    text = str(exc)
+    if isinstance(exc, FileExistsError) and "(command line:" not in text:
+        flags = [f"--{k}" for k in ("resume", "overwrite") if f"{k}=True" in text and not getattr(args, k, True)]
+        return f" (command line: {' or '.join(flags)})" if flags else ""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC and "elsewhere" not in text:
+        return "; free space on that disk or write the store elsewhere"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if _debug(args):
@@ -93,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - every error is one line; --debug shows the traceback
-        print(f"softtargets {args.command}: error: {error_message(e)}", file=sys.stderr)
+        print(f"softtargets {args.command}: error: {error_message(e)}{_hints(e, args)}", file=sys.stderr)
         return 2
 
 

@@ -296,6 +296,17 @@ def test_resume_on_a_finished_store_is_a_no_op(tmp_path, capsys):
     assert "resume=True" in line  # the library's words, then the command line's
 
 
+def test_refusals_of_existing_stores_name_the_flags_not_given(tmp_path, capsys):
+    store = make_store(tmp_path, "wds", "s", n=32, shard_rows=32)
+    assert run_cli(["convert", store, tmp_path / "c.zarr", "--no-progress"], capsys)[0] == 0
+    for argv in (["convert", store, tmp_path / "c.zarr"], ["subset", store, tmp_path / "c.zarr", "--range", "0:4"]):
+        rc, _, err = run_cli([*argv, "--no-progress"], capsys)
+        assert_one_line_error(rc, err, "is a finished store", "(command line: --overwrite)")
+    rc, _, err = run_cli(["subset", store, tmp_path / "c.zarr", "--range", "0:4", "--overwrite", "--no-progress"],
+                         capsys)
+    assert rc == 0, err
+
+
 def test_summaries_count_in_the_right_number(tmp_path, capsys):
     config, _, _ = write_config(tmp_path)
     edit(config, "shard_rows = 16", "shard_rows = 64")
