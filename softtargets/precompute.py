@@ -62,6 +62,7 @@ from .store.encoding import NUMPY_STORAGE, NonFiniteLogits
 from .store.files import atomic_write, join, remove_file, url_to_fs
 from .teachers import Teacher, TeacherSpec, load_teachers, num_classes_of
 from .temperature import reduce_teachers
+from .text import plural
 from .transfer import Batch, TransferSet, as_transfer_set, check_unique_keys
 
 __all__ = [
@@ -206,9 +207,18 @@ def _worker_ordinal() -> int:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"``: CUDA when present (GPU ``worker ordinal % count`` in a dask worker), else CPU."""
+    """``"auto"``: CUDA when present (GPU ``worker ordinal % count`` in a dask worker), else CPU.
+
+    Raises:
+        ValueError: a CUDA device is asked for where torch sees none, or one beyond the GPUs there are.
+    """
     if device != "auto":
-        return torch.device(device)
+        chosen = torch.device(device)
+        if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
+            why = "torch here was built without CUDA" if torch.version.cuda is None else \
+                f"{plural(torch.cuda.device_count(), 'GPU')} visible"
+            raise ValueError(f"device {device!r} is not available ({why}); use device = \"auto\" or \"cpu\"")
+        return chosen
     if torch.cuda.is_available():
         return torch.device("cuda", _worker_ordinal() % torch.cuda.device_count())
     return torch.device("cpu")
