@@ -277,6 +277,9 @@ def test_with_targets_accepts_the_transfer_set_and_skips_unlabelled_rows(labelle
     shuffled = np.random.default_rng(0).permutation(N)
     joined = with_targets(Rows(shuffled), store, by="key")  # the same samples in another order, joined by key
     assert [b[1] for b in joined.__getitems__(list(range(N)))] == y[shuffled].tolist()
+    other = np.where(y >= 0, (y + 1) % C, y)  # the same keys with other labels: another dataset
+    with pytest.raises(JoinMismatchError, match=r"\d+ of \d+ labelled rows read have other labels"):
+        with_targets(Rows(shuffled, other), store, by="key").__getitems__(list(range(N)))
     unlabelled = [torch.zeros(2)] * N  # items without a label: nothing to check against
     assert len(with_targets(unlabelled, store, by="index").__getitems__(list(range(N)))) == N
 

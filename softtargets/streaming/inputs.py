@@ -11,6 +11,7 @@ from torch.utils.data import TensorDataset, default_collate
 
 from ..store.wds_layout import npy_load
 
+#: Tensor dtypes read as class labels (a dataset's ``y``) by the join check.
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 #: Turns one sample's packed members (member extension -> raw bytes) into named values.
@@ -85,13 +86,14 @@ def check_labels(stored: np.ndarray, given: np.ndarray, keys: Callable[[np.ndarr
     if not len(bad):
         return
     first = bad[:3]
+    first_keys = keys(first)
     shown = ", ".join(f"{k!r} (store {a}, dataset {b})" for k, a, b in zip(
-        keys(first), stored[first].tolist(), given[first].tolist(), strict=True))
+        first_keys, stored[first].tolist(), given[first].tolist(), strict=True))
     raise JoinMismatchError(
-        f"the joined dataset is not the transfer set of {where} in its order: {len(bad)} of {int(both.sum())} "
-        f"labelled rows read have other labels, first {shown}; join the dataset the targets were computed on "
-        f"(by='key' if its order differs), or pass check_join=False to skip this check",
-        mismatched=len(bad), compared=int(both.sum()), keys=keys(first),
+        f"the joined dataset does not match {where}: {len(bad)} of {int(both.sum())} labelled rows read have "
+        f"other labels, first {shown}; join the dataset the targets were computed on, in its order (or by='key'), "
+        f"or pass check_join=False to skip this check",
+        mismatched=len(bad), compared=int(both.sum()), keys=first_keys,
     )
 
 
