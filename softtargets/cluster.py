@@ -1,4 +1,7 @@
-"""Fan-out of shard tasks on dask.distributed: a LocalCluster by default, or an existing cluster.
+"""Fan-out of shard tasks on dask.distributed: a LocalCluster, or an existing cluster.
+
+:func:`resolve_scheduler` picks the engine of ``precompute(scheduler=None)``: this process when at
+most one CUDA device is visible, a LocalCluster when there are several.
 
 :func:`map_shards` submits one task per run of consecutive shard ids (``fn(payload, shard_ids)``,
 at most ``MAX_SHARDS_PER_TASK`` shards, about four tasks per worker), with the payload shipped once
@@ -22,18 +25,22 @@ file (an environment variable cannot: dask lowercases the key it names).
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
-    "MAX_SHARDS_PER_TASK", "TaskFailure", "dask_client", "default_workers", "map_shards", "task_groups",
-    "worker_config",
+    "LOCAL_CLUSTER", "MAX_SHARDS_PER_TASK", "TaskFailure", "check_main_guard", "dask_client", "default_workers",
+    "map_shards", "resolve_scheduler", "task_groups", "worker_config",
 ]
+
+LOCAL_CLUSTER = "dask"  # scheduler value: a fresh dask LocalCluster
 
 MAX_SHARDS_PER_TASK = 8  # progress is reported per task: keep tasks small enough to show it
 TASKS_PER_WORKER = 4  # enough to balance the load and to lose little to a lost worker
@@ -44,6 +51,75 @@ class TaskFailure:
     """A task's deterministic error, returned (not raised) so that dask does not retry it."""
 
     error: BaseException
+
+
+def resolve_scheduler(scheduler: Any = None) -> Any:
+    """The engine ``scheduler`` names: ``"local"`` (this process, no dask), :data:`LOCAL_CLUSTER` (a fresh
+    dask LocalCluster), or the address or ``distributed.Client`` given.
+
+    ``None`` is ``"local"`` where at most one CUDA device is visible (nothing to fan out, and no worker
+    processes to start: a script needs no ``__main__`` guard), else a LocalCluster (one worker per GPU).
+    """
+    if scheduler is None:
+        import torch
+
+        return "local" if torch.cuda.device_count() <= 1 else LOCAL_CLUSTER
+    if isinstance(scheduler, str) and not scheduler:
+        raise ValueError('scheduler must not be empty; use None (automatic), "local", "dask" or "tcp://HOST:PORT"')
+    return scheduler
+
+
+def _is_main_guard(node: ast.AST) -> bool:
+    """``node`` is ``if __name__ == "__main__":`` (either operand order)."""
+    if not (isinstance(node, ast.If) and isinstance(node.test, ast.Compare) and len(node.test.ops) == 1
+            and isinstance(node.test.ops[0], ast.Eq)):
+        return False
+    sides = [node.test.left, *node.test.comparators]
+    return any(isinstance(x, ast.Name) and x.id == "__name__" for x in sides) and any(
+        isinstance(x, ast.Constant) and x.value == "__main__" for x in sides)
+
+
+def _unguarded_main_line() -> tuple[str, int] | None:
+    """``(script, line)`` where the running script's top-level code made this call outside an
+    ``if __name__ == "__main__":`` block; None when it did not (or there is no script: a notebook, ``-c``)."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or not path:
+        return None
+    frame = sys._getframe(1)
+    while frame is not None and not (frame.f_code.co_name == "<module>" and frame.f_globals is vars(main)):
+        frame = frame.f_back
+    if frame is None:
+        return None
+    line = frame.f_lineno
+    try:
+        with open(path, "rb") as f:
+            tree = ast.parse(f.read(), path)
+    except (OSError, SyntaxError, ValueError):
+        return None
+    guarded = any(_is_main_guard(node) and node.body[0].lineno <= line <= (node.body[-1].end_lineno or line)
+                  for node in ast.walk(tree))
+    return None if guarded else (path, line)
+
+
+def check_main_guard() -> None:
+    """Refuse to start a LocalCluster from a script's top-level code outside ``if __name__ == "__main__":``.
+
+    Its worker processes start by importing the script again (dask's default ``spawn``), which would run
+    the call again in each of them; dask then fails with pages of ``Nanny failed to start``.
+
+    Raises:
+        RuntimeError: called (directly or not) from unguarded top-level code of the running script.
+    """
+    import dask
+
+    if dask.config.get("distributed.worker.multiprocessing-method", "spawn") == "fork":
+        return
+    found = _unguarded_main_line()
+    if found is not None:
+        path, line = found
+        raise RuntimeError(f'a dask LocalCluster\'s worker processes import {path} again and would rerun line {line}: '
+                           'put that code under `if __name__ == "__main__":`, or pass scheduler="local"')
 
 
 def default_workers() -> int:
@@ -79,19 +155,22 @@ def _identity(x: Any) -> Any:
 @contextlib.contextmanager
 def dask_client(scheduler: Any = None, workers: int | None = None) -> Iterator[Any]:
     """A ``distributed.Client``: the one given, one connected to ``scheduler`` (an address),
-    or one on a fresh LocalCluster of ``workers`` processes (closed on exit)."""
+    or, for ``None`` or :data:`LOCAL_CLUSTER`, one on a fresh LocalCluster of ``workers`` processes
+    (closed on exit; see :func:`check_main_guard`)."""
     import dask
     from distributed import Client, LocalCluster
 
     if isinstance(scheduler, Client):
         yield scheduler
         return
-    if isinstance(scheduler, str):
+    if isinstance(scheduler, str) and scheduler not in (LOCAL_CLUSTER, "local"):
         with Client(scheduler) as client:
             yield client
         return
-    if scheduler is not None:
-        raise TypeError(f"scheduler must be None, an address string or a distributed.Client, got {scheduler!r}")
+    if scheduler not in (None, LOCAL_CLUSTER):
+        raise TypeError(f'scheduler must be None or "dask" (a LocalCluster), an address string or a '
+                        f"distributed.Client, got {scheduler!r}")
+    check_main_guard()
     n = int(workers or default_workers())
     if n < 1:
         raise ValueError(f"workers must be >= 1, got {n}")

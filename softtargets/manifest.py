@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+import os
 import platform
 import sys
 from dataclasses import dataclass, field
@@ -201,4 +202,19 @@ def provenance() -> dict[str, Any]:
         mod = sys.modules.get(name)
         if mod is not None and hasattr(mod, "__version__"):
             versions[name] = str(mod.__version__)
-    return {"command": list(sys.argv), "versions": versions, "platform": platform.platform()}
+    return {"command": list(sys.argv), "versions": versions, "platform": platform_name()}
+
+
+def platform_name() -> str:
+    """The OS, release, machine and C library, as ``"Linux-6.1.0-x86_64-with-glibc2.36"``.
+
+    Unlike ``platform.platform()``, it starts no subprocess (that one runs ``uname -p``): it is called
+    on helper threads while DataLoader workers fork, and a forked child that inherits a subprocess's
+    pipe leaves the thread reading it waiting forever.
+    """
+    if not hasattr(os, "uname"):  # Windows: platform.platform() reads the registry, no subprocess
+        return platform.platform()
+    u = os.uname()
+    libc, version = platform.libc_ver()  # os.confstr, or reads the interpreter's binary
+    parts = [u.sysname, u.release, u.machine] + (["with", libc + version] if libc else [])
+    return "-".join(p.replace(" ", "_") for p in parts if p)

@@ -52,7 +52,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .background import prefetched
-from .cluster import TaskFailure
+from .cluster import LOCAL_CLUSTER, TaskFailure, check_main_guard, resolve_scheduler
 from .config import import_object
 from .manifest import Manifest, ShardRecord
 from .shipped import Shipped
@@ -241,6 +241,22 @@ def _device_lock(device: torch.device) -> threading.Lock:
         return _DEVICE_LOCKS.setdefault(str(device), threading.Lock())
 
 
+_IMPORT_THREADS = torch.get_num_threads()  # the process's setting before any writer thread of this module set 1
+
+
+def teacher_threads() -> int:
+    """The torch threads teachers run with, set in the compute loop's thread each time it runs them.
+
+    On the main thread, its own count (the user's ``torch.set_num_threads``); on any other thread (a dask
+    worker's, a user's), the process's count when this module was imported (``OMP_NUM_THREADS``, or
+    torch's default). A thread starts with the count any thread set last, e.g. 1 from a writer thread,
+    so a helper thread's own count says nothing, and 1 thread gives other bits than 2.
+    """
+    if threading.current_thread() is threading.main_thread():
+        return torch.get_num_threads()
+    return _IMPORT_THREADS
+
+
 # ---------------------------------------------------------------------------------------------------
 # Computing and writing shards
 
@@ -286,10 +302,12 @@ class _ShardWriterThread(threading.Thread):
     batches, so the compute loop always has room for the next group while the writer works.
     """
 
-    def __init__(self, runner: ShardRunner, queue_size: int, prepare: Callable[[], None] | None = None) -> None:
+    def __init__(self, runner: ShardRunner, queue_size: int, prepare: Callable[[], None] | None = None,
+                 threads: int | None = None) -> None:
         super().__init__(name="softtargets-writer", daemon=True)
         self.runner = runner
         self.prepare = prepare
+        self.threads = threads or torch.get_num_threads()  # set back on exit (threads started later inherit it)
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.room: queue.SimpleQueue[None] = queue.SimpleQueue()
         for _ in range(queue_size):
@@ -340,9 +358,8 @@ class _ShardWriterThread(threading.Thread):
         self.join()
 
     def run(self) -> None:
-        # One torch thread here (new threads inherit the process setting): encoding must not take the
-        # teachers' cores. Restored on exit, so threads started later get the user's setting.
-        threads = torch.get_num_threads()
+        # One torch thread here: encoding must not take the teachers' cores. Threads started meanwhile
+        # inherit 1; on exit the teachers' count is set back, so threads started later get it.
         torch.set_num_threads(1)
         try:
             if self.prepare is not None:
@@ -358,7 +375,7 @@ class _ShardWriterThread(threading.Thread):
         except BaseException as exc:  # handed to the compute thread
             self.error = exc
         finally:
-            torch.set_num_threads(threads)
+            torch.set_num_threads(self.threads)
             for part in self.parts.values():  # shards left unfinished by a failure
                 if part.stream is not None:
                     part.stream.discard()
@@ -491,12 +508,21 @@ class ShardRunner:
         were all computed are still written (a resume keeps them), then the error is raised.
         Batches are fetched on a helper thread, two ahead, so this loop only runs teachers.
         ``prepare()``, if given, runs first on the writer thread (creating the store meanwhile).
+
+        The teachers run on this thread with :func:`teacher_threads` torch threads (this thread's own
+        count is set back on return). DataLoader workers fork before this run starts its helper
+        threads: a child forked while a thread holds a lock or a subprocess's pipe can leave that
+        thread waiting forever.
         """
-        sink = _ShardWriterThread(self, self.options.queue_size, prepare)
-        sink.start()
+        threads, before = teacher_threads(), torch.get_num_threads()
+        torch.set_num_threads(threads)
+        sink: _ShardWriterThread | None = None
         try:
             with _device_lock(self.device), torch.inference_mode():
-                for shard, shard_done, batch in prefetched(self._loader(shard_ids), name="softtargets-loader"):
+                batches = self._loader(shard_ids)  # DataLoader workers start here, on this thread
+                sink = _ShardWriterThread(self, self.options.queue_size, prepare, threads)
+                sink.start()
+                for shard, shard_done, batch in prefetched(batches, name="softtargets-loader"):
                     sink.put(self._forward(shard, batch), shard_done)
                     if on_rows is not None:
                         on_rows(len(batch.keys))
@@ -504,17 +530,21 @@ class ShardRunner:
             self.writer.sync()  # on disk before the driver's manifest says so
             return records
         except BaseException:
-            sink.drain()
+            if sink is not None:
+                sink.drain()
             raise
+        finally:
+            torch.set_num_threads(before)
 
     def _loader(self, shard_ids: Sequence[int]) -> Iterator[tuple[int, bool, Batch]]:
         """``(shard id, last batch of the shard, batch)``: batches of ``batch_size`` rows in shard order;
         each shard's first batch starts at its first row.
 
         Each batch is fetched whole by :meth:`TransferSet.batch` (one slice of a ``TensorDataset``).
-        With ``num_workers=0`` that happens right here (pinned for CUDA); otherwise one DataLoader per
-        runner, with persistent workers: a dask worker process runs many shard tasks, and its
-        DataLoader workers start once (they are spawned there: seconds each).
+        With ``num_workers=0`` that happens as the batches are taken (pinned for CUDA); otherwise one
+        DataLoader per runner, with persistent workers: a dask worker process runs many shard tasks, and
+        its DataLoader workers start once (they are spawned there: seconds each). They start (fork)
+        here, on the calling thread, not on the thread that later takes the batches.
         """
         bs = int(self.options.batch_size)
         batches = []
@@ -525,19 +555,19 @@ class ShardRunner:
         rows = self.spec.shard_rows
         ends = {self.spec.shard_range(sid)[1] for sid in shard_ids}
         if not self._workers:
-            for indices in batches:
-                batch = self.transfer_set.batch(indices, copy=False)  # x may view the dataset: only read
-                yield indices[0] // rows, indices.stop in ends, (batch._replace(x=batch.x.pin_memory()) if cuda
-                                                                 else batch)
-            return
-        self._batches[:] = batches  # the loader's batch sampler, read at each iter()
-        if self._dataloader is None:
-            self._dataloader = DataLoader(
-                _BatchFetcher(self.transfer_set), sampler=self._batches, batch_size=None, collate_fn=_as_is,
-                num_workers=self._workers, persistent_workers=True, pin_memory=cuda,
-            )
-        for indices, batch in zip(batches, self._dataloader, strict=True):
-            yield indices[0] // rows, indices.stop in ends, batch
+            fetched: Iterator[Batch] = (self.transfer_set.batch(indices, copy=False) for indices in batches)
+            if cuda:  # x may view the dataset: only read, or pinned (a copy)
+                fetched = (batch._replace(x=batch.x.pin_memory()) for batch in fetched)
+        else:
+            self._batches[:] = batches  # the loader's batch sampler, read at each iter()
+            if self._dataloader is None:
+                self._dataloader = DataLoader(
+                    _BatchFetcher(self.transfer_set), sampler=self._batches, batch_size=None, collate_fn=_as_is,
+                    num_workers=self._workers, persistent_workers=True, pin_memory=cuda,
+                )
+            fetched = iter(self._dataloader)  # forks the workers (first call) or resets them
+        return ((indices[0] // rows, indices.stop in ends, batch)
+                for indices, batch in zip(batches, fetched, strict=True))
 
     def _forward(self, shard: int, batch: Batch) -> _Item:
         """All K teachers on one batch of ``shard`` (call under ``torch.inference_mode()``). On CUDA also the
@@ -790,10 +820,12 @@ def precompute(
             :func:`softtargets.create_targets`. A shard is also the unit of work and of resume.
         batch_size, num_workers, device, autocast, nonfinite, pack_inputs: see :class:`RunOptions`.
             ``pack_inputs`` writes a wds ``sample``-layout store with ``input.npy`` beside each row.
-        scheduler: ``None`` (a dask ``LocalCluster``: one worker per visible GPU, one on CPU),
-            ``"local"`` (this process, no dask), a scheduler address ``"tcp://host:port"``, or a
-            ``distributed.Client``.
-        workers: LocalCluster workers (default: one per GPU, one on CPU).
+        scheduler: ``None`` (automatic: ``"local"`` where at most one CUDA device is visible, else
+            ``"dask"``), ``"local"`` (this process, no dask), ``"dask"`` (a fresh dask ``LocalCluster``:
+            one worker process per visible GPU, one on CPU; a script must make the call under
+            ``if __name__ == "__main__":``, as its workers import it again), a scheduler address
+            ``"tcp://host:port"``, or a ``distributed.Client``.
+        workers: LocalCluster workers (default: one per GPU, one on CPU); unused by other schedulers.
         retries: dask retries of a failed shard task (a lost worker is recomputed by dask anyway).
         resume: continue an unfinished store: shards that are complete and verified are kept.
         overwrite: replace whatever is at ``out``. Without either, an existing ``out`` is refused.
@@ -814,9 +846,12 @@ def precompute(
         _refuse_existing(url, storage_options)
     if pack_inputs and (layout or "wds") != "wds":
         raise ValueError(f"pack_inputs writes inputs into tar samples: it needs layout='wds', not {layout!r}")
+    scheduler = resolve_scheduler(scheduler)
     local = scheduler == "local"
-    if local or scheduler is None:
+    if local or scheduler == LOCAL_CLUSTER:
         check_autocast(resolve_device(device), autocast)
+    if scheduler == LOCAL_CLUSTER:
+        check_main_guard()  # before the store exists: an unguarded script would leave half of one
 
     loaded = load_teachers(teachers)
     ts = load_transfer_set(dataset)

@@ -95,6 +95,7 @@ kwargs = {{ n = {N}{dataset_kwargs} }}
 name = "synthetic"
 
 [cluster]
+scheduler = "dask"
 workers = 2
 
 {teachers}""")
@@ -139,7 +140,8 @@ def manifest_sans_run(root: pathlib.Path) -> dict:
 def reference(tmp_path_factory) -> pathlib.Path:
     """An uninterrupted run of the same config (in this process, no dask, teachers without sleep)."""
     tmp = tmp_path_factory.mktemp("reference")
-    precompute(**load_config(write_config(tmp / "ref.toml", "ref.zarr", delay=0.0)), scheduler="local", progress=False)
+    config = load_config(write_config(tmp / "ref.toml", "ref.zarr", delay=0.0))
+    precompute(**{**config, "scheduler": "local"}, progress=False)
     return tmp / "ref.zarr"
 
 
@@ -170,7 +172,7 @@ def test_driver_killed_mid_run_then_resumed_losing_a_worker(tmp_path, reference)
 
     # Without resume, the half-written store is refused and left as it is.
     with pytest.raises(FileExistsError, match="pass resume=True"):
-        precompute(**load_config(tmp_path / "run.toml"), scheduler="local", progress=False)
+        precompute(**{**load_config(tmp_path / "run.toml"), "scheduler": "local"}, progress=False)
     assert sorted(int(p.stem) for p in markers.glob("*.json")) == done_before
 
     # A finished shard damaged after the crash fails its checksum and is redone.

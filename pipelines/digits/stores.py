@@ -59,7 +59,7 @@ def precompute_kwargs(cfg: dict[str, Any], out: Path, name: str, layout: str, le
     if s["shard_rows"]:
         kwargs["shard_rows"] = s["shard_rows"]
     if s["scheduler"] == "dask":
-        kwargs.update(scheduler=None, workers=1)  # a LocalCluster of one worker process
+        kwargs.update(scheduler="dask", workers=1)  # a LocalCluster of one worker process
     else:
         kwargs["scheduler"] = s["scheduler"]
     return kwargs

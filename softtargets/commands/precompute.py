@@ -21,9 +21,9 @@ Config (relative paths are relative to the config file; its folder is appended t
     kwargs = { split = "train" }
     # webdataset = "shards/train-{000000..000099}.tar"
 
-    [cluster]                   # optional: default a dask LocalCluster, one worker per GPU
-    scheduler = "tcp://10.0.0.1:8786"   # or "local": in this process, no dask
-    workers = 2
+    [cluster]                   # optional: default in this process, a dask LocalCluster when there are several GPUs
+    scheduler = "tcp://10.0.0.1:8786"   # or "local": in this process; "dask": a LocalCluster
+    workers = 2                 # LocalCluster workers (default: one per GPU)
     retries = 3
 
     [[teachers]]                # one table per teacher: specs of softtargets.teachers.load_teacher
@@ -185,8 +185,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue an unfinished store; keep verified shards")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing store")
-    parser.add_argument("--scheduler", help="dask scheduler address tcp://HOST:PORT, or 'local' for no dask "
-                                            "(default: the config's, else a LocalCluster)")
+    parser.add_argument("--scheduler", help="'local' (this process, no dask), 'dask' (a dask LocalCluster) or a "
+                                            "scheduler address tcp://HOST:PORT (default: the config's, else "
+                                            "'local' with at most one GPU, 'dask' with several)")
     parser.add_argument("--workers", type=int, help="LocalCluster workers (default: one per GPU, one on CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or messages, only the summary")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
