@@ -201,6 +201,9 @@ def test_enospc_on_the_wds_writer_names_the_path(tmp_path, capsys):
     assert_one_line_error(rc, err, "No space left on device", "/full/out.wds/shard-00000")
 
 
+BUCKET = "trust-cli-no-credentials"
+
+
 def test_s3_without_credentials_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
     s3fs = pytest.importorskip("s3fs", reason="s3:// needs the optional extra s3fs")
     moto_server = pytest.importorskip("moto.server", reason="the s3 test needs moto[server]")
@@ -218,14 +221,15 @@ def test_s3_without_credentials_is_one_line_and_writes_nothing(tmp_path, capsys,
         s3fs.S3FileSystem.clear_instance_cache()
         admin = s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": endpoint},
                                   skip_instance_cache=True)
-        admin.mkdir("targets")
+        admin.mkdir(BUCKET)  # moto's buckets outlive its server in this process: a name of this test's own
         config, _, _ = write_config(tmp_path)
-        edit(config, 'url = "out.zarr"', 'url = "s3://targets/out.zarr"')
+        edit(config, 'url = "out.zarr"', f'url = "s3://{BUCKET}/out.zarr"')
         rc, _, err = run_cli(["precompute", config, "--quiet"], capsys)
         assert_one_line_error(rc, err, "credentials", "AWS_ACCESS_KEY_ID")
         assert "botocore" not in err
         admin.invalidate_cache()
-        assert admin.find("targets") == []  # no half-made store
+        assert admin.find(BUCKET) == []  # no half-made store
+        admin.rmdir(BUCKET)
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
         server.stop()
