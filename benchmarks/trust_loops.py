@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-N, D, C, K = 2048, 64, 100, 3  # the kill/resume store: 16 shards of 128 rows, batches of 32
+N, D, H, C, K = 2048, 256, 1024, 100, 3  # the kill/resume store: 16 shards of 128 rows, batches of 32
 SHARD_ROWS, BATCH, DELAY = 128, 32, 0.01
 MARKERS = ".softtargets-shards"
 
@@ -64,13 +64,13 @@ def rows(n: int = N, d: int = D) -> Rows:
 
 
 class SlowMLP(nn.Module):
-    """A seeded MLP ``[B, D] -> [B, C]`` (wide enough that 1 and 2 torch threads sum in other orders) that
-    sleeps ``delay`` seconds per batch."""
+    """A seeded MLP ``[B, D] -> [B, C]`` that sleeps ``delay`` seconds per batch. At these widths 1 and 2
+    torch threads give other float32 bits (~500 of its 614 400 float16 logits over the store differ)."""
 
     def __init__(self, seed: int, delay: float) -> None:
         super().__init__()
         torch.manual_seed(seed)
-        self.net = nn.Sequential(nn.Linear(D, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, C))
+        self.net = nn.Sequential(nn.Linear(D, H), nn.ReLU(), nn.Linear(H, H), nn.ReLU(), nn.Linear(H, C))
         self.delay = delay
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
