@@ -140,7 +140,7 @@ def test_local_precompute_with_dataloader_workers_finishes_every_time(tmp_path):
     script.write_text(HANG_SCRIPT)
     reps = 10
     try:
-        done = python(script, str(tmp_path), str(reps), timeout=90)
+        done = python(script, str(tmp_path), str(reps), timeout=60)
     except subprocess.TimeoutExpired as e:
         finished = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         pytest.fail(f"precompute hung after {finished.count('done')} of {reps} runs")
