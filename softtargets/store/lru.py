@@ -8,25 +8,13 @@ after the lock is let go: freeing a memory map unmaps it, which releases the GIL
 
 from __future__ import annotations
 
-import os
-import threading
-import weakref
 from collections import OrderedDict
 from typing import Generic, TypeVar
 
+from ..forksafe import ForkSafeLock
+
 K = TypeVar("K")
 V = TypeVar("V")
-
-_ALL: weakref.WeakSet[Lru] = weakref.WeakSet()
-
-
-def _new_locks_in_child() -> None:
-    for lru in list(_ALL):
-        lru._lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_locks_in_child)
 
 
 class Lru(Generic[K, V]):
@@ -37,8 +25,7 @@ class Lru(Generic[K, V]):
             raise ValueError(f"capacity must be at least 1, not {capacity}")
         self.capacity = capacity
         self._items: OrderedDict[K, V] = OrderedDict()
-        self._lock = threading.Lock()
-        _ALL.add(self)
+        self._lock = ForkSafeLock()
 
     def get(self, key: K) -> V | None:
         """The value kept for ``key`` (now the most recent), or None."""

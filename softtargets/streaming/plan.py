@@ -34,10 +34,11 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 import numpy as np
+
+from ..forksafe import cached_once
 
 REMAINDERS = ("pad", "drop")
 RAMP = 8  # an epoch's first window holds 1/RAMP of a full one (see step 4)
@@ -140,7 +141,7 @@ class EpochPlan:
         self.rows_per_rank = rows_per_rank(self.num_rows, cfg.world_size, cfg.remainder)
         self.num_batches = batches_per_rank(self.num_rows, cfg)
 
-    @cached_property
+    @cached_once
     def _order(self) -> tuple[np.ndarray, np.ndarray]:
         """Unit ids in epoch order and the cumulative row counts ``[U + 1]`` along that order."""
         u = self.units
@@ -191,7 +192,7 @@ class EpochPlan:
 
     # -- windows -----------------------------------------------------------------------------------
 
-    @cached_property
+    @cached_once
     def _ramp(self) -> list[int]:
         """First batches of the windows smaller than full, then the batch where full windows begin."""
         full = self.cfg.window_rows // self.cfg.batch_size

@@ -11,13 +11,13 @@ and ``torch.index_select``, are ~10x slower.
 from __future__ import annotations
 
 import sys
-import threading
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..forksafe import ForkSafeLock
 from ..store import TargetStore
 
 
@@ -120,7 +120,7 @@ class Buffers:
     def __init__(self, keep: int = 4):
         self.keep = keep
         self._free: list[np.ndarray] = []
-        self._lock = threading.Lock()  # read-ahead threads take buffers too
+        self._lock = ForkSafeLock()  # read-ahead threads take buffers too
 
     def tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
