@@ -200,8 +200,9 @@ def convert_store(
         dtype: storage dtype (default: the source's). float16 values beyond +-65504 follow ``overflow``.
         content: ``geometric`` (mean of the K teachers' logits) or ``arithmetic`` (``log mean_k
             softmax(v_k / T0)``, with ``temperature=T0``) from a ``per_teacher`` source; default unchanged.
-        shard_rows, block_rows: default the source's (or the layout's defaults when changing to or from
+        shard_rows: default the source's (or the layout's defaults when changing to or from
             the one-row-per-sample wds layout).
+        block_rows: see ``shard_rows``.
         sample_layout: wds only, ``block`` (default) or ``sample``.
         compressor: zarr only (default: the source's if zarr, else ``none``).
         drop_inputs: a source with packed inputs may only go to a wds ``sample`` store unless this is set.

@@ -816,10 +816,21 @@ def precompute(
         out: the store's path or fsspec URL.
         content: ``per_teacher`` (``[N, K, C]``), ``geometric`` (mean logits ``[N, C]``) or
             ``arithmetic`` (``log mean_k softmax(v_k / T0)`` ``[N, C]``; needs ``temperature=T0``).
-        layout, dtype, shard_rows, block_rows, compressor, overflow, class_names: as in
+        layout: as in
             :func:`softtargets.create_targets`. A shard is also the unit of work and of resume.
-        batch_size, num_workers, device, autocast, nonfinite, pack_inputs: see :class:`RunOptions`.
+        dtype: see ``layout``.
+        shard_rows: see ``layout``.
+        block_rows: see ``layout``.
+        compressor: see ``layout``.
+        overflow: see ``layout``.
+        class_names: see ``layout``.
+        batch_size: see :class:`RunOptions`.
             ``pack_inputs`` writes a wds ``sample``-layout store with ``input.npy`` beside each row.
+        num_workers: see ``batch_size``.
+        device: see ``batch_size``.
+        autocast: see ``batch_size``.
+        nonfinite: see ``batch_size``.
+        pack_inputs: see ``batch_size``.
         scheduler: ``None`` (automatic: ``"local"`` where at most one CUDA device is visible, else
             ``"dask"``), ``"local"`` (this process, no dask), ``"dask"`` (a fresh dask ``LocalCluster``:
             one worker process per visible GPU, one on CPU; a script must make the call under

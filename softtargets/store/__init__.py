@@ -90,7 +90,8 @@ def create_targets(
         normalization: ``zero_mean`` (subtract each row's mean; softmax is shift invariant) or ``none``.
         overflow: float16 values beyond +-65504: ``error`` (default) or ``clip``.
         num_samples: N when known (parallel writers need it); else the store grows as rows arrive.
-        shard_rows, block_rows: rows per shard file / per read unit; defaults aim at ~128 MiB / ~4 MiB.
+        shard_rows: rows per shard file / per read unit; defaults aim at ~128 MiB / ~4 MiB.
+        block_rows: see ``shard_rows``.
         sample_layout: wds only: ``block`` (many rows per tar sample) or ``sample`` (one row each).
         inputs: wds ``sample`` layout: tar member extensions of inputs packed beside targets -> description.
         compressor: zarr only: ``none`` (default; logits barely compress), ``zstd`` or ``blosc``.

@@ -47,8 +47,8 @@ def stream(
         batch_size: B, rows per batch.
         shuffle: permute read units and rows within each shuffle buffer, per ``(seed, epoch)``.
         seed: base seed (>= 0); the same on every rank.
-        rank, world_size: this rank and the number of ranks; default from ``torch.distributed`` when
-            initialised, else ``(0, 1)``.
+        rank: this rank; default from ``torch.distributed`` when initialised, else 0.
+        world_size: the number of ranks; default from ``torch.distributed`` when initialised, else 1.
         remainder: ``"pad"`` (each rank gets ``ceil(N / W)`` rows; the extra ``W ceil(N / W) - N``
             positions repeat rows from the start of the epoch's order) or ``"drop"`` (``floor(N / W)``
             rows each; ``N mod W`` rows skipped this epoch). Every rank yields the same number of batches.
@@ -59,9 +59,11 @@ def stream(
             become tensors named without the suffix, e.g. ``input``; others stay lists of bytes).
         decode: per-sample ``{member: bytes} -> {name: value}`` for packed inputs (default
             :func:`default_decode`); values are batched with ``default_collate``.
-        dataset, by, dataset_keys: join a map-style dataset's items as ``input``: item ``i`` for
+        dataset: join a map-style dataset's items as ``input``: item ``i`` for
             store row ``i`` (``by="index"``), or the item whose key (``dataset_keys`` or the
             dataset's ``keys``) equals the row's key (``by="key"``).
+        by: see ``dataset``.
+        dataset_keys: see ``dataset``.
         check_join: refuse a joined dataset whose labels (``y`` of its ``(x, y)`` items) disagree with the
             store's on any row read that both label (``JoinMismatchError``: the wrong dataset, or the
             right one in another order). ``False`` skips the check.
