@@ -40,7 +40,6 @@ Prints a table and writes JSON (default ``benchmarks/results/precompute.json``).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -51,6 +50,7 @@ import time
 from pathlib import Path
 
 import torch
+from timing import write_report
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -218,15 +218,13 @@ def main() -> None:
     for k in args.teachers:
         ms = next(r["ms_per_batch_per_teacher"] for r in rows if r["teachers"] == k and r["engine"] == "bare")
         print(f"K={k}: bare forward {ms} ms per batch per teacher")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    args.out.write_text(json.dumps({
+    write_report(args.out, {
         "benchmark": "precompute", "samples": args.samples, "batch_size": args.batch_size, "hidden": args.hidden,
         "shard_rows": args.shard_rows, "repeats": args.repeats, "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "platform": platform.platform(), "load_average": load,
         "rows": rows,
-    }, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    })
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ Goals stated by the issue: >= 1 M rows/s on one core for K=1, and >= 10x per-sam
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -44,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
-from timing import best_of
+from timing import best_of, write_report
 from torch.utils.data import DataLoader
 
 import softtargets as st
@@ -208,9 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__, "webdataset": wds.__version__ if hasattr(wds, "__version__") else None,
         "goals": {k: v for k, v in goals.items() if k != "lines"}, "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {args.out} ({report['seconds_total']:.0f} s)")
+    write_report(args.out, report)
     return 0
 
 

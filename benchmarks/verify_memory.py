@@ -17,7 +17,6 @@ Needs GNU time at /usr/bin/time (Debian: ``apt-get install time``). Prints a tab
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -29,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from timing import write_report
 
 import softtargets as st
 
@@ -127,15 +127,12 @@ def main() -> int:
         c = r.get("convert")
         line += f" {c['peak_rss_mib']:.0f} MiB | {c['wall_s']:.1f} s |" if c else " - | - |"
         print(line)
-    out = Path(a.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    write_report(Path(a.json), {
         "baseline": baseline, "key_memory_mib": a.key_memory,
         "shard_mib": SHARD_ROWS * ROW_BYTES / 2**20, "classes": CLASSES, "dtype": "float16",
         "results": results, "platform": platform.platform(), "cpus": os.cpu_count(),
         "softtargets": st.__version__,
-    }, indent=1))
-    print(f"\nwrote {out}")
+    })
     return 0
 
 
