@@ -6,7 +6,7 @@
         --shard-rows 65536 --repeats 7             # teachers of ~5-6 ms a batch, the default shard size
 
 The same in-memory inputs and the same K teachers (MLPs 512-H-H-1000, H = ``--hidden`` = 1024 by
-default: ~2.6 M parameters, 14-23 ms per batch of 256 on one core of the VMs sessions got) run:
+default: ~2.6 M parameters, 14-23 ms per batch of 256 on one core of a 2-vCPU Xeon VM) run:
 
 * ``bare``: ``for each batch: [t(x) for t in teachers]`` under ``torch.inference_mode()``, nothing kept;
 * ``local``: ``precompute(..., scheduler="local")``, per-teacher float16 logits into a Zarr store
