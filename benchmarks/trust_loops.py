@@ -1,8 +1,16 @@
-"""Stage one's trust loops: local runs with DataLoader workers that must never hang, and dask runs killed
-and resumed that must end byte-identical to an uninterrupted run.
+"""Stage one's trust loops: overwrites that must delete nothing but stores, local runs with DataLoader
+workers that must never hang, and dask runs killed and resumed that must end byte-identical to an
+uninterrupted run.
 
-    python benchmarks/trust_loops.py                       # 20 hang runs + 10 kill/resume cycles, ~5 min on 2 cores
-    python benchmarks/trust_loops.py --runs 5 --cycles 2
+    python benchmarks/trust_loops.py                       # 20 + 20 runs + 10 kill/resume cycles, ~5 min on 2 cores
+    python benchmarks/trust_loops.py --overwrites 6 --runs 5 --cycles 2
+
+* ``overwrite``: ``--overwrites`` folders that are not softtargets stores (a web app's ``manifest.json``,
+  an empty or non-object one, a manifest of an unknown format version, a foreign run marker, in turn),
+  each given to ``create_targets(..., overwrite=True)`` and to ``softtargets convert SRC DST --overwrite``;
+  a folder counts as kept when both refuse and every file in it is unchanged. Every fourth round is a real
+  store holding a link to a folder outside it: the overwrite must replace the store and leave the linked
+  folder whole.
 
 * ``hang``: ``--runs`` fresh processes, each ``precompute(..., scheduler="local", num_workers=2)`` over a
   custom map-style ``Dataset`` of 3000 rows with two ``nn.Linear`` teachers; a run still going after
@@ -198,8 +206,67 @@ def kill_resume_loop(cycles: int, timeout: float, tmp: Path, rng: random.Random)
             "resume_failed": sum(r["resume_rc"] != 0 for r in results), "results": results}
 
 
+FOREIGN = {  # what a folder that is not a store may hold: file name -> bytes
+    "web app": {"manifest.json": b'{"name": "app", "start_url": "/", "icons": []}', "index.html": b"<html></html>"},
+    "empty manifest": {"manifest.json": b"", "data.csv": b"a,b\n1,2\n"},
+    "list manifest": {"manifest.json": b"[1, 2, 3]", "notes.txt": b"keep me"},
+    "future format": {"manifest.json": b'{"format_version": 99, "layout": "zarr"}', "x.bin": b"\x00" * 64},
+    "foreign marker": {".softtargets-pending.json": b'{"owner": "someone else"}', "y.txt": b"keep me too"},
+}
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def overwrite_loop(runs: int, tmp: Path) -> dict[str, Any]:
+    """Overwrites that must refuse folders that are not stores, and replace a store without following its links."""
+    import numpy as np
+
+    import softtargets as st
+    from softtargets.cli import main as cli
+
+    def store(path: Path) -> None:
+        with st.create_targets(path, num_classes=10, num_samples=8) as w:
+            w.write([f"k{i}" for i in range(8)], np.random.default_rng(0).normal(size=(8, 10)).astype("float32"))
+
+    src = tmp / "src.zarr"
+    store(src)
+    kept, cases = 0, []
+    kinds = list(FOREIGN)
+    for i in range(runs):
+        dst = tmp / f"overwrite-{i}"
+        if i % 4 == 3:  # a real store linking out of itself
+            outside = tmp / f"outside-{i}"
+            outside.mkdir()
+            (outside / "precious.txt").write_bytes(b"precious")
+            store(dst)
+            (dst / "link").symlink_to(outside, target_is_directory=True)
+            ok = cli(["convert", str(src), str(dst), "--overwrite"]) == 0 and (outside / "precious.txt").exists()
+            kept += ok
+            cases.append({"case": "store with a link out", "kept": bool(ok)})
+            continue
+        kind = kinds[i % len(kinds)]
+        dst.mkdir()
+        for name, data in FOREIGN[kind].items():
+            (dst / name).write_bytes(data)
+        before = _snapshot(dst)
+        refused = 0
+        try:
+            st.create_targets(dst, num_classes=10, overwrite=True)
+        except FileExistsError:
+            refused += 1
+        with contextlib.redirect_stderr(open(os.devnull, "w")):
+            refused += cli(["convert", str(src), str(dst), "--overwrite"]) == 2
+        ok = refused == 2 and _snapshot(dst) == before
+        kept += ok
+        cases.append({"case": kind, "kept": bool(ok)})
+    return {"runs": runs, "kept": kept, "cases": cases}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--overwrites", type=int, default=20, help="overwrites of folders that are not stores")
     parser.add_argument("--runs", type=int, default=20, help="local runs with DataLoader workers")
     parser.add_argument("--cycles", type=int, default=10, help="dask kill/resume cycles")
     parser.add_argument("--timeout", type=float, default=120, help="seconds before a run counts as hung")
@@ -218,6 +285,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="trust-loops-"))
     try:
         t0 = time.perf_counter()
+        overwrite = overwrite_loop(args.overwrites, tmp)
+        overwrite["seconds"] = round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
         hang = hang_loop(args.runs, args.timeout, tmp)
         hang["seconds"] = round(time.perf_counter() - t0, 1)
         t0 = time.perf_counter()
@@ -227,11 +297,13 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"{'loop':<36} {'runs':>5} {'ok':>4} {'hung':>5} {'failed':>7} {'identical':>10} {'seconds':>8}")
+    print(f"{'overwrite of folders not stores':<36} {overwrite['runs']:>5} {overwrite['kept']:>4} {'':>5} "
+          f"{overwrite['runs'] - overwrite['kept']:>7} {'':>10} {overwrite['seconds']:>8.1f}")
     print(f"{'local, 2 DataLoader workers':<36} {hang['runs']:>5} {hang['ok']:>4} {hang['hung']:>5} "
           f"{hang['failed']:>7} {'':>10} {hang['seconds']:>8.1f}")
     print(f"{'dask, SIGKILL mid-run + resume':<36} {resume['cycles']:>5} {'':>4} {'':>5} "
           f"{resume['resume_failed']:>7} {resume['identical']:>10} {resume['seconds']:>8.1f}")
-    write_report(args.out, {"benchmark": "trust_loops", "hang": hang, "kill_resume": resume,
+    write_report(args.out, {"benchmark": "trust_loops", "overwrite": overwrite, "hang": hang, "kill_resume": resume,
                             "torch_threads": torch.get_num_threads()})
 
 
