@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import softtargets as st
-from softtargets.losses import distillation_loss
+from softtargets.math.losses import distillation_loss
 from softtargets.streaming import stream
 
 D, C, K, BATCH, T, ALPHA = 256, 1000, 5, 256, 4.0, 0.9

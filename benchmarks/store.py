@@ -37,7 +37,7 @@ import zarr
 from timing import best_of, write_report
 
 import softtargets as st
-from softtargets.temperature import zero_mean
+from softtargets.math.temperature import zero_mean
 
 C = 1000
 BATCH = 1024

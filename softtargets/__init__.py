@@ -5,26 +5,13 @@ Stage one runs a teacher ensemble once and writes its logits into a target store
 training, where the student's loss applies any temperature and ensemble rule.
 """
 
-__version__ = "0.1.0"
-
-from .combine import merge_stores, subset_store  # noqa: E402
-from .convert import convert_store  # noqa: E402
-from .inspect import inspect_store  # noqa: E402
-from .joined import TargetJoin, with_targets  # noqa: E402
-from .losses import DistillationLoss, distillation_loss, kd_loss, logit_matching_loss  # noqa: E402
-from .manifest import FORMAT_VERSION, Manifest, ManifestError  # noqa: E402
-from .precompute import NonFiniteError, precompute  # noqa: E402
-from .store import (  # noqa: E402
-    ChecksumError,
-    StoreError,
-    TargetStore,
-    TargetWriter,
-    attach_writer,
-    create_targets,
-    open_targets,
-)
-from .streaming import StreamLoader, TargetStream, stream  # noqa: E402
-from .temperature import (  # noqa: E402
+from ._version import __version__
+from .combine import merge_stores, subset_store
+from .convert import convert_store
+from .inspect import inspect_store
+from .joined import TargetJoin, with_targets
+from .math.losses import DistillationLoss, distillation_loss, kd_loss, logit_matching_loss
+from .math.temperature import (
     arithmetic_log_probs,
     ensemble_log_probs,
     ensemble_probs,
@@ -33,7 +20,19 @@ from .temperature import (  # noqa: E402
     tempered_log_softmax,
     tempered_softmax,
 )
-from .verify import VerifyReport, verify_store  # noqa: E402
+from .precompute import NonFiniteError, precompute
+from .store import (
+    ChecksumError,
+    StoreError,
+    TargetStore,
+    TargetWriter,
+    attach_writer,
+    create_targets,
+    open_targets,
+)
+from .store.manifest import FORMAT_VERSION, Manifest, ManifestError
+from .streaming import StreamLoader, TargetStream, stream
+from .verify import VerifyReport, verify_store
 
 __all__ = [
     "FORMAT_VERSION",

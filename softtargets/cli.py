@@ -16,7 +16,7 @@ import importlib
 import os
 import sys
 
-from . import __version__
+from ._version import __version__
 
 COMMANDS = ("precompute", "train", "inspect", "verify", "convert", "merge", "subset")
 DEBUG_ENV = "SOFTTARGETS_DEBUG"

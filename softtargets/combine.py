@@ -17,8 +17,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .convert import ShardSink, carry_spec, derive, encode_rows, lineage_entry, plan_layout, same_location
-from .manifest import Manifest
 from .store import TargetStore, open_targets
+from .store.manifest import Manifest
 from .unique_keys import KeyChecker, str_array
 
 # Fields that must agree between merged stores (teachers are compared by name and sha256).

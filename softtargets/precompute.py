@@ -11,7 +11,7 @@ manifest last.
 Per batch, the compute loop runs every teacher's forward pass under ``torch.inference_mode()`` (and
 optional autocast). The rest is done where it costs the compute loop least. On CUDA, on the device:
 the logits gathered into one ``[B, K, C]`` float32 tensor, a per-teacher finiteness mask ``[B, K]``,
-the store's reduction (:func:`softtargets.temperature.reduce_teachers`), an asynchronous copy to the
+the store's reduction (:func:`softtargets.math.temperature.reduce_teachers`), an asynchronous copy to the
 host. On CPU all of that happens on the writer thread, so the teachers' core only runs teachers.
 The background writer thread, fed by a bounded queue, checks and encodes the batches (zero-mean,
 storage dtype) so the device does not wait on storage. A local Zarr store's shard files are
@@ -54,14 +54,14 @@ from torch.utils.data import DataLoader, Dataset
 from .background import prefetched
 from .cluster import LOCAL_CLUSTER, TaskFailure, check_main_guard, resolve_scheduler
 from .config import import_object
-from .manifest import Manifest, ShardRecord
+from .math.temperature import reduce_teachers
 from .shipped import Shipped
 from .store import BYTES_PER_DTYPE, attach_writer, create_targets, default_rows
 from .store.base import MARKER_DIR, ShardStream, TargetWriter
 from .store.encoding import NUMPY_STORAGE, NonFiniteLogits
 from .store.files import atomic_write, join, remove_file, url_to_fs
+from .store.manifest import Manifest, ShardRecord
 from .teachers import Teacher, TeacherSpec, load_teachers, num_classes_of
-from .temperature import reduce_teachers
 from .text import plural
 from .transfer import Batch, TransferSet, as_transfer_set, check_unique_keys
 

@@ -2,7 +2,7 @@
 
 Generic by design: the student comes from a factory import path, its inputs either packed in
 the store (wds ``sample`` layout) or from a map-style dataset joined by row index or sample key,
-the teacher logits from :func:`softtargets.stream`, the loss from :mod:`softtargets.losses`.
+the teacher logits from :func:`softtargets.stream`, the loss from :mod:`softtargets.math.losses`.
 Per epoch it logs the loss, the accuracy on labelled rows and samples/s; it checkpoints the
 student, optimizer, loss step counter and stream position (atomically) so a crashed run
 resumes with exactly the batches it had not trained on. An earlier run's files in the output
@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import import_object
-from .losses import DistillationLoss, logit_matching_loss
+from .math.losses import DistillationLoss, logit_matching_loss
 from .store import open_targets
 from .streaming import TargetStream, stream
 

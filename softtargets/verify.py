@@ -37,10 +37,10 @@ import numpy as np
 import zarr
 from tqdm.auto import tqdm
 
-from .manifest import MANIFEST_NAME, FileRecord, Manifest, ManifestError, ShardRecord
 from .store.base import MARKER_DIR, PENDING_NAME, read_manifest
 from .store.encoding import NUMPY_STORAGE
 from .store.files import is_local, join, link_outside, list_sizes, local_tree, unsafe_path, url_to_fs
+from .store.manifest import MANIFEST_NAME, FileRecord, Manifest, ManifestError, ShardRecord
 from .store.wds_layout import least_tar_bytes, npy_load, shard_name
 from .store.zarr_layout import ARRAYS, _zarr_store, least_shard_bytes, shard_file
 from .store.zarr_shards import ShardFormat, chunks_digest, index_ends

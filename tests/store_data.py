@@ -1,6 +1,6 @@
 """Shared data for the target-store tests: deterministic logits and small stores written
 through the public writer (real zarr groups, real tar shards), plus float64 numpy references
-computed without softtargets.temperature."""
+computed without softtargets.math.temperature."""
 
 from __future__ import annotations
 

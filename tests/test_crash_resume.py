@@ -23,9 +23,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from softtargets.commands.precompute import load_config
-from softtargets.manifest import ManifestError
 from softtargets.precompute import precompute
 from softtargets.store import open_targets
+from softtargets.store.manifest import ManifestError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 N, D, C, K = 512, 16, 10, 3

@@ -1,6 +1,6 @@
-"""Tests of softtargets.losses against the equations of Hinton, Vinyals & Dean (2015).
+"""Tests of softtargets.math.losses against the equations of Hinton, Vinyals & Dean (2015).
 
-References are computed here independently of softtargets.temperature (plain softmax,
+References are computed here independently of softtargets.math.temperature (plain softmax,
 explicit means), in float64 wherever a tight tolerance is asserted.
 """
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from softtargets.losses import (
+from softtargets.math.losses import (
     DistillationLoss,
     distillation_loss,
     kd_loss,

@@ -18,11 +18,11 @@ from distributed import Client, LocalCluster
 from torch import nn
 from torch.utils.data import Dataset
 
-from softtargets.manifest import ManifestError
+from softtargets.math.temperature import reduce_teachers
 from softtargets.precompute import NonFiniteError, precompute
 from softtargets.store import create_targets, open_targets
 from softtargets.store.encoding import encode_logits
-from softtargets.temperature import reduce_teachers
+from softtargets.store.manifest import ManifestError
 from softtargets.transfer import TransferSet
 
 N, D, C = 300, 16, 10

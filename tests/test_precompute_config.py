@@ -12,8 +12,8 @@ import webdataset as wds
 
 from softtargets.cli import main
 from softtargets.commands.precompute import load_config
+from softtargets.math.temperature import zero_mean
 from softtargets.store import open_targets
-from softtargets.temperature import zero_mean
 from tests.teacher_zoo import mlp
 
 D, C, N = 6, 4, 40

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import softtargets as st
-from softtargets.manifest import schema
+from softtargets.store.manifest import schema
 from tests.store_data import LAYOUTS, bits, flip_data_byte, store_path, teacher_logits, write_store
 
 N = 40  # shard_rows 16 -> shards of 16, 16, 8

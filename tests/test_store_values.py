@@ -1,6 +1,6 @@
 """What a store gives back: stored bits, ensemble targets at any T, refusals, float16 overflow.
 
-References are float64 numpy, computed from the original logits without softtargets.temperature.
+References are float64 numpy, computed from the original logits without softtargets.math.temperature.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 import softtargets as st
 from softtargets.joined import with_targets
-from softtargets.losses import DistillationLoss, distillation_loss, kd_loss
+from softtargets.math.losses import DistillationLoss, distillation_loss, kd_loss
 from softtargets.streaming import JoinMismatchError
 
 from .sharing import C, K, N, all_rows, labels, make_store, sample_keys
@@ -116,7 +116,7 @@ def test_readme_webdataset_recipe_never_unpickles(tmp_path, monkeypatch, in_logi
 
 
 def test_dataset_card_webdataset_recipe_never_unpickles(tmp_path):
-    from softtargets.card import URL_PLACEHOLDER
+    from softtargets.store.card import URL_PLACEHOLDER
 
     path = make_store(tmp_path, "wds", name="targets", shard_rows=40, block_rows=8)  # 4 shards, as hostile_shards
     text = (path / "README.md").read_text().replace(URL_PLACEHOLDER, str(path))

@@ -165,7 +165,7 @@ def _front_matter(card: str) -> dict:
 
 
 def test_the_card_names_no_absolute_path_of_its_producer(tmp_path, monkeypatch):
-    from softtargets.card import URL_PLACEHOLDER
+    from softtargets.store.card import URL_PLACEHOLDER
 
     src, dst = tmp_path / "src.zarr", tmp_path / "out" / "dst.wds"
     _small_store(src)
@@ -182,7 +182,7 @@ def test_the_card_names_no_absolute_path_of_its_producer(tmp_path, monkeypatch):
 
 
 def test_the_card_resolves_relative_paths_of_the_command_against_the_store(tmp_path, monkeypatch):
-    from softtargets.card import URL_PLACEHOLDER
+    from softtargets.store.card import URL_PLACEHOLDER
 
     _small_store(tmp_path / "src.zarr")
     monkeypatch.chdir(tmp_path)
@@ -204,7 +204,7 @@ def test_the_card_carries_hub_front_matter(tmp_path):
 
 
 def test_size_categories_are_the_hubs_buckets():
-    from softtargets.card import size_category
+    from softtargets.store.card import size_category
 
     cases = {0: "n<1K", 999: "n<1K", 1000: "1K<n<10K", 99_999: "10K<n<100K", 10**6: "1M<n<10M",
              10**9: "1B<n<10B", 10**12 - 1: "100B<n<1T", 10**12: "n>1T"}

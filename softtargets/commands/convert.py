@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from ..convert import convert_store
-from ..manifest import CONTENTS, DTYPES, LAYOUTS, Manifest
+from ..store.manifest import CONTENTS, DTYPES, LAYOUTS, Manifest
 from ..text import plural
 
 

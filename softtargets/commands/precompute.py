@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import config_schema, read_toml, resolve_path, validate_config
-from ..manifest import MANIFEST_NAME
+from ..store.manifest import MANIFEST_NAME
 from ..text import plural
 
 SCHEMA = "precompute-config"  # schemas/precompute-config.schema.json: every key, its type and range

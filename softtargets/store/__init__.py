@@ -10,7 +10,6 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from ..manifest import CONTENTS, DTYPES, Manifest
 from .base import (
     PENDING_NAME,
     ChecksumError,
@@ -21,6 +20,7 @@ from .base import (
     read_manifest,
 )
 from .files import join, url_to_fs
+from .manifest import CONTENTS, DTYPES, Manifest
 from .wds_layout import WdsStore, WdsWriter
 from .zarr_layout import COMPRESSORS, ZarrStore, ZarrWriter
 

@@ -35,9 +35,8 @@ import fsspec
 import numpy as np
 import torch
 
-from .. import __version__
-from ..manifest import MANIFEST_NAME, FileRecord, Manifest, ManifestError, ShardRecord, provenance, utc_now
-from ..temperature import Rule, ensemble_log_probs
+from .._version import __version__
+from ..math.temperature import Rule, ensemble_log_probs
 from .encoding import NUMPY_STORAGE, at_limit, decode_logits, encode_keys, encode_labels, encode_logits
 from .files import (
     atomic_write,
@@ -54,6 +53,7 @@ from .files import (
     unsafe_path,
     url_to_fs,
 )
+from .manifest import MANIFEST_NAME, FileRecord, Manifest, ManifestError, ShardRecord, provenance, utc_now
 
 PENDING_NAME = ".softtargets-pending.json"
 MARKER_DIR = ".softtargets-shards"
@@ -469,7 +469,7 @@ class TargetWriter(ABC):
         self._finish_layout()
         remove_temporaries(self.fs, self.root)
         self.sync()
-        from ..card import dataset_card
+        from .card import dataset_card
 
         ran_here = spec.provenance.get("command") == sys.argv  # its relative paths are relative to this cwd
         card = dataset_card(spec, self.url, cwd=os.getcwd() if ran_here else None)

@@ -14,7 +14,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from ..manifest import FileRecord
+from .manifest import FileRecord
 
 _TEMPORARY = re.compile(r"(\.[0-9a-f]{32}\.partial|\.tmp-[0-9a-f]{12})$")
 

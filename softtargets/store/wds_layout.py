@@ -32,11 +32,11 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from ..manifest import FileRecord, Manifest, ShardRecord
 from .base import ShardStream, StoreError, TargetStore, TargetWriter
 from .encoding import NUMPY_STORAGE
 from .files import atomic_write, file_record, is_local, join
 from .lru import Lru
+from .manifest import FileRecord, Manifest, ShardRecord
 from .mapped import MappedFiles
 
 

@@ -37,10 +37,10 @@ import zarr
 import zarr.storage
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from ..manifest import FileRecord, Manifest, ShardRecord
 from .base import ChecksumError, ShardStream, StoreError, TargetStore, TargetWriter
 from .encoding import NUMPY_STORAGE
 from .files import atomic_write, file_record, flush_and_close, is_local, join
+from .manifest import FileRecord, Manifest, ShardRecord
 from .mapped import MappedFiles
 from .zarr_shards import ShardFileWriter, ShardFormat, file_chunks_digest
 

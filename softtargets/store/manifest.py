@@ -163,7 +163,7 @@ def schema() -> dict[str, Any]:
     packaged = resources.files("softtargets") / "schemas" / SCHEMA_NAME
     if packaged.is_file():
         return json.loads(packaged.read_text())
-    return json.loads((Path(__file__).resolve().parents[1] / "schemas" / SCHEMA_NAME).read_text())
+    return json.loads((Path(__file__).resolve().parents[2] / "schemas" / SCHEMA_NAME).read_text())
 
 
 @cache

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from softtargets.temperature import RULES, Rule, ensemble_log_probs
+from .temperature import RULES, Rule, ensemble_log_probs
 
 Reduction = Literal["mean", "sum", "none"]
 REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
