@@ -54,8 +54,8 @@ from timing import write_report
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from softtargets.cluster import worker_config
 from softtargets.precompute import precompute
+from softtargets.precompute.cluster import worker_config
 
 IN, HIDDEN, CLASSES = 512, 1024, 1000
 

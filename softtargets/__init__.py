@@ -6,10 +6,6 @@ training, where the student's loss applies any temperature and ensemble rule.
 """
 
 from ._version import __version__
-from .combine import merge_stores, subset_store
-from .convert import convert_store
-from .inspect import inspect_store
-from .joined import TargetJoin, with_targets
 from .math.losses import DistillationLoss, distillation_loss, kd_loss, logit_matching_loss
 from .math.temperature import (
     arithmetic_log_probs,
@@ -21,6 +17,10 @@ from .math.temperature import (
     tempered_softmax,
 )
 from .precompute import NonFiniteError, precompute
+from .sharing.combine import merge_stores, subset_store
+from .sharing.convert import convert_store
+from .sharing.inspect import inspect_store
+from .sharing.verify import VerifyReport, verify_store
 from .store import (
     ChecksumError,
     StoreError,
@@ -32,7 +32,7 @@ from .store import (
 )
 from .store.manifest import FORMAT_VERSION, Manifest, ManifestError
 from .streaming import StreamLoader, TargetStream, stream
-from .verify import VerifyReport, verify_store
+from .streaming.joined import TargetJoin, with_targets
 
 __all__ = [
     "FORMAT_VERSION",

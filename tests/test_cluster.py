@@ -1,4 +1,4 @@
-"""softtargets.cluster: how shards are cut into dask tasks, and the LocalCluster workers softtargets starts."""
+"""softtargets.precompute.cluster: how shards are cut into dask tasks, and the LocalCluster workers it starts."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from softtargets.cluster import MAX_SHARDS_PER_TASK, dask_client, map_shards, task_groups
+from softtargets.precompute.cluster import MAX_SHARDS_PER_TASK, dask_client, map_shards, task_groups
 
 
 @pytest.mark.parametrize(("n", "workers", "size"), [(8, 2, 1), (24, 1, 6), (24, 2, 3), (1000, 4, MAX_SHARDS_PER_TASK),

@@ -10,9 +10,9 @@ import torch
 
 import softtargets as st
 from softtargets.cli import main
-from softtargets.combine import merge_stores, subset_store
-from softtargets.convert import convert_store
-from softtargets.verify import verify_store
+from softtargets.sharing.combine import merge_stores, subset_store
+from softtargets.sharing.convert import convert_store
+from softtargets.sharing.verify import verify_store
 
 from .sharing import all_rows, assert_same_rows, bits, make_store, sample_keys
 

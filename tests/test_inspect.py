@@ -12,8 +12,8 @@ import torch
 
 import softtargets as st
 from softtargets.cli import main
-from softtargets.convert import convert_store
-from softtargets.inspect import inspect_store
+from softtargets.sharing.convert import convert_store
+from softtargets.sharing.inspect import inspect_store
 from softtargets.store.card import URL_PLACEHOLDER
 
 from .sharing import C, K, all_rows, bits, make_store, softmax

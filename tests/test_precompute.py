@@ -20,10 +20,10 @@ from torch.utils.data import Dataset
 
 from softtargets.math.temperature import reduce_teachers
 from softtargets.precompute import NonFiniteError, precompute
+from softtargets.precompute.transfer import TransferSet
 from softtargets.store import create_targets, open_targets
 from softtargets.store.encoding import encode_logits
 from softtargets.store.manifest import ManifestError
-from softtargets.transfer import TransferSet
 
 N, D, C = 300, 16, 10
 SHARD, BATCH = 64, 32  # 5 shards, the last one of 44 rows; batches of 32 inside each shard

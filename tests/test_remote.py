@@ -10,8 +10,8 @@ import stat
 import pytest
 
 import softtargets as st
-from softtargets.inspect import inspect_store
-from softtargets.verify import verify_store
+from softtargets.sharing.inspect import inspect_store
+from softtargets.sharing.verify import verify_store
 
 from .http_server import serve_directory
 from .sharing import all_rows, assert_same_rows, data_file, flip_byte, make_store, tree_state

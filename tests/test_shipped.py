@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from softtargets.precompute import PrecomputeJob, RunOptions
-from softtargets.shipped import Shipped
+from softtargets.precompute.shipped import Shipped
 
 
 def _round_trip(obj):

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import softtargets as st
-from softtargets.joined import with_targets
+from softtargets.streaming.joined import with_targets
 
 N, C, K = 200, 10, 3
 

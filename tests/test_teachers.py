@@ -1,4 +1,4 @@
-"""Tests of softtargets.teachers: real modules, real weight files and archives in tmp_path."""
+"""Tests of softtargets.precompute.teachers: real modules, real weight files and archives in tmp_path."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from softtargets.teachers import (
+from softtargets.precompute.teachers import (
     Teacher,
     TeacherLoadError,
     fingerprint,
@@ -59,7 +59,7 @@ def test_fingerprint_stable_across_processes(original, tmp_path):
     path = tmp_path / "w.pt"
     torch.save(original.state_dict(), path)
     code = (
-        "import torch; from softtargets.teachers import fingerprint; from tests.teacher_zoo import mlp; "
+        "import torch; from softtargets.precompute.teachers import fingerprint; from tests.teacher_zoo import mlp; "
         f"m = mlp(**{KWARGS!r}); m.load_state_dict(torch.load({str(path)!r}, weights_only=True)); "
         "print(fingerprint(m))"
     )

@@ -12,7 +12,7 @@ from torch import nn
 
 import softtargets as st
 from softtargets.cli import main
-from softtargets.train import TrainConfig, train
+from softtargets.streaming.train import TrainConfig, train
 
 N, D, C = 256, 8, 5
 EXAMPLE = Path(__file__).resolve().parents[1] / "pipelines" / "train_example"

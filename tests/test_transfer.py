@@ -1,4 +1,4 @@
-"""Tests of softtargets.transfer: item forms, keys, fingerprints, collation, WebDataset shards."""
+"""Tests of softtargets.precompute.transfer: item forms, keys, fingerprints, collation, WebDataset shards."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from softtargets.transfer import (
+from softtargets.precompute.transfer import (
     Batch,
     TransferSet,
     WebDatasetSource,

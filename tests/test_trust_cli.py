@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 import softtargets as st
 from softtargets.cli import main
-from softtargets.teachers import TeacherLoadError, fingerprint, load_teachers
+from softtargets.precompute.teachers import TeacherLoadError, fingerprint, load_teachers
 from tests.sharing import data_file, flip_byte, make_store
 from tests.teacher_zoo import mlp
 from tests.test_precompute_config import D, N, write_config

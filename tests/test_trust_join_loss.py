@@ -16,9 +16,9 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 import softtargets as st
-from softtargets.joined import with_targets
 from softtargets.math.losses import DistillationLoss, distillation_loss, kd_loss
 from softtargets.streaming import JoinMismatchError
+from softtargets.streaming.joined import with_targets
 
 from .sharing import C, K, N, all_rows, labels, make_store, sample_keys
 

@@ -206,7 +206,7 @@ def test_default_scheduler_runs_in_this_process_without_dask(tmp_path):
 
 
 def test_scheduler_names():
-    from softtargets.cluster import resolve_scheduler
+    from softtargets.precompute.cluster import resolve_scheduler
 
     assert resolve_scheduler(None) == ("local" if torch.cuda.device_count() <= 1 else "dask")
     assert resolve_scheduler("local") == "local" and resolve_scheduler("dask") == "dask"
@@ -229,10 +229,10 @@ def test_local_cluster_from_an_unguarded_script_is_refused_in_one_line_before_th
 
 
 GUARD_CASES = {
-    "guarded": ('from softtargets.cluster import check_main_guard\n'
+    "guarded": ('from softtargets.precompute.cluster import check_main_guard\n'
                 'def main():\n    check_main_guard()\n\nif "__main__" == __name__:\n    main()\n'
                 '    print("ok")\n'),
-    "unguarded_function": ('from softtargets.cluster import check_main_guard\n'
+    "unguarded_function": ('from softtargets.precompute.cluster import check_main_guard\n'
                            'def main():\n    check_main_guard()\n\nmain()\nprint("ok")\n'),
 }
 

@@ -14,7 +14,7 @@ import pytest
 
 import softtargets as st
 from softtargets.cli import main
-from softtargets.verify import verify_store
+from softtargets.sharing.verify import verify_store
 
 from .sharing import data_file, make_store
 

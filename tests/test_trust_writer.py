@@ -15,7 +15,7 @@ import yaml
 
 import softtargets as st
 from softtargets.cli import main
-from softtargets.convert import convert_store
+from softtargets.sharing.convert import convert_store
 from tests.store_data import bits, keys, store_path, teacher_logits, write_store
 
 WEB_APP = {"manifest.json": json.dumps({"name": "My App", "short_name": "app", "start_url": "/", "icons": []}),

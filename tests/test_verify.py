@@ -10,8 +10,8 @@ import pytest
 
 import softtargets as st
 from softtargets.cli import main
-from softtargets.unique_keys import KeyChecker, hash_keys
-from softtargets.verify import verify_store
+from softtargets.sharing.unique_keys import KeyChecker, hash_keys
+from softtargets.sharing.verify import verify_store
 
 from .sharing import data_file, edit_manifest, flip_byte, make_store, sample_keys, truncate
 

@@ -7,7 +7,7 @@ import json
 import time
 from typing import Any
 
-from ..convert import convert_store
+from ..sharing.convert import convert_store
 from ..store.manifest import CONTENTS, DTYPES, LAYOUTS, Manifest
 from ..text import plural
 

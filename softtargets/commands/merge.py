@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..combine import merge_stores
+from ..sharing.combine import merge_stores
 from ..text import plural
 from .convert import add_layout_args, layout_kwargs, print_json
 

@@ -26,7 +26,7 @@ Config (relative paths are relative to the config file; its folder is appended t
     workers = 2                 # LocalCluster workers (default: one per GPU)
     retries = 3
 
-    [[teachers]]                # one table per teacher: specs of softtargets.teachers.load_teacher
+    [[teachers]]                # one table per teacher: specs of softtargets.precompute.teachers.load_teacher
     name = "resnet50_a"
     factory = "my_models:resnet50"
     kwargs = { num_classes = 1000 }

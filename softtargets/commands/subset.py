@@ -6,7 +6,7 @@ import argparse
 import os
 import time
 
-from ..combine import read_keys_file, subset_store
+from ..sharing.combine import read_keys_file, subset_store
 from ..text import plural
 from .convert import add_layout_args, layout_kwargs, print_json
 

@@ -70,8 +70,8 @@ REQUIRED = {("student", "factory"), ("data", "store")}
 
 
 def load_config(path: str | os.PathLike[str], **overrides: Any):
-    """A :class:`softtargets.train.TrainConfig` from a TOML file; ``overrides`` (not None) replace fields."""
-    from ..train import TrainConfig
+    """A :class:`softtargets.streaming.train.TrainConfig` from a TOML file; ``overrides`` (not None) replace fields."""
+    from ..streaming.train import TrainConfig
 
     path = Path(path)
     if not path.is_file():
@@ -134,7 +134,7 @@ def summary_line(s: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train import METRICS, TrainOutputExists, train
+    from ..streaming.train import METRICS, TrainOutputExists, train
 
     cfg = load_config(args.config, store=args.store, out=args.out, epochs=args.epochs, device=args.device,
                       num_workers=args.num_workers)

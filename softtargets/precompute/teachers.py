@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import import_object
+from ..importing import import_object
 
 __all__ = [
     "Teacher",

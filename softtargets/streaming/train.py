@@ -26,10 +26,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import import_object
-from .math.losses import DistillationLoss, logit_matching_loss
-from .store import open_targets
-from .streaming import TargetStream, stream
+from ..importing import import_object
+from ..math.losses import DistillationLoss, logit_matching_loss
+from ..store import open_targets
+from . import stream
+from .dataset import TargetStream
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"

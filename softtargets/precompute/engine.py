@@ -5,7 +5,7 @@ A shard is the unit of work, of retry and of resume: one :class:`ShardRunner` co
 shard's rows batch by batch, starting at the shard's first row (so results do not depend on
 which shards ran before), and writes it whole with ``write_shard`` (atomic, idempotent, marked
 done when complete). The driver, :func:`precompute`, creates the store, runs the shards that
-are not done yet (in this process, or as dask tasks: :mod:`softtargets.cluster`) and writes the
+are not done yet (in this process, or as dask tasks: :mod:`softtargets.precompute.cluster`) and writes the
 manifest last.
 
 Per batch, the compute loop runs every teacher's forward pass under ``torch.inference_mode()`` (and
@@ -51,18 +51,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .background import prefetched
+from ..background import prefetched
+from ..importing import import_object
+from ..math.temperature import reduce_teachers
+from ..store import BYTES_PER_DTYPE, attach_writer, create_targets, default_rows
+from ..store.base import MARKER_DIR, ShardStream, TargetWriter
+from ..store.encoding import NUMPY_STORAGE, NonFiniteLogits
+from ..store.files import atomic_write, join, remove_file, url_to_fs
+from ..store.manifest import Manifest, ShardRecord
+from ..text import plural
 from .cluster import LOCAL_CLUSTER, TaskFailure, check_main_guard, resolve_scheduler
-from .config import import_object
-from .math.temperature import reduce_teachers
 from .shipped import Shipped
-from .store import BYTES_PER_DTYPE, attach_writer, create_targets, default_rows
-from .store.base import MARKER_DIR, ShardStream, TargetWriter
-from .store.encoding import NUMPY_STORAGE, NonFiniteLogits
-from .store.files import atomic_write, join, remove_file, url_to_fs
-from .store.manifest import Manifest, ShardRecord
 from .teachers import Teacher, TeacherSpec, load_teachers, num_classes_of
-from .text import plural
 from .transfer import Batch, TransferSet, as_transfer_set, check_unique_keys
 
 __all__ = [
@@ -141,7 +141,7 @@ class PrecomputeJob:
     """Everything a process needs to compute shards of one store; small and picklable.
 
     ``teachers`` are specs (``nn.Module`` objects or config mappings, see
-    :mod:`softtargets.teachers`) with the driver's ``fingerprints``: a process that loads a
+    :mod:`softtargets.precompute.teachers`) with the driver's ``fingerprints``: a process that loads a
     teacher with other weights (a factory without fixed weights or seed) is refused.
     ``dataset`` is a :class:`TransferSet` or a spec mapping for :func:`load_transfer_set`.
     """
@@ -157,8 +157,9 @@ class PrecomputeJob:
     token: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
     def __reduce__(self) -> tuple[Any, ...]:
-        """Pickled with the tensors of its teachers and transfer set out of band (:mod:`softtargets.shipped`):
-        dask sends them to its workers without copying them through the pickle stream."""
+        """Pickled with the tensors of its teachers and transfer set out of band
+        (:mod:`softtargets.precompute.shipped`): dask sends them to its workers without copying them through
+        the pickle stream."""
         return _job, (Shipped(dict(vars(self))),)
 
 
@@ -810,7 +811,7 @@ def precompute(
 
     Args:
         teachers: K teacher specs: ``nn.Module`` objects or config mappings (see
-            :func:`softtargets.teachers.load_teacher`). They must agree on C.
+            :func:`softtargets.precompute.teachers.load_teacher`). They must agree on C.
         dataset: a :class:`TransferSet`, a map-style dataset, WebDataset URL(s), or a mapping for
             :func:`load_transfer_set`. Keys must be unique. Inputs are stacked per batch as given.
         out: the store's path or fsspec URL.

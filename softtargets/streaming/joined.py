@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .store import TargetStore, open_targets
-from .streaming.inputs import check_labels, dataset_keys, fetch, item_labels
-from .streaming.plan import Units, unit_rows_for
+from ..store import TargetStore, open_targets
+from .inputs import check_labels, dataset_keys, fetch, item_labels
+from .plan import Units, unit_rows_for
 
 
 class TargetJoin(Dataset):

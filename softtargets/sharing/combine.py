@@ -1,8 +1,8 @@
 """Merge stores over disjoint parts of a transfer set, and cut a subset out of one store.
 
-Both stream shard by shard through :class:`softtargets.convert.ShardSink` and copy the
+Both stream shard by shard through :class:`softtargets.sharing.convert.ShardSink` and copy the
 stored bits exactly. ``merge`` first checks, in bounded memory, that no key is in two
-stores (:mod:`softtargets.unique_keys`); ``subset`` by keys first finds the rows, so each
+stores (:mod:`softtargets.sharing.unique_keys`); ``subset`` by keys first finds the rows, so each
 writes only once it knows the destination's size.
 """
 
@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..store import TargetStore, open_targets
+from ..store.manifest import Manifest
 from .convert import ShardSink, carry_spec, derive, encode_rows, lineage_entry, plan_layout, same_location
-from .store import TargetStore, open_targets
-from .store.manifest import Manifest
 from .unique_keys import KeyChecker, str_array
 
 # Fields that must agree between merged stores (teachers are compared by name and sha256).
@@ -111,7 +111,7 @@ def merge_stores(
 
     The stores must hold disjoint keys and agree in teachers (names and sha256), classes,
     content, dtype, temperature and normalisation. Layout arguments default to the first
-    source's (see :func:`softtargets.convert.plan_layout`). Returns the new manifest.
+    source's (see :func:`softtargets.sharing.convert.plan_layout`). Returns the new manifest.
     """
     urls = [os.fspath(u) for u in srcs]
     dst = os.fspath(dst)

@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ._version import __version__
-from .math.temperature import reduce_teachers
-from .store import TargetStore, TargetWriter, create_targets, infer_layout, open_targets
-from .store.base import PENDING_NAME, delete_store
-from .store.encoding import encode_logits
-from .store.files import join, url_to_fs
-from .store.manifest import MANIFEST_NAME, Manifest, utc_now
+from .._version import __version__
+from ..math.temperature import reduce_teachers
+from ..store import TargetStore, TargetWriter, create_targets, infer_layout, open_targets
+from ..store.base import PENDING_NAME, delete_store
+from ..store.encoding import encode_logits
+from ..store.files import join, url_to_fs
+from ..store.manifest import MANIFEST_NAME, Manifest, utc_now
 from .unique_keys import str_array
 
 

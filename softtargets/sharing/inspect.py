@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .math.temperature import ensemble_log_probs
-from .store import BYTES_PER_DTYPE, TargetStore, open_targets
-from .text import plural
+from ..math.temperature import ensemble_log_probs
+from ..store import BYTES_PER_DTYPE, TargetStore, open_targets
+from ..text import plural
 
 DEFAULT_TEMPERATURES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 CONFIDENCE_BINS = 20

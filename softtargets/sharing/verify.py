@@ -12,7 +12,7 @@ stops at the first problem), so a broken store can still be examined whole:
 3. every shard whose files pass: decoded, holding exactly its rows (wds: every block's
    ``index.npy`` continues the last; zarr: array shapes, chunking and dtype), keys
    non-empty, labels in ``[-1, C)`` and as many labeled as recorded, logits finite;
-4. keys unique over the whole store, in bounded memory (:mod:`softtargets.unique_keys`).
+4. keys unique over the whole store, in bounded memory (:mod:`softtargets.sharing.unique_keys`).
 
 Memory: about two shards (one read, one decoded) plus the key check's ``key_memory``
 (default 64 MiB; hashes beyond it spill to temporary files, 16 bytes a row), whatever the
@@ -37,13 +37,13 @@ import numpy as np
 import zarr
 from tqdm.auto import tqdm
 
-from .store.base import MARKER_DIR, PENDING_NAME, read_manifest
-from .store.encoding import NUMPY_STORAGE
-from .store.files import is_local, join, link_outside, list_sizes, local_tree, unsafe_path, url_to_fs
-from .store.manifest import MANIFEST_NAME, FileRecord, Manifest, ManifestError, ShardRecord
-from .store.wds_layout import least_tar_bytes, npy_load, shard_name
-from .store.zarr_layout import ARRAYS, _zarr_store, least_shard_bytes, shard_file
-from .store.zarr_shards import ShardFormat, chunks_digest, index_ends
+from ..store.base import MARKER_DIR, PENDING_NAME, read_manifest
+from ..store.encoding import NUMPY_STORAGE
+from ..store.files import is_local, join, link_outside, list_sizes, local_tree, unsafe_path, url_to_fs
+from ..store.manifest import MANIFEST_NAME, FileRecord, Manifest, ManifestError, ShardRecord
+from ..store.wds_layout import least_tar_bytes, npy_load, shard_name
+from ..store.zarr_layout import ARRAYS, _zarr_store, least_shard_bytes, shard_file
+from ..store.zarr_shards import ShardFormat, chunks_digest, index_ends
 from .unique_keys import KeyChecker, str_array
 
 READ_BYTES = 4 << 20  # hashing reads zarr shard files in pieces of this size
