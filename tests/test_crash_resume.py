@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from softtargets.commands.precompute import load_config
+from softtargets.cli.commands.precompute import load_config
 from softtargets.precompute import precompute
 from softtargets.store import open_targets
 from softtargets.store.manifest import ManifestError

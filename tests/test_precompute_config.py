@@ -11,7 +11,7 @@ import torch
 import webdataset as wds
 
 from softtargets.cli import main
-from softtargets.commands.precompute import load_config
+from softtargets.cli.commands.precompute import load_config
 from softtargets.math.temperature import zero_mean
 from softtargets.store import open_targets
 from tests.teacher_zoo import mlp

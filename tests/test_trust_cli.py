@@ -272,7 +272,7 @@ def test_train_config_is_checked_by_its_schema(tmp_path, capsys, old, new, words
 def test_config_schemas_are_valid_and_shipped():
     import jsonschema
 
-    from softtargets.config import config_schema
+    from softtargets.cli.config import config_schema
 
     for name in ("precompute-config", "train-config"):
         schema = config_schema(name)

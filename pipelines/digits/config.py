@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-import softtargets.config
+import softtargets.cli.config
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIG = HERE / "config.toml"
@@ -25,7 +25,7 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A TOML file as a dict; ``FileNotFoundError`` / ``ValueError`` naming the file."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"config {path} not found")
-    return softtargets.config.read_toml(path)
+    return softtargets.cli.config.read_toml(path)
 
 
 def merge(base: dict[str, Any], over: dict[str, Any], source: str, where: str = "") -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The ``softtargets`` command line: one subcommand per module in :mod:`softtargets.commands`.
+"""The ``softtargets`` command line: one subcommand per module in :mod:`softtargets.cli.commands`.
 
 Each command module defines ``add_parser(subparsers) -> argparse.ArgumentParser`` whose
 parser has ``set_defaults(run=callable(args) -> int)``.
@@ -16,7 +16,7 @@ import importlib
 import os
 import sys
 
-from ._version import __version__
+from .._version import __version__
 
 COMMANDS = ("precompute", "train", "inspect", "verify", "convert", "merge", "subset")
 DEBUG_ENV = "SOFTTARGETS_DEBUG"
@@ -109,6 +109,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"softtargets {args.command}: error: {error_message(e)}{_hints(e, args)}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

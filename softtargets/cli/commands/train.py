@@ -52,8 +52,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ...text import plural
 from ..config import read_toml, resolve_path, validate_config
-from ..text import plural
 
 SECTIONS: dict[str, dict[str, str]] = {
     # section -> {toml key: TrainConfig field}
@@ -71,7 +71,7 @@ REQUIRED = {("student", "factory"), ("data", "store")}
 
 def load_config(path: str | os.PathLike[str], **overrides: Any):
     """A :class:`softtargets.streaming.train.TrainConfig` from a TOML file; ``overrides`` (not None) replace fields."""
-    from ..streaming.train import TrainConfig
+    from ...streaming.train import TrainConfig
 
     path = Path(path)
     if not path.is_file():
@@ -134,7 +134,7 @@ def summary_line(s: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..streaming.train import METRICS, TrainOutputExists, train
+    from ...streaming.train import METRICS, TrainOutputExists, train
 
     cfg = load_config(args.config, store=args.store, out=args.out, epochs=args.epochs, device=args.device,
                       num_workers=args.num_workers)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..sharing.combine import merge_stores
-from ..text import plural
+from ...sharing.combine import merge_stores
+from ...text import plural
 from .convert import add_layout_args, layout_kwargs, print_json
 
 

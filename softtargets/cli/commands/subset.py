@@ -6,8 +6,8 @@ import argparse
 import os
 import time
 
-from ..sharing.combine import read_keys_file, subset_store
-from ..text import plural
+from ...sharing.combine import read_keys_file, subset_store
+from ...text import plural
 from .convert import add_layout_args, layout_kwargs, print_json
 
 

@@ -7,9 +7,9 @@ import json
 import time
 from typing import Any
 
-from ..sharing.convert import convert_store
-from ..store.manifest import CONTENTS, DTYPES, LAYOUTS, Manifest
-from ..text import plural
+from ...sharing.convert import convert_store
+from ...store.manifest import CONTENTS, DTYPES, LAYOUTS, Manifest
+from ...text import plural
 
 
 def add_layout_args(p: argparse.ArgumentParser) -> None:

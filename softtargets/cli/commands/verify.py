@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..sharing.verify import format_report, to_json, verify_store
-from ..text import plural
+from ...sharing.verify import format_report, to_json, verify_store
+from ...text import plural
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

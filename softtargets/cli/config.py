@@ -12,7 +12,7 @@ from typing import Any
 
 import jsonschema
 
-from .text import plural
+from ..text import plural
 
 _JSON_TYPES = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false",
                "object": "a table", "array": "a list", "null": "absent"}
@@ -48,7 +48,7 @@ def config_schema(name: str) -> dict[str, Any]:
     packaged = resources.files("softtargets") / "schemas" / file
     if packaged.is_file():
         return json.loads(packaged.read_text())
-    return json.loads((Path(__file__).resolve().parents[1] / "schemas" / file).read_text())
+    return json.loads((Path(__file__).resolve().parents[2] / "schemas" / file).read_text())
 
 
 @functools.cache

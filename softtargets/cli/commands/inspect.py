@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..sharing.inspect import DEFAULT_TEMPERATURES, format_report, inspect_store, plot_report, require_matplotlib
+from ...sharing.inspect import DEFAULT_TEMPERATURES, format_report, inspect_store, plot_report, require_matplotlib
 
 
 def _temperatures(text: str) -> list[float]:

@@ -44,9 +44,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ...store.manifest import MANIFEST_NAME
+from ...text import plural
 from ..config import config_schema, read_toml, resolve_path, validate_config
-from ..store.manifest import MANIFEST_NAME
-from ..text import plural
 
 SCHEMA = "precompute-config"  # schemas/precompute-config.schema.json: every key, its type and range
 TABLES = {"output", "transfer_set", "cluster", "teachers"}
@@ -103,8 +103,8 @@ def _size(nbytes: int) -> str:
 def _finished(url: str) -> bool:
     """Whether ``url`` holds a finished store (its manifest is written); leftover run markers beside it are
     removed, as a finished run removes them."""
-    from ..store.base import MARKER_DIR, PENDING_NAME
-    from ..store.files import join, url_to_fs
+    from ...store.base import MARKER_DIR, PENDING_NAME
+    from ...store.files import join, url_to_fs
 
     fs, root = url_to_fs(url)
     if not fs.exists(join(root, MANIFEST_NAME)):
@@ -133,7 +133,7 @@ def _summary(m: Any, url: str, computed: int, seconds: float) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..precompute import precompute
+    from ...precompute import precompute
 
     logger = logging.getLogger("softtargets")
     if not logger.handlers:

@@ -1,0 +1,7 @@
+"""``python -m softtargets.cli``: the ``softtargets`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
