@@ -161,8 +161,10 @@ class _ShardWriterThread(threading.Thread):
                 self.room.get(timeout=0.05)
                 break
             except queue.Empty:
-                if not self.is_alive():
-                    raise RuntimeError("the shard writer thread stopped") from self.error
+                if not self.is_alive():  # it may have failed since the check above
+                    if self.error is not None:
+                        raise self.error from None
+                    raise RuntimeError("the shard writer thread stopped") from None
         self._group.append(item)
         if shard_done or len(self._group) == self.group_size:
             self.queue.put(self._group)

@@ -46,6 +46,7 @@ from .files import (
     link_outside,
     list_sizes,
     local_tree,
+    naming_full_disk,
     remove_file,
     remove_temporaries,
     sha256_hex,
@@ -102,8 +103,14 @@ class ShardStream(ABC):
         if self.count_clipped:
             self.clipped += at_limit(logits)
         self.labeled += int((labels >= 0).sum())
-        self._write(logits, labels, keys, inputs)
+        with naming_full_disk(self._where):
+            self._write(logits, labels, keys, inputs)
         self.rows += len(keys)
+
+    @property
+    def _where(self) -> str:
+        """The shard's file, or the folder of its files: what a full disk is reported against."""
+        return self.paths[0] if len(self.paths) == 1 else os.path.commonpath(self.paths)
 
     @abstractmethod
     def _write(self, logits: np.ndarray, labels: np.ndarray, keys: np.ndarray, inputs: list[dict] | None) -> None:
@@ -115,7 +122,8 @@ class ShardStream(ABC):
 
     def commit(self) -> list[FileRecord]:
         """Finish the files and rename them into place; their records."""
-        done = self._finish()
+        with naming_full_disk(self._where):
+            done = self._finish()
         records = []
         for f, tmp, path, rel, (nbytes, sha256, chunks) in zip(self.files, self.tmps, self.paths, self.rels, done,
                                                                 strict=True):

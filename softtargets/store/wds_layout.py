@@ -23,6 +23,7 @@ Every ``.npy`` is written and read with ``allow_pickle=False``; tar headers carr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import tarfile
@@ -164,6 +165,12 @@ class _TarStream(ShardStream):
         self.sink.close()
         self.hashed.flush()
         return [(self.hashed.bytes, self.hashed.sha256.hexdigest(), None)]
+
+    def discard(self) -> None:
+        self.hashed.pending = bytearray()  # the tar's closing blocks stay in memory: the file is dropped
+        with contextlib.suppress(OSError, ValueError):
+            self.sink.close()
+        super().discard()
 
 
 class WdsWriter(TargetWriter):
