@@ -7,8 +7,9 @@ most one CUDA device is visible, a LocalCluster when there are several.
 at most ``MAX_SHARDS_PER_TASK`` shards, about four tasks per worker), with the payload shipped once
 as a task of its own (so the scheduler can recompute it if the worker holding it dies), collects
 the results as they finish and cancels the rest on the first failure. A task runs its shards through
-one compute loop (a task per shard costs a few ms per shard: thread starts, a device-lock hand-off,
-a flush to disk before returning). Tasks must be idempotent: dask recomputes a task whose
+one compute loop (a task per shard would pay per shard for thread starts, a device-lock hand-off,
+a flush to disk before returning; ``benchmarks/precompute.py`` measures the dask engine). Tasks must be
+idempotent: dask recomputes a task whose
 worker was lost, and retries one that raised (``retries``); shards it had finished are written again,
 bitwise the same. A task returns :class:`TaskFailure` for errors that a retry would only repeat.
 
@@ -135,8 +136,9 @@ def worker_config(threads: int) -> dict[str, Any]:
     Environment set before a worker spawns: the thread counts, and dask's ``MALLOC_TRIM_THRESHOLD_``
     unset. Setting that variable (dask does, to hand freed memory back to the OS) also fixes glibc's
     mmap threshold at 128 KiB, so every activation or output of 128 KiB and more is fresh mmapped memory,
-    paid for in page faults at each forward pass: teachers ran 13-20 % slower in such a worker here
-    (3 % without it). Not daemonic, so DataLoader workers can start inside; a 120 s connect timeout,
+    paid for in page faults at each forward pass, which slows the teachers in such a worker
+    (``benchmarks/precompute.py`` measures the dask engine against a bare loop). Not daemonic, so DataLoader
+    workers can start inside; a 120 s connect timeout,
     since worker processes import torch before they answer (on 2 busy cores that can pass dask's 30 s).
     """
     env = "distributed.nanny.pre-spawn-environ"

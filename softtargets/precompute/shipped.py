@@ -2,8 +2,8 @@
 
 dask pickles a task's arguments with protocol 5 and sends out-of-band buffers as frames of their
 own, without copying them into the pickle stream; a torch tensor, though, pickles its storage
-in band (through ``torch.save``), and a 50 MB ``TensorDataset`` took ~1 s to reach a worker here,
-0.1 s as out-of-band buffers. :class:`Shipped` pickles the object it wraps with every CPU tensor
+in band (through ``torch.save``), so a large ``TensorDataset`` reaches a worker far more slowly than
+as out-of-band buffers. :class:`Shipped` pickles the object it wraps with every CPU tensor
 reduced to the bytes of its elements (a ``PickleBuffer``), dtype and shape; objects the tensors
 belong to (``nn.Parameter``, modules, datasets) pickle as usual around them, so a parameter used
 twice (tied weights) is still one parameter when unpickled. Tensors come back as fresh, writable,

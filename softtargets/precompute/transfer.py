@@ -320,7 +320,7 @@ class TransferSet(Dataset):
 
     def _tensor_batch(self, idx: range | list[int], copy: bool = True) -> Batch | None:
         """``TensorDataset`` rows by tensor indexing (a run of rows is sliced, and cloned if ``copy``:
-        ~3x faster than a gather); ``None`` where the per-item path must decide."""
+        one contiguous copy instead of a gather); ``None`` where the per-item path must decide."""
         if not isinstance(self.dataset, TensorDataset) or self._unpack is not unpack_item or self._mode == "item":
             return None
         tensors = self.dataset.tensors

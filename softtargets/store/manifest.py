@@ -169,7 +169,7 @@ def schema() -> dict[str, Any]:
 @cache
 def _validator() -> Any:
     """A validator of :func:`schema`, made once. The schema itself is checked by the tests, not here: that
-    costs ~50 ms, in every process (DataLoader workers included) before its first store opens."""
+    check would be paid in every process (DataLoader workers included) before its first store opens."""
     return jsonschema.validators.validator_for(schema())(schema())
 
 

@@ -12,7 +12,7 @@ Two sample layouts (the manifest's ``sample_layout``):
 * ``block`` (default, for target-only stores): each tar sample holds ``block_rows``
   consecutive rows as ``logits.npy`` ``[b, C]``/``[b, K, C]``, ``labels.npy`` int64 ``[b]``,
   ``keys.npy`` unicode ``[b]`` and ``index.npy`` int64 ``[b]`` (global row numbers).
-  Measured here ~30-50x faster to read than one row per member.
+  Much faster to read than one row per member (``benchmarks/store.py`` compares the two).
 * ``sample``: one tar sample per row, ``__key__`` = the zero-padded row number, with
   ``logits.npy`` ``[C]``/``[K, C]``, ``label.cls`` (text int, -1 = unlabeled), ``key.txt`` and the
   inputs packed beside the targets (``input.png``, ``input.npy``, ...).

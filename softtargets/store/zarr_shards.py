@@ -7,9 +7,9 @@ written) and a crc32c of that index. For the codec chains softtargets creates --
 inner chunk ends with the crc32c of its bytes), index ``bytes`` + ``crc32c``, sharded along axis 0
 only -- :class:`ShardFormat` encodes whole shards byte for byte as zarr does (the writer's path) and
 decodes rows with numcodecs, one call per inner chunk they lie in (strings as Python ``str``, not
-numpy ``StringDType``); uncompressed chunks are *viewed* in place. zarr's own per-call overhead is
-~1 ms per inner chunk here (~3 ms of Python per array and shard to write), more than copying the
-chunk. Other chains get None: zarr does the work.
+numpy ``StringDType``); uncompressed chunks are *viewed* in place. zarr's own per-call overhead (per
+inner chunk to read, per array and shard to write) costs more than copying the chunk
+(``benchmarks/store.py`` measures reads and writes per layout). Other chains get None: zarr does the work.
 
 :func:`chunks_digest` fingerprints a shard file by its chunk checksums and index (the manifest's
 ``chunks_sha256``): a reader that matches it, then checks each chunk's crc32c as it first reads

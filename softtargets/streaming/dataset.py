@@ -311,7 +311,8 @@ class StreamLoader(DataLoader):
     """``DataLoader(stream, batch_size=None)`` that calls ``stream.mark(batch)`` before handing each batch out.
 
     Workers of a target-only stream send runs of batches as one shared-memory item, unbundled here:
-    one file-descriptor hand-over per run instead of one per tensor per batch (~1 ms each).
+    one file-descriptor hand-over per run instead of one per tensor per batch (each hand-over costs a
+    system call and a mapping; ``benchmarks/stream.py`` measures the stream with workers).
     """
 
     def __init__(self, dataset: TargetStream, **kwargs: Any):

@@ -5,7 +5,7 @@ rows are scattered straight into one tensor in their shuffled order, and every b
 slice of it. In a DataLoader worker that tensor is allocated in shared memory, so sending a
 batch to the main process moves a handle, not the bytes (the main process maps each window
 once). numpy does the copying, on rows viewed as 8-byte words: fancy indexing of float16 items,
-and ``torch.index_select``, are ~10x slower.
+and ``torch.index_select``, are slower (``benchmarks/stream.py`` measures the stream against a memory copy).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class Arranged:
 def _words(a: np.ndarray) -> np.ndarray:
     """Rows of ``a`` as ``[n, W]`` unsigned words of the widest size dividing a row's bytes.
 
-    numpy's fancy row copies run ~10x faster on 8-byte words than on float16 items.
+    numpy's fancy row copies move a row in fewer, wider items as 8-byte words than as float16 items.
     """
     flat = np.ascontiguousarray(a).reshape(a.shape[0], -1).view(np.uint8)
     width = next(w for w in (8, 4, 2, 1) if flat.shape[1] % w == 0)
