@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -20,9 +21,9 @@ _JSON_TYPES = {"integer": "an integer", "number": "a number", "string": "a strin
 
 def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The parsed TOML file at ``path``; a clear error naming the file when it is not valid TOML."""
-    try:
+    if sys.version_info >= (3, 11):
         import tomllib
-    except ModuleNotFoundError:  # Python 3.10
+    else:  # Python 3.10
         try:
             import tomli as tomllib
         except ModuleNotFoundError:
