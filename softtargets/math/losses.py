@@ -363,7 +363,6 @@ class DistillationLoss(nn.Module):
 
     def extra_repr(self) -> str:
         t = self.temperature
-        if callable(t):
-            t = getattr(t, "__name__", "schedule")
-        return (f"temperature={t}, alpha={self.alpha}, rule={self.rule!r}, form={self.form!r}, "
+        shown = getattr(t, "__name__", "schedule") if callable(t) else t
+        return (f"temperature={shown}, alpha={self.alpha}, rule={self.rule!r}, form={self.form!r}, "
                 f"step_count={self.step_count}")

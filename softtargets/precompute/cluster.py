@@ -34,7 +34,8 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from types import FrameType
+from typing import Any, TypeGuard
 
 __all__ = [
     "LOCAL_CLUSTER", "MAX_SHARDS_PER_TASK", "TaskFailure", "check_main_guard", "dask_client", "default_workers",
@@ -70,7 +71,7 @@ def resolve_scheduler(scheduler: Any = None) -> Any:
     return scheduler
 
 
-def _is_main_guard(node: ast.AST) -> bool:
+def _is_main_guard(node: ast.AST) -> TypeGuard[ast.If]:
     """``node`` is ``if __name__ == "__main__":`` (either operand order)."""
     if not (isinstance(node, ast.If) and isinstance(node.test, ast.Compare) and len(node.test.ops) == 1
             and isinstance(node.test.ops[0], ast.Eq)):
@@ -87,7 +88,7 @@ def _unguarded_main_line() -> tuple[str, int] | None:
     path = getattr(main, "__file__", None)
     if main is None or not path:
         return None
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None and not (frame.f_code.co_name == "<module>" and frame.f_globals is vars(main)):
         frame = frame.f_back
     if frame is None:

@@ -92,7 +92,7 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     return kwargs
 
 
-def _size(nbytes: int) -> str:
+def _size(nbytes: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if nbytes < 1024 or unit == "TiB":
             return f"{nbytes:.1f} {unit}" if unit != "B" else f"{nbytes} B"
