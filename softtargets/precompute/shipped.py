@@ -31,7 +31,7 @@ class _TensorBytesPickler(pickle.Pickler):
                 or obj.is_quantized or obj.requires_grad:
             return NotImplemented
         dense = obj.resolve_conj().resolve_neg().contiguous().reshape(-1)
-        return _tensor, (pickle.PickleBuffer(dense.view(torch.uint8).numpy()), obj.dtype, tuple(obj.shape))
+        return _tensor, (pickle.PickleBuffer(dense.view(torch.uint8).numpy().data), obj.dtype, tuple(obj.shape))
 
 
 def _tensor(raw: Any, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

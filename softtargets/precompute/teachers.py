@@ -111,7 +111,7 @@ def fingerprint(module: nn.Module) -> str:
         if isinstance(value, torch.Tensor):
             if value.is_meta:
                 raise ValueError(f"cannot fingerprint {key!r}: it is a meta tensor with no data")
-            payload: np.ndarray | bytes = _tensor_bytes(value)
+            payload: memoryview | bytes = _tensor_bytes(value).data
             header = f"{key}\0{value.dtype}\0{tuple(value.shape)}\0{len(payload)}\n"
         else:
             payload = repr(value).encode()

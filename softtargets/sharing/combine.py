@@ -209,6 +209,7 @@ def subset_store(
                  if max(lo, s.start) < min(hi, s.stop)}
         params: dict[str, Any] = {"range": [lo, hi]}
     else:
+        assert keys is not None  # exactly one of keys and row_range, checked above
         wanted = np.unique(str_array(list(keys)))
         picks = _find_keys(store, wanted, progress)
         digest = hashlib.sha256("\n".join(wanted.tolist()).encode()).hexdigest()

@@ -63,8 +63,9 @@ def rules_of(store: TargetStore) -> list[str]:
 def _log_probs(x: torch.Tensor, store: TargetStore, rule: str, temperature: float) -> torch.Tensor:
     """Ensemble log-probabilities ``[B, C]`` (float32) of stored logits ``x`` (float32) at T."""
     m = store.manifest
-    if m.content == "arithmetic":  # stored log mean_k softmax(v_k / T0), re-tempered as the reader does
-        return torch.log_softmax(x * (m.temperature / temperature), dim=-1)
+    t0 = m.temperature  # always recorded for an arithmetic store
+    if m.content == "arithmetic" and t0 is not None:  # stored log mean_k softmax(v_k / T0), re-tempered as read
+        return torch.log_softmax(x * (t0 / temperature), dim=-1)
     return ensemble_log_probs(x, temperature, rule, per_teacher=m.per_teacher)
 
 
@@ -75,7 +76,7 @@ class _Accumulator:
         m = store.manifest
         self.store, self.rules = store, rules_of(store)
         self.temperatures = sorted({float(t) for t in temperatures} | ({m.temperature} if m.temperature else set()))
-        self.conf_t = m.temperature if m.content == "arithmetic" else 1.0
+        self.conf_t = (m.temperature or 1.0) if m.content == "arithmetic" else 1.0
         self.edges = np.linspace(0.0, 1.0, bins + 1)
         k = m.num_teachers if m.per_teacher else 0
         self.rows = self.labeled = 0
@@ -112,7 +113,8 @@ class _Accumulator:
             self.teacher_entropy += (-(lp1.exp() * lp1).sum(-1)).double().sum(0).numpy()
             self.teacher_correct += (preds[has] == y[has, None]).sum(0).numpy()
             self.pairwise += (preds[:, :, None] == preds[:, None, :]).sum(0).numpy()
-            self.with_ensemble += (preds == first_pred[:, None]).sum(0).numpy()
+            if first_pred is not None:
+                self.with_ensemble += (preds == first_pred[:, None]).sum(0).numpy()
             self.all_agree += int((preds == preds[:, :1]).all(-1).sum())
 
     def result(self) -> dict[str, Any]:

@@ -97,7 +97,10 @@ class KeyChecker:
         h = hash_keys(keys)
         rec = np.empty(h.shape[0], dtype=RECORD)
         rec["hash"] = h
-        rec["row"] = np.arange(rows, rows + h.shape[0]) if np.isscalar(rows) else np.asarray(rows, dtype=np.int64)
+        if isinstance(rows, (int, np.integer)):
+            rec["row"] = np.arange(rows, rows + h.shape[0])
+        else:
+            rec["row"] = np.asarray(rows, dtype=np.int64)
         self._buffer.append(rec)
         self._buffered += rec.shape[0]
         self.rows += rec.shape[0]

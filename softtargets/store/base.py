@@ -776,6 +776,10 @@ class TargetStore(ABC):
         """Inputs packed beside the targets of row ``index`` (wds ``sample`` layout only)."""
         raise StoreError(f"{self.url}: this store holds no inputs")
 
+    def read_shard(self, shard_id: int) -> dict[str, Any]:
+        """The whole shard with the inputs packed beside its targets (wds ``sample`` layout only)."""
+        raise StoreError(f"{self.url}: this store holds no inputs")
+
     # -- access -----------------------------------------------------------------------------------
 
     def __len__(self) -> int:

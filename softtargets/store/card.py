@@ -251,7 +251,7 @@ targets at any temperature without running the teachers.
 - Content: **{m.content}**{t0}: {_MEANING[m.content]}.
 - Stored as {m.dtype}{bf16}; rows {"zero-meaned" if m.normalization == "zero_mean" else "as given"}
   (softmax is shift invariant); labels {"present (-1 = unlabeled)" if m.has_labels else "absent (all -1)"}.
-- Layout: **{m.layout}**{_SAMPLES.get(m.sample_layout, "")}, format version
+- Layout: **{m.layout}**{_SAMPLES.get(m.sample_layout or "", "")}, format version
   {m.format_version}; {len(m.shards)} shards of up to {m.shard_rows} rows, read in units of {m.block_rows} rows;
   {m.nbytes} bytes of data.{inputs}
 - Transfer set: {ts.get("name", "(not recorded)")} (fingerprint `{ts.get("fingerprint", "-")}`).

@@ -13,7 +13,9 @@ import numpy as np
 import torch
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-NUMPY_STORAGE = {"float32": np.dtype("float32"), "float16": np.dtype("float16"), "bfloat16": np.dtype("uint16")}
+NUMPY_STORAGE: dict[str, np.dtype[Any]] = {
+    "float32": np.dtype("float32"), "float16": np.dtype("float16"), "bfloat16": np.dtype("uint16"),
+}
 FLOAT16_MAX = 65504.0
 # Largest magnitude that survives the cast without becoming inf (round-to-nearest).
 DTYPE_MAX = {

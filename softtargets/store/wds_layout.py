@@ -52,7 +52,7 @@ def npy_bytes(arr: np.ndarray) -> bytes:
         raise ValueError("object arrays are not stored (a store is data, never pickles)")
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(arr))
-    return b"".join([header.getvalue(), memoryview(arr).cast("B") if arr.size else b""])
+    return b"".join([header.getvalue(), arr.data.cast("B") if arr.size else b""])
 
 
 def least_tar_bytes(m: Manifest, rows: int) -> int:

@@ -36,6 +36,8 @@ from zarr.codecs import (
     VLenUTF8Codec,
     ZstdCodec,
 )
+from zarr.core.chunk_grids import RegularChunkGrid
+from zarr.core.metadata import ArrayV3Metadata
 
 EMPTY_CHUNK = 2**64 - 1
 _CRC32C = numcodecs.CRC32C(location="end")
@@ -62,7 +64,10 @@ class ShardFormat:
     def of(cls, arr: zarr.Array) -> ShardFormat | None:
         """The format of ``arr``'s shards, or None where zarr must do the work (another codec chain,
         a big-endian machine, chunks or shards that split a row)."""
-        codecs = arr.metadata.codecs
+        meta = arr.metadata
+        if not isinstance(meta, ArrayV3Metadata) or not isinstance(meta.chunk_grid, RegularChunkGrid):
+            return None
+        codecs = meta.codecs
         if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec) or sys.byteorder != "little":
             return None
         sharding = codecs[0]
@@ -71,13 +76,13 @@ class ShardFormat:
             (BytesCodec, Endian.little), (Crc32cCodec, None)
         ]:
             return None
-        shard_shape, chunk_shape = arr.metadata.chunk_grid.chunk_shape, sharding.chunk_shape
+        shard_shape, chunk_shape = meta.chunk_grid.chunk_shape, sharding.chunk_shape
         if tuple(shard_shape[1:]) != tuple(arr.shape[1:]) or tuple(chunk_shape[1:]) != tuple(arr.shape[1:]):
             return None
         serializer, *compressors = sharding.codecs
         crc = bool(compressors) and isinstance(compressors[-1], Crc32cCodec)
-        compressors = compressors[:-1] if crc else compressors
-        if not all(isinstance(c, ZstdCodec) for c in compressors):
+        zstd_codecs = [c for c in (compressors[:-1] if crc else compressors) if isinstance(c, ZstdCodec)]
+        if len(zstd_codecs) != len(compressors) - crc:
             return None
         if isinstance(serializer, VLenUTF8Codec):
             dtype, strings = np.dtype(object), True
@@ -87,9 +92,9 @@ class ShardFormat:
             dtype, strings = np.dtype(arr.dtype), False
         else:
             return None
-        zstd = tuple(numcodecs.Zstd(level=c.level, checksum=c.checksum) for c in compressors)
+        zstd = tuple(numcodecs.Zstd(level=c.level, checksum=c.checksum) for c in zstd_codecs)
         return cls(chunk_shape[0], shard_shape[0] // chunk_shape[0], dtype, tuple(arr.shape[1:]), strings, zstd,
-                   arr.metadata.fill_value, crc)
+                   meta.fill_value, crc)
 
     def encode(self, shard_id: int, data: np.ndarray, array_rows: int) -> list[Any]:
         """The file of shard ``shard_id`` holding ``data`` (its rows) of an array of ``array_rows`` rows, byte
@@ -117,7 +122,7 @@ class ShardFormat:
         if self.strings:
             blob: Any = _VLEN_UTF8.encode(chunk.astype(object))
         else:
-            blob = memoryview(np.ascontiguousarray(chunk, dtype=chunk.dtype.newbyteorder("<"))).cast("B")
+            blob = np.ascontiguousarray(chunk, dtype=chunk.dtype.newbyteorder("<")).data.cast("B")
         for codec in self.zstd:
             blob = codec.encode(blob)
         return [blob, crc32c(blob)] if self.crc else [blob]
@@ -296,7 +301,7 @@ class ShardFileWriter:
             take = min(len(rows), self.fmt.chunk_rows - self._chunk_rows)
             piece, rows = rows[:take], rows[take:]
             if self._direct:
-                self._put(memoryview(np.ascontiguousarray(piece, piece.dtype.newbyteorder("<"))).cast("B"))
+                self._put(np.ascontiguousarray(piece, piece.dtype.newbyteorder("<")).data.cast("B"))
             else:
                 self._pending.append(piece.copy())
             self._chunk_rows += take
@@ -318,7 +323,8 @@ class ShardFileWriter:
         if self._direct:
             short = self.fmt.chunk_rows - self._chunk_rows  # the array's last inner chunk: padded
             if short:
-                self._put(memoryview(self.fmt.padding(short, self.fmt.dtype.newbyteorder("<"))).cast("B"))
+                pad = np.ascontiguousarray(self.fmt.padding(short, self.fmt.dtype.newbyteorder("<")))
+                self._put(pad.data.cast("B"))
             self.sizes.append(self._chunk_bytes)
             if self.fmt.crc:
                 trailer = int(self._crc).to_bytes(4, "little")

@@ -181,6 +181,6 @@ class DatasetJoin:
             items = fetch(self.dataset, positions)
             out = {"input": default_collate([first_item(it) for it in items])}
             given = item_labels(items) if self.check and labels is not None else None
-        if given is not None:
+        if given is not None and labels is not None:
             check_labels(labels.numpy(), given, lambda at: [keys[i] for i in at.tolist()], self.where)
         return out

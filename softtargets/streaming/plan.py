@@ -208,9 +208,9 @@ class EpochPlan:
         if isinstance(batch, (int, np.integer)):  # once per batch handed out: plain arithmetic
             b = int(batch)
             return bisect.bisect_right(ramp, b) - 1 if b < ramp[-1] else len(ramp) - 1 + (b - ramp[-1]) // full
-        b = np.asarray(batch, dtype=np.int64)
-        return np.where(b < ramp[-1], np.searchsorted(ramp, b, side="right") - 1,
-                        len(ramp) - 1 + (b - ramp[-1]) // full)
+        bs = np.asarray(batch, dtype=np.int64)
+        return np.where(bs < ramp[-1], np.searchsorted(ramp, bs, side="right") - 1,
+                        len(ramp) - 1 + (bs - ramp[-1]) // full)
 
     def window_range(self, k: int) -> tuple[int, int]:
         """Rank positions ``[lo, hi)`` of window ``k``."""
