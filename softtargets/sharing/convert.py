@@ -81,7 +81,7 @@ class ShardSink:
 
     def _flush(self, rows: int) -> None:
         keys, stored, labels = (np.concatenate([p[i] for p in self._parts]) for i in range(3))
-        inputs = None if self._parts[0][3] is None else [x for p in self._parts for x in p[3]]
+        inputs = None if self._parts[0][3] is None else [x for p in self._parts for x in (p[3] or [])]
         self.writer.write_shard(self.next_shard, keys[:rows], stored[:rows], labels[:rows],
                                 None if inputs is None else inputs[:rows], encoded=True)
         rest = len(keys) - rows
@@ -179,7 +179,7 @@ def plan_layout(
             shard_rows, block_rows = m.shard_rows, 1
         elif not was_sample:
             shard_rows, block_rows = m.shard_rows, m.block_rows
-    elif block_rows is None and not (layout == "wds" and sample == "sample"):
+    elif block_rows is None and shard_rows is not None and not (layout == "wds" and sample == "sample"):
         block_rows = math.gcd(int(shard_rows), m.block_rows if not was_sample else int(shard_rows))
     if compressor is None:
         compressor = m.extra.get("compressor", "none") if m.layout == "zarr" else "none"

@@ -97,6 +97,8 @@ class _Checker:
     def __init__(self, url: str, fs: fsspec.AbstractFileSystem, root: str, m: Manifest, report: VerifyReport):
         self.url, self.fs, self.root, self.m, self.report = url, fs, root, m, report
         # Every file in the store (None where the filesystem cannot list) and, locally, its symbolic links.
+        self.sizes: dict[str, int] | None
+        self.links: set[str] | None
         self.sizes, self.links = local_tree(fs._strip_protocol(root)) if is_local(fs) else (list_sizes(fs, root), None)
 
     def shard_files(self, rec: ShardRecord) -> list[str] | None:
@@ -239,6 +241,10 @@ class _ZarrChecker(_Checker):
                 self.problem(rel, f"cannot open array {name!r} ({type(e).__name__}: {e})")
                 self.arrays = None
                 continue
+            if not isinstance(arr, zarr.Array):
+                self.problem(rel, f"{name!r} is a group, not an array")
+                self.arrays = None
+                continue
             self.opened[name] = arr
             found = []
             if tuple(arr.shape) != tuple(shape):
@@ -309,6 +315,7 @@ class _ZarrChecker(_Checker):
         return keys
 
     def read_keys(self, rec: ShardRecord) -> np.ndarray:
+        assert self.arrays is not None  # shards are read only once the arrays opened
         return str_array(self.arrays["keys"][rec.start:rec.stop])
 
 
@@ -345,9 +352,10 @@ class _WdsChecker(_Checker):
         try:
             with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
                 for info in tar:
-                    if info.isfile():
+                    member = tar.extractfile(info) if info.isfile() else None
+                    if member is not None:
                         key, _, ext = info.name.partition(".")
-                        samples.setdefault(key, {})[ext] = tar.extractfile(info).read()
+                        samples.setdefault(key, {})[ext] = member.read()
         except (tarfile.TarError, EOFError, OSError) as e:
             found.append(f"not a readable tar ({e})")
             return None

@@ -21,6 +21,7 @@ Progress and resumption: see :meth:`TargetStream.state_dict`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -256,15 +257,15 @@ class TargetStream(IterableDataset):
                 # This epoch's last window is being handed out: read the next epoch's first meanwhile.
                 self._early = (following.epoch, after[1], in_background(arrange, after))
             if bundle:
-                for run in np.split(group, np.flatnonzero(np.diff(group) != 1) + 1):
-                    yield self._bundle(plan, arranged, run)
+                for span in np.split(group, np.flatnonzero(np.diff(group) != 1) + 1):
+                    yield self._bundle(plan, arranged, span)
                 continue
             if not self.has_extras:
                 yield from (self._batch(plan, arranged, j) for j in group.tolist())
                 continue
             cheap = self.join is not None and self.join.cheap
             for _, batch in (in_order if cheap else run)(  # inputs too
-                    group.tolist(), lambda j, arranged=arranged: self._batch(plan, arranged, j)):
+                    group.tolist(), functools.partial(self._batch, plan, arranged)):
                 yield batch
 
     @staticmethod
