@@ -1,4 +1,5 @@
-"""Small real stores and real corruptions for the sharing tests (inspect, verify, convert, remote)."""
+"""Small real stores and real corruptions for the sharing tests (inspect, verify, convert, remote), and the
+command line run in this process."""
 
 from __future__ import annotations
 
@@ -8,14 +9,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 import softtargets as st
+from softtargets.cli import main
+
+from .store_data import bits as bits  # re-exported: the sharing tests import them from here
+from .store_data import softmax as softmax
+from .store_data import store_path
 
 C, K, N = 10, 3, 150
-SUFFIX = {"zarr": "zarr", "wds": "wds"}
-BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 
 def teachers(k: int = K, tag: str = "") -> list[dict[str, Any]]:
@@ -51,7 +54,7 @@ def make_store(
     with_labels: bool = True, teacher_tag: str = "", transfer_set: dict | None = None,
 ) -> Path:
     """Write a store of ``n`` rows (keys ``img/000000.jpg``...) through the public writer; returns its path."""
-    path = root / f"{name}.{SUFFIX[layout]}"
+    path = store_path(root, layout, name)
     x = teacher_logits(n, k, c, seed)
     if content != "per_teacher":
         x = st.reduce_teachers(x, content, temperature or 1.0)
@@ -67,11 +70,6 @@ def make_store(
                      None if y is None else y[lo:lo + 50])
     writer.close()
     return path
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The raw bits of a float tensor, for bitwise comparison."""
-    return t.contiguous().view(BITS[t.dtype])
 
 
 def data_file(path: Path, shard_id: int, part: str = "logits") -> Path:
@@ -128,8 +126,9 @@ def assert_same_rows(a: dict[str, Any], b: dict[str, Any]) -> None:
     assert torch.equal(bits(a["logits"]), bits(b["logits"]))
 
 
-def softmax(z: np.ndarray, t: float = 1.0) -> np.ndarray:
-    """float64 softmax over the last axis at temperature ``t`` (reference, without softtargets)."""
-    z = np.asarray(z, dtype=np.float64) / t
-    e = np.exp(z - z.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+def run_cli(argv: list[Any], capsys: Any) -> tuple[int, str, str]:
+    """``softtargets ARGV`` in this process: ``(exit status, stdout, stderr)``."""
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err

@@ -34,8 +34,13 @@ def keys(n: int, start: int = 0) -> list[str]:
     return [f"sample-{i:05d}" for i in range(start, start + n)]
 
 
+def suffix(layout: str) -> str:
+    """The folder suffix of a store of ``layout``: ``zarr`` or ``wds``."""
+    return "zarr" if layout == "zarr" else "wds"
+
+
 def store_path(root: Path, layout: str, name: str = "t") -> Path:
-    return root / f"{name}.{'zarr' if layout == 'zarr' else 'wds'}"
+    return root / f"{name}.{suffix(layout)}"
 
 
 def write_store(
@@ -58,15 +63,38 @@ def write_store(
     return writer.close()
 
 
+def linear_teachers(
+    n: int, d: int, c: int, k: int = 2, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x [n, d], w [d, c], logits [n, k, c])``: inputs, a linear map, and K teachers = the map + noise."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    w = torch.randn(d, c, generator=g) * 2
+    return x, w, torch.stack([x @ w + 0.3 * torch.randn(n, c, generator=g) for _ in range(k)], dim=1)
+
+
+def write_packed(path: Path, x: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, *,
+                 shard_rows: int = 128) -> Path:
+    """A wds ``sample`` store of float16 ``logits`` ``[N, K, C]`` with each row's input ``x[i]`` (float32
+    ``[D]``) packed beside it as ``input.npy``; keys ``r0``, ``r1``, ..."""
+    n, d = x.shape
+    writer = st.create_targets(path, num_classes=logits.shape[-1], num_teachers=logits.shape[1], layout="wds",
+                               sample_layout="sample", dtype="float16", shard_rows=shard_rows,
+                               inputs={"input.npy": f"float32 [{d}]"})
+    writer.write([f"r{i}" for i in range(n)], logits, labels, inputs=[{"input.npy": r.numpy()} for r in x])
+    writer.close()
+    return path
+
+
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The raw bits of a float tensor (bitwise comparison; tells -0.0 from 0.0)."""
     return t.contiguous().view(BITS[t.dtype])
 
 
-def softmax(z: np.ndarray) -> np.ndarray:
-    """float64 softmax over the last axis."""
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
+def softmax(z: np.ndarray, t: float = 1.0) -> np.ndarray:
+    """float64 softmax over the last axis at temperature ``t`` (reference, without softtargets)."""
+    z = np.asarray(z, dtype=np.float64) / t
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
 
 

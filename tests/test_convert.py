@@ -9,20 +9,19 @@ import pytest
 import torch
 
 import softtargets as st
-from softtargets.cli import main
 from softtargets.sharing.combine import merge_stores, subset_store
 from softtargets.sharing.convert import convert_store
 from softtargets.sharing.verify import verify_store
 
-from .sharing import all_rows, assert_same_rows, bits, make_store, sample_keys
+from .sharing import all_rows, assert_same_rows, bits, make_store, run_cli, sample_keys
 
 OTHER = {"zarr": "wds", "wds": "zarr"}
 
 
 def cli(capsys, *args):
-    rc = main([*map(str, args), "--no-progress"])
-    out = capsys.readouterr()
-    return rc, out.out + out.err
+    """``softtargets ARGS --no-progress``: ``(exit status, stdout and stderr together)``."""
+    rc, out, err = run_cli([*args, "--no-progress"], capsys)
+    return rc, out + err
 
 
 def manifest_sha(path):

@@ -15,8 +15,7 @@ from softtargets.sharing.verify import verify_store
 
 from .http_server import serve_directory
 from .sharing import all_rows, assert_same_rows, data_file, flip_byte, make_store, tree_state
-
-LAYOUTS = ("zarr", "wds")
+from .store_data import LAYOUTS
 
 
 @pytest.fixture(scope="module")

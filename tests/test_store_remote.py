@@ -11,13 +11,9 @@ import torch
 
 import softtargets as st
 from tests.http_server import serve_directory
-from tests.store_data import LAYOUTS, bits, flip_data_byte, keys, store_path, teacher_logits, write_store
+from tests.store_data import LAYOUTS, bits, flip_data_byte, keys, store_path, suffix, teacher_logits, write_store
 
 N = 40
-
-
-def _suffix(layout: str) -> str:
-    return "zarr" if layout == "zarr" else "wds"
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +39,7 @@ def _assert_same(remote: st.TargetStore, local: st.TargetStore) -> None:
 @pytest.mark.parametrize("verify", ["lazy", "full"])
 def test_http_reads_equal_local(served, layout, verify):
     base, _, local = served
-    url = f"{base}/t.{_suffix(layout)}"
+    url = f"{base}/t.{suffix(layout)}"
     remote = st.open_targets(url, verify=verify)
     assert remote.manifest.to_dict() == local[layout].manifest.to_dict()
     _assert_same(remote, local[layout])
@@ -68,7 +64,7 @@ def test_http_lazy_finds_a_missing_shard_on_first_read(tmp_path, layout):
     rel = m.shards[1].files[0].path
     (root / rel).unlink()
     with serve_directory(tmp_path) as base:
-        url = f"{base}/t.{_suffix(layout)}"
+        url = f"{base}/t.{suffix(layout)}"
         with pytest.raises(st.StoreError, match="missing") as e:
             st.open_targets(url, verify="full")
         assert f"{url}/{rel}" in str(e.value)
@@ -86,7 +82,7 @@ def test_http_lazy_finds_a_corrupt_shard_on_first_read(tmp_path, layout):
     rel = m.shards[2].files[0].path
     flip_data_byte(root / rel)
     with serve_directory(tmp_path) as base:
-        url = f"{base}/t.{_suffix(layout)}"
+        url = f"{base}/t.{suffix(layout)}"
         store = st.open_targets(url, verify="lazy")
         assert len(store[0:32]["key"]) == 32
         with pytest.raises(st.ChecksumError, match="sha256") as e:
@@ -96,7 +92,7 @@ def test_http_lazy_finds_a_corrupt_shard_on_first_read(tmp_path, layout):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_memory_url_write_and_read(layout):
-    url = f"memory://softtargets-test-{uuid.uuid4().hex}/t.{_suffix(layout)}"
+    url = f"memory://softtargets-test-{uuid.uuid4().hex}/t.{suffix(layout)}"
     x = teacher_logits(N, seed=12)
     fs = fsspec.filesystem("memory")
     try:

@@ -17,9 +17,9 @@ from torch.utils.data import DataLoader
 import softtargets as st
 from softtargets.streaming import stream
 from softtargets.streaming.plan import EpochPlan, SplitConfig, Units
+from tests.store_data import LAYOUTS
 
 N, C, K = 300, 10, 2
-LAYOUTS = ("zarr", "wds")
 
 
 def make_store(path: Path, layout: str, *, per_teacher: bool = True, dtype: str = "float16") -> Path:

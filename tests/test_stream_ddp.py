@@ -26,12 +26,11 @@ from torch.multiprocessing.spawn import ProcessException
 
 import softtargets as st
 from softtargets.streaming import stream
-from tests.store_data import keys, store_path, write_store
+from tests.store_data import LAYOUTS, keys, store_path, write_store
 
 C, WORLD, BATCH = 10, 2, 16
 ODD_N = 301  # the remainder policy matters
 EXACT_N = 320  # = WORLD * BATCH * 10: no padding, nothing dropped
-LAYOUTS = ("zarr", "wds")
 WATCHDOG_S, LOADER_TIMEOUT_S, GLOO_TIMEOUT_S = 20, 30, 60  # a stuck rank reports, then raises, before gloo
 
 

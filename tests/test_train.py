@@ -13,6 +13,7 @@ from torch import nn
 import softtargets as st
 from softtargets.cli import main
 from softtargets.streaming.train import TrainConfig, train
+from tests.store_data import linear_teachers, write_packed
 
 N, D, C = 256, 8, 5
 EXAMPLE = Path(__file__).resolve().parents[1] / "pipelines" / "train_example"
@@ -35,18 +36,10 @@ class FlakyLinear(nn.Linear):
 @pytest.fixture(scope="module")
 def packed_store(tmp_path_factory) -> Path:
     """wds store, inputs packed: x [8] float32; 2 teachers = a linear map + noise; half the rows labelled."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(N, D, generator=g)
-    w = torch.randn(D, C, generator=g) * 2
-    logits = torch.stack([x @ w + 0.3 * torch.randn(N, C, generator=g) for _ in range(2)], dim=1)
+    x, w, logits = linear_teachers(N, D, C)
     labels = (x @ w).argmax(dim=1)
     labels[::2] = -1
-    path = tmp_path_factory.mktemp("train") / "t.wds"
-    writer = st.create_targets(path, num_classes=C, num_teachers=2, layout="wds", sample_layout="sample",
-                               dtype="float16", shard_rows=128, inputs={"input.npy": "float32 [8]"})
-    writer.write([f"r{i}" for i in range(N)], logits, labels, inputs=[{"input.npy": r.numpy()} for r in x])
-    writer.close()
-    return path
+    return write_packed(tmp_path_factory.mktemp("train") / "t.wds", x, logits, labels)
 
 
 def config(store: Path, out: Path, **kw) -> TrainConfig:

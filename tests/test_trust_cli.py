@@ -20,19 +20,12 @@ from torch.utils.data import Dataset
 import softtargets as st
 from softtargets.cli import main
 from softtargets.precompute.teachers import TeacherLoadError, fingerprint, load_teachers
-from tests.sharing import data_file, flip_byte, make_store
+from tests.sharing import data_file, flip_byte, make_store, run_cli
+from tests.store_data import write_packed
 from tests.teacher_zoo import mlp
 from tests.test_precompute_config import D, N, write_config
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """``softtargets ARGV`` in this process: ``(exit status, stdout, the one stderr line)``."""
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def assert_one_line_error(rc: int, err: str, *words: str) -> str:
@@ -86,13 +79,7 @@ def packed_store(root: Path, n: int = 64, d: int = 8, c: int = 5) -> Path:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, d, generator=g)
     logits = torch.randn(n, 2, c, generator=g)
-    path = root / "packed.wds"
-    writer = st.create_targets(path, num_classes=c, num_teachers=2, layout="wds", sample_layout="sample",
-                               dtype="float16", shard_rows=32, inputs={"input.npy": f"float32 [{d}]"})
-    writer.write([f"r{i}" for i in range(n)], logits, torch.arange(n) % c,
-                 inputs=[{"input.npy": r.numpy()} for r in x])
-    writer.close()
-    return path
+    return write_packed(root / "packed.wds", x, logits, torch.arange(n) % c, shard_rows=32)
 
 
 def train_config(root: Path, store: Path, in_features: int = 8, extra_data: str = "", extra_train: str = "") -> Path:

@@ -13,12 +13,11 @@ from typing import Any
 import pytest
 
 import softtargets as st
-from softtargets.cli import main
 from softtargets.sharing.verify import verify_store
 
 from .sharing import data_file, make_store
+from .store_data import LAYOUTS
 
-LAYOUTS = ("zarr", "wds")
 N = 64  # two shards of 32 rows, inner chunks / blocks of 8
 
 
@@ -74,15 +73,10 @@ def rehash(store: Path, rel_path: str) -> None:
     edit(store, change)
 
 
-def run_verify(capsys, store: Path) -> tuple[int, str]:
-    rc = main(["verify", "--no-progress", str(store)])
-    return rc, capsys.readouterr().out
-
-
 # -- item 4: the manifest's path is the path read ------------------------------------------------------------
 
 
-def test_manifest_pointing_at_an_untouched_copy_is_refused(sound, other, tmp_path, capsys):
+def test_manifest_pointing_at_an_untouched_copy_is_refused(sound, other, tmp_path, cli):
     """Shard 0's file kept as an untouched copy the manifest points at; the file readers read replaced by other
     (valid, same-sized) data. Refused at open naming both paths; verify names the file and exits 1."""
     bad = copy(sound, tmp_path)
@@ -95,7 +89,7 @@ def test_manifest_pointing_at_an_untouched_copy_is_refused(sound, other, tmp_pat
     with pytest.raises(st.StoreError, match="shard 0 lists files") as e:
         st.open_targets(bad)
     assert kept in str(e.value) and real in str(e.value)
-    rc, out = run_verify(capsys, bad)
+    rc, out, _ = cli("verify", "--no-progress", bad)
     assert rc == 1 and f"BAD {bad}/{kept}: shard 0: listed where this layout reads '{real}'" in out, out
 
 
@@ -130,7 +124,7 @@ def test_paths_out_of_the_store_refused_by_reader(sound, tmp_path, kind):
     assert repr(path) in str(e.value) and why in str(e.value) and "shard 0" in str(e.value)
 
 
-def test_verify_refuses_paths_out_of_the_store_unread(sound, tmp_path, capsys):
+def test_verify_refuses_paths_out_of_the_store_unread(sound, tmp_path, cli):
     """Two shards list paths out of the store: ``../outside.bin`` (a sound copy of the shard file, which the old
     verify read and passed) and an absolute path: both named, neither read, exit 1."""
     bad = copy(sound, tmp_path)
@@ -139,7 +133,7 @@ def test_verify_refuses_paths_out_of_the_store_unread(sound, tmp_path, capsys):
     secret = tmp_path / "secret.txt"
     secret.write_text("not for verify\n")
     set_path(bad, 1, rel(bad, 1), str(secret))
-    rc, out = run_verify(capsys, bad)
+    rc, out, _ = cli("verify", "--no-progress", bad)
     assert rc == 1, out
     assert f"BAD {bad}/../outside.bin: shard 0: the path leaves the store (a '..' component); refused, not read" \
         in out, out
@@ -165,7 +159,7 @@ def _link_out(bad: Path, tmp_path: Path) -> str:
     return link
 
 
-def test_link_out_of_the_store_refused(sound, tmp_path, capsys):
+def test_link_out_of_the_store_refused(sound, tmp_path, cli):
     """A symbolic link (to a file, or to a folder above it) leading out of the store: refused by the reader at
     open and by verify, though the bytes behind it are the right ones."""
     bad = copy(sound, tmp_path / "in")
@@ -173,11 +167,11 @@ def test_link_out_of_the_store_refused(sound, tmp_path, capsys):
     with pytest.raises(st.StoreError, match="a link out of the store") as e:
         st.open_targets(bad, verify="none")
     assert f"{bad}/{rel(bad, 1)}" in str(e.value)
-    rc, out = run_verify(capsys, bad)
+    rc, out, _ = cli("verify", "--no-progress", bad)
     assert rc == 1 and f"BAD {bad}/{rel(bad, 1)}: shard 1: the path is a link out of the store" in out, (link, out)
 
 
-def test_link_inside_the_store_is_read(sound, tmp_path, capsys):
+def test_link_inside_the_store_is_read(sound, tmp_path, cli):
     """A link that stays inside the store (the shard file moved to a subfolder, linked from its place) is read."""
     bad = copy(sound, tmp_path)
     real = rel(bad, 1)
@@ -186,17 +180,17 @@ def test_link_inside_the_store_is_read(sound, tmp_path, capsys):
     os.symlink(bad / "moved" / "file", bad / real)
     store = st.open_targets(bad, verify="full")
     assert store[40]["key"] == "img/000040.jpg"
-    rc, out = run_verify(capsys, bad)
+    rc, out, _ = cli("verify", "--no-progress", bad)
     assert rc == 0, out
 
 
-def test_manifest_link_out_of_the_store_refused(sound, tmp_path, capsys):
+def test_manifest_link_out_of_the_store_refused(sound, tmp_path, cli):
     bad = copy(sound, tmp_path / "in")
     shutil.move(bad / "manifest.json", tmp_path / "manifest.json")
     os.symlink(tmp_path / "manifest.json", bad / "manifest.json")
     with pytest.raises(st.ManifestError, match="a link out of the store"):
         st.open_targets(bad)
-    rc, out = run_verify(capsys, bad)
+    rc, out, _ = cli("verify", "--no-progress", bad)
     assert rc == 1 and f"BAD {bad}/manifest.json: a link out of the store" in out, out
 
 
@@ -208,7 +202,7 @@ def zarr_store(tmp_path) -> Path:
     return make_store(tmp_path, "zarr", n=N)
 
 
-def test_zarr_full_refuses_a_flipped_bit_behind_a_rehashed_sha256(zarr_store, capsys):
+def test_zarr_full_refuses_a_flipped_bit_behind_a_rehashed_sha256(zarr_store, cli):
     """A flipped bit in shard 1's logits, the file's sha256 recomputed in the manifest: its inner chunk's crc32c
     fails. ``lazy`` refuses the rows on read; ``full`` refuses at open; verify exits 1."""
     logits = rel(zarr_store, 1)
@@ -221,7 +215,7 @@ def test_zarr_full_refuses_a_flipped_bit_behind_a_rehashed_sha256(zarr_store, ca
         store[33]
     with pytest.raises(st.ChecksumError, match=rf"{logits}: inner chunk 0 \(rows 0-7 of shard 1\)"):
         st.open_targets(zarr_store, verify="full")
-    rc, out = run_verify(capsys, zarr_store)
+    rc, out, _ = cli("verify", "--no-progress", zarr_store)
     assert rc == 1 and f"{logits}" in out, out
 
 
@@ -322,12 +316,12 @@ def test_zarr_array_metadata_checked_against_the_manifest(tmp_path, array, chang
         st.open_targets(store_dir, verify="none")
 
 
-def test_zarr_metadata_link_out_of_the_store_refused(tmp_path, capsys):
+def test_zarr_metadata_link_out_of_the_store_refused(tmp_path, cli):
     """An array's zarr.json replaced by a link to a copy outside the store: refused before zarr reads it."""
     store_dir = make_store(tmp_path / "in", "zarr", n=N)
     shutil.move(store_dir / "logits" / "zarr.json", tmp_path / "zarr.json")
     os.symlink(tmp_path / "zarr.json", store_dir / "logits" / "zarr.json")
     with pytest.raises(st.StoreError, match=f"{store_dir}/logits/zarr.json: a link out of the store"):
         st.open_targets(store_dir)
-    rc, out = run_verify(capsys, store_dir)
+    rc, out, _ = cli("verify", "--no-progress", store_dir)
     assert rc == 1 and f"BAD {store_dir}/logits/zarr.json: a link out of the store" in out, out

@@ -12,6 +12,7 @@ from torch import nn
 
 import softtargets as st
 from softtargets.cli import main
+from tests.store_data import linear_teachers, write_packed
 from tests.teacher_zoo import mlp
 from tests.test_precompute_config import write_config
 
@@ -38,17 +39,8 @@ def tripwire_mlp(in_features: int, num_classes: int, hidden: int = 16) -> nn.Mod
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     """wds store of N rows, inputs packed (x [8] float32), 2 teachers = a linear map + noise."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(N, D, generator=g)
-    w = torch.randn(D, C, generator=g) * 2
-    logits = torch.stack([x @ w + 0.3 * torch.randn(N, C, generator=g) for _ in range(2)], dim=1)
-    path = tmp_path_factory.mktemp("trust_train") / "t.wds"
-    writer = st.create_targets(path, num_classes=C, num_teachers=2, layout="wds", sample_layout="sample",
-                               dtype="float16", shard_rows=128, inputs={"input.npy": "float32 [8]"})
-    inputs = [{"input.npy": r.numpy()} for r in x]
-    writer.write([f"r{i}" for i in range(N)], logits, (x @ w).argmax(dim=1), inputs=inputs)
-    writer.close()
-    return path
+    x, w, logits = linear_teachers(N, D, C)
+    return write_packed(tmp_path_factory.mktemp("trust_train") / "t.wds", x, logits, (x @ w).argmax(dim=1))
 
 
 def write_train_config(tmp_path: Path, store: Path, epochs: int = 2) -> Path:
