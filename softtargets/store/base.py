@@ -909,9 +909,10 @@ class TargetStore(ABC):
         m = self.manifest
         check_rule(m, temperature, rule, approximate)
         logits = self.take(indices)["logits"].to(torch.float64)
-        if m.content == "arithmetic":
+        t0 = m.temperature  # always recorded for an arithmetic store
+        if m.content == "arithmetic" and t0 is not None:
             # Stored: log mean_k softmax(v_k / T0). Re-tempered as if they were logits at T=1 x T0.
-            out = torch.log_softmax(logits * (m.temperature / float(temperature)), dim=-1)
+            out = torch.log_softmax(logits * (t0 / float(temperature)), dim=-1)
         else:
             out = ensemble_log_probs(logits, temperature, rule, per_teacher=m.per_teacher)
         return out.to(dtype)
@@ -944,13 +945,14 @@ def check_rule(m: Manifest, temperature: float, rule: str, approximate: bool = F
             "this store holds geometric-mean logits; arithmetic-mean targets need per-teacher logits "
             "(or an arithmetic store) and cannot be derived from it"
         )
-    if m.content == "arithmetic":
+    t0 = m.temperature  # always recorded for an arithmetic store
+    if m.content == "arithmetic" and t0 is not None:
         if rule == "geometric":
             raise ValueError(
-                f"this store holds arithmetic-mean log-probabilities at T0={m.temperature}; geometric targets "
+                f"this store holds arithmetic-mean log-probabilities at T0={t0}; geometric targets "
                 "need per-teacher or geometric-mean logits and cannot be derived from it"
             )
-        if abs(float(temperature) - m.temperature) > 1e-12 * m.temperature and not approximate:
+        if abs(float(temperature) - t0) > 1e-12 * t0 and not approximate:
             raise ValueError(
                 f"this store holds arithmetic targets exact only at T0={m.temperature}; T={temperature} would be "
                 "an approximation (re-tempering errs by 1e-3 to 1e-1 nats, most at low T): pass approximate=True "

@@ -152,7 +152,8 @@ class _TarStream(ShardStream):
     def _flush(self) -> None:
         """Write the held rows as one tar sample (``sample`` layout: one row)."""
         labels, keys = (np.concatenate(p) for p in list(zip(*self.held, strict=True))[:2])
-        inputs = None if self.held[0][2] is None else [x for part in self.held for x in part[2]]
+        inputs = None if self.held[0][2] is None else [x for part in self.held for x in (part[2] or [])]
+        assert self.held_logits is not None  # allocated by the first _write, which holds the rows flushed here
         for sample in self.writer._samples(self.start + self.written, keys, self.held_logits[:self.held_rows],
                                            labels, inputs):
             self.sink.write(sample)
@@ -197,10 +198,11 @@ class WdsWriter(TargetWriter):
         data = self.fs.cat_file(join(self.root, shard_name(shard_id)))
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for info in tar:
-                if info.name.endswith(".keys.npy"):
-                    keys += npy_load(tar.extractfile(info).read()).tolist()
-                elif info.name.endswith(".key.txt"):
-                    keys.append(tar.extractfile(info).read().decode())
+                member = tar.extractfile(info)
+                if member is not None and info.name.endswith(".keys.npy"):
+                    keys += npy_load(member.read()).tolist()
+                elif member is not None and info.name.endswith(".key.txt"):
+                    keys.append(member.read().decode())
         return keys
 
     def _write_shard_files(
@@ -239,9 +241,10 @@ class WdsWriter(TargetWriter):
                 "label.cls": str(int(labels[i])).encode(),
                 "key.txt": str(keys[i]).encode(),
             }
+            allowed = self.spec.inputs or {}
             for ext, value in (inputs[i] if inputs is not None else {}).items():
-                if ext not in self.spec.inputs:
-                    raise ValueError(f"input member {ext!r} is not among the store's inputs {list(self.spec.inputs)}")
+                if ext not in allowed:
+                    raise ValueError(f"input member {ext!r} is not among the store's inputs {list(allowed)}")
                 sample[ext] = _input_bytes(ext, value)
             yield sample
 
@@ -270,6 +273,7 @@ class WdsStore(TargetStore):
             return cached
         rel = shard_name(shard_id)
         path = join(self.root, rel)
+        source: dict[str, Any]
         try:
             if is_local(self.fs):  # mapped; tarfile reads the headers from the file
                 data, source = self._maps(path), {"name": path}
