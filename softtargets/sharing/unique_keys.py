@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -127,7 +127,7 @@ class KeyChecker:
             with open(os.path.join(self._dir.name, f"{int(part[first]):06d}.bin"), "ab") as f:
                 chunk.tofile(f)
 
-    def _partitions(self):
+    def _partitions(self) -> Iterator[np.ndarray]:
         if self._dir is None:  # everything fitted in the buffer
             if self._buffer:
                 yield np.concatenate(self._buffer)

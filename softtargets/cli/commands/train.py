@@ -50,10 +50,13 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...text import plural
 from ..config import read_toml, resolve_path, validate_config
+
+if TYPE_CHECKING:
+    from ...streaming.train import TrainConfig
 
 SECTIONS: dict[str, dict[str, str]] = {
     # section -> {toml key: TrainConfig field}
@@ -69,7 +72,7 @@ SECTIONS: dict[str, dict[str, str]] = {
 REQUIRED = {("student", "factory"), ("data", "store")}
 
 
-def load_config(path: str | os.PathLike[str], **overrides: Any):
+def load_config(path: str | os.PathLike[str], **overrides: Any) -> TrainConfig:
     """A :class:`softtargets.streaming.train.TrainConfig` from a TOML file; ``overrides`` (not None) replace fields."""
     from ...streaming.train import TrainConfig
 
