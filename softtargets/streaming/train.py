@@ -145,8 +145,8 @@ def _atomic_json(obj: Any, path: Path) -> None:
 def build_stream(cfg: TrainConfig) -> TargetStream:
     """The training stream: packed inputs, or the joined dataset's items as ``input``."""
     store = open_targets(cfg.store)
-    common = dict(batch_size=cfg.batch_size, seed=cfg.seed, buffer_size=cfg.buffer_size)
-    if cfg.inputs == "packed":
+    common: dict[str, Any] = dict(batch_size=cfg.batch_size, seed=cfg.seed, buffer_size=cfg.buffer_size)
+    if cfg.inputs == "packed" or cfg.dataset is None:  # TrainConfig requires a dataset for inputs = 'dataset'
         if not store.manifest.inputs:
             raise ValueError(
                 f"{cfg.store} packs no inputs; set inputs = 'dataset' and a dataset factory to join"
