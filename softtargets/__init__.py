@@ -6,6 +6,7 @@ training, where the student's loss applies any temperature and ensemble rule.
 """
 
 from ._version import __version__
+from .errors import JoinMismatchError, SofttargetsError
 from .math.losses import DistillationLoss, distillation_loss, kd_loss, logit_matching_loss
 from .math.temperature import (
     arithmetic_log_probs,
@@ -40,7 +41,9 @@ __all__ = [
     "DistillationLoss",
     "Manifest",
     "NonFiniteError",
+    "JoinMismatchError",
     "ManifestError",
+    "SofttargetsError",
     "StoreError",
     "StreamLoader",
     "TargetJoin",

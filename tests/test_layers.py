@@ -18,6 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "softtargets"
 # ones below it; the three parts at rank 3 may not import each other.
 LAYERS: dict[str, int] = {
     "_version": 0, "forksafe": 0, "background": 0, "text": 0, "importing": 0,  # helpers shared by every layer
+    "errors": 0, "choices": 0,
     "math": 1,                                                                  # pure torch/numpy
     "store": 2,                                                                 # the format
     "precompute": 3, "streaming": 3, "sharing": 3,                              # stage one, stage two, sharing

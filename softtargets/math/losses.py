@@ -21,20 +21,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .temperature import RULES, Rule, ensemble_log_probs
+from ..choices import LossForm, Reduction, Rule, choices, parse_choice
+from .temperature import ensemble_log_probs
 
-Reduction = Literal["mean", "sum", "none"]
-REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
+REDUCTIONS: tuple[str, ...] = choices(Reduction)
 
 #: What the soft term reports: ``"kl"`` = ``KL(p || q)``, ``"ce"`` = ``CE(p, q) = KL(p || q) + H(p)``.
-Form = Literal["kl", "ce"]
-FORMS: tuple[str, ...] = ("kl", "ce")
+Form = LossForm
+FORMS: tuple[str, ...] = choices(Form)
 
 #: A temperature: a fixed number, or a schedule mapping the training step to a number.
 Temperature = float | Callable[[int], float]
@@ -82,8 +82,7 @@ def _compute_dtype(student_logits: torch.Tensor) -> torch.dtype:
 
 
 def _check_rule(rule: str) -> None:
-    if rule not in RULES:
-        raise ValueError(f"unknown ensemble rule {rule!r}; expected one of {RULES}")
+    parse_choice("ensemble rule", rule, Rule)
 
 
 def _prepare(
@@ -130,8 +129,7 @@ def _prepare(
 
 
 def _check_form(form: str) -> None:
-    if form not in FORMS:
-        raise ValueError(f"unknown loss form {form!r}; expected one of {FORMS} ('kl': KL(p || q), 'ce': cross-entropy)")
+    parse_choice("loss form", form, LossForm, note="('kl': KL(p || q), 'ce': cross-entropy)")
 
 
 def _soft_term(target_log_probs: torch.Tensor, student_log_probs: torch.Tensor, form: str) -> torch.Tensor:
@@ -188,8 +186,7 @@ def kd_loss(
     """
     _check_rule(rule)
     _check_form(form)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
+    parse_choice("reduction", reduction, Reduction)
     t = resolve_temperature(temperature, step)
     student, teacher = _prepare(student_logits, teacher_logits)
     target_log_probs = ensemble_log_probs(teacher, t, rule, per_teacher=teacher.dim() == 3)

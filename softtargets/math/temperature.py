@@ -16,12 +16,12 @@ invariant, so stored logits may be zero-meaned per row.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 
-Rule = Literal["geometric", "arithmetic"]
-RULES: tuple[str, ...] = ("geometric", "arithmetic")
+from ..choices import Content, Rule, choices, parse_choice
+
+RULES: tuple[str, ...] = choices(Rule)
 
 
 def _check_temperature(temperature: float) -> float:
@@ -75,8 +75,7 @@ def ensemble_log_probs(
     ``per_teacher`` says which; by default a tensor of 3 or more dims is per-teacher.
     Returns ``[..., C]`` in the input dtype.
     """
-    if rule not in RULES:
-        raise ValueError(f"unknown ensemble rule {rule!r}; expected one of {RULES}")
+    parse_choice("ensemble rule", rule, Rule)
     if teacher_logits.dim() < 1:
         raise ValueError("teacher logits need a class axis; got a scalar")
     if per_teacher is None:
@@ -96,20 +95,18 @@ def ensemble_probs(
 
 
 def reduce_teachers(
-    teacher_logits: torch.Tensor, content: str, temperature: float = 1.0
+    teacher_logits: torch.Tensor, content: Content, temperature: float = 1.0
 ) -> torch.Tensor:
     """Reduce ``[..., K, C]`` per-teacher logits to what a store of ``content`` holds.
 
     ``per_teacher``: unchanged; ``geometric``: mean logits ``[..., C]``;
     ``arithmetic``: ``log mean_k softmax(v_k / T0)`` ``[..., C]`` with T0 = ``temperature``.
     """
-    if content == "per_teacher":
+    if parse_choice("content", content, Content) == "per_teacher":
         return teacher_logits
     if content == "geometric":
         return geometric_logits(teacher_logits)
-    if content == "arithmetic":
-        return arithmetic_log_probs(teacher_logits, temperature)
-    raise ValueError(f"unknown content {content!r}; expected per_teacher, geometric or arithmetic")
+    return arithmetic_log_probs(teacher_logits, temperature)
 
 
 def zero_mean(logits: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..choices import Autocast, Compressor, Content, Dtype, Layout, NonFinite, Overflow
 from ..store import BYTES_PER_DTYPE, create_targets, default_rows
 from ..store.base import MARKER_DIR, TargetWriter
 from ..store.files import atomic_write, join, url_to_fs
@@ -91,20 +92,20 @@ def precompute(
     dataset: Any,
     out: str | os.PathLike[str],
     *,
-    content: str = "per_teacher",
+    content: Content = "per_teacher",
     temperature: float | None = None,
-    layout: str | None = None,
-    dtype: str = "float16",
+    layout: Layout | None = None,
+    dtype: Dtype = "float16",
     shard_rows: int | None = None,
     block_rows: int | None = None,
-    compressor: str = "none",
-    overflow: str = "error",
+    compressor: Compressor = "none",
+    overflow: Overflow = "error",
     class_names: Sequence[str] | None = None,
     batch_size: int = 256,
     num_workers: int = 2,
     device: str = "auto",
-    autocast: str | None = None,
-    nonfinite: str = "error",
+    autocast: Autocast | None = None,
+    nonfinite: NonFinite = "error",
     pack_inputs: bool = False,
     scheduler: Any = None,
     workers: int | None = None,

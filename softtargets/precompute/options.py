@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from ..choices import Autocast, NonFinite, choices, parse_choice
+from ..errors import NonFiniteError as NonFiniteError  # its old import path
 from ..importing import import_object
 from ..store.base import MARKER_DIR
 from ..text import plural
@@ -25,14 +27,10 @@ from .teachers import TeacherSpec
 from .transfer import TransferSet, as_transfer_set
 
 AUTOCAST: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
-NONFINITE = ("error", "uniform")
+NONFINITE = choices(NonFinite)
 SETTINGS_FILE = f"{MARKER_DIR}/precompute-settings"  # run settings, for the resume check
 NONFINITE_SUFFIX = ".nonfinite"  # per-shard {key: [teachers]} beside the shard markers
 INPUT_MEMBER = "input.npy"
-
-
-class NonFiniteError(ValueError):
-    """A teacher gave NaN or Inf logits; the message names the teacher and the sample keys."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -59,8 +57,8 @@ class RunOptions:
     batch_size: int = 256
     num_workers: int = 2
     device: str = "auto"
-    autocast: str | None = None
-    nonfinite: str = "error"
+    autocast: Autocast | None = None
+    nonfinite: NonFinite = "error"
     pack_inputs: bool = False
     queue_size: int = 8
 
@@ -69,10 +67,8 @@ class RunOptions:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if int(self.num_workers) < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
-        if self.autocast not in (None, *AUTOCAST):
-            raise ValueError(f"unknown autocast {self.autocast!r}; expected None, 'bf16' or 'fp16'")
-        if self.nonfinite not in NONFINITE:
-            raise ValueError(f"unknown nonfinite policy {self.nonfinite!r}; expected one of {NONFINITE}")
+        parse_choice("autocast", self.autocast, Autocast | None)
+        parse_choice("nonfinite policy", self.nonfinite, NonFinite)
         if int(self.queue_size) < 1:
             raise ValueError(f"queue_size must be >= 1, got {self.queue_size}")
 

@@ -447,7 +447,8 @@ class ShardRunner:
             detail = "; ".join(f"teacher {n!r} on {len(ks)} samples, keys {ks[:8]}" for n, ks in by_teacher.items())
             raise NonFiniteError(f"NaN/Inf teacher logits in shard {item.shard} of {self.writer.url}: {detail}. "
                                  "Fix the teacher or drop those samples, or pass nonfinite='uniform' to store a "
-                                 "uniform distribution for them (listed in the manifest)")
+                                 "uniform distribution for them (listed in the manifest)",
+                                 url=self.writer.url, shard=item.shard, teachers=by_teacher, keys=list(found))
         return found
 
     def _combine(self, group: list[_Item]) -> _Item:

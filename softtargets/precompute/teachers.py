@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import TeacherLoadError
 from ..importing import import_object
 
 __all__ = [
@@ -52,10 +53,6 @@ __all__ = [
 TeacherSpec = nn.Module | Mapping[str, Any]
 _SOURCE_KEYS = ("module", "factory", "torchscript", "exported")
 _SPEC_KEYS = frozenset({"name", "kwargs", "weights", "weights_key", *_SOURCE_KEYS})
-
-
-class TeacherLoadError(RuntimeError):
-    """A teacher's spec, weights file or archive could not be turned into a module."""
 
 
 @dataclass

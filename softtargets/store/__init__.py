@@ -10,6 +10,17 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from ..choices import (
+    Compressor,
+    Content,
+    Dtype,
+    Layout,
+    Normalization,
+    Overflow,
+    SampleLayout,
+    VerifyMode,
+    parse_choice,
+)
 from .base import (
     PENDING_NAME,
     ChecksumError,
@@ -20,9 +31,9 @@ from .base import (
     read_manifest,
 )
 from .files import join, url_to_fs
-from .manifest import CONTENTS, DTYPES, Manifest
+from .manifest import Manifest
 from .wds_layout import WdsStore, WdsWriter
-from .zarr_layout import COMPRESSORS, ZarrStore, ZarrWriter
+from .zarr_layout import ZarrStore, ZarrWriter
 
 LAYOUTS: dict[str, tuple[type[TargetWriter], type[TargetStore]]] = {
     "zarr": (ZarrWriter, ZarrStore),
@@ -46,7 +57,7 @@ def default_rows(row_bytes: int, sample_layout: str = "block") -> tuple[int, int
     return block, block * min(256, max(1, _pow2_floor(SHARD_BYTES / (block * row_bytes))))
 
 
-def infer_layout(url: str) -> str:
+def infer_layout(url: str) -> Layout:
     """``wds`` for URLs ending in ``.wds``/``.tar`` or a folder of ``.tar`` shards, else ``zarr``."""
     return "wds" if str(url).rstrip("/").endswith((".wds", ".tar")) else "zarr"
 
@@ -55,22 +66,22 @@ def create_targets(
     url: str | os.PathLike[str],
     *,
     num_classes: int,
-    content: str = "per_teacher",
+    content: Content = "per_teacher",
     teachers: Sequence[Any] | None = None,
     num_teachers: int | None = None,
-    layout: str | None = None,
-    dtype: str = "float16",
+    layout: Layout | None = None,
+    dtype: Dtype = "float16",
     temperature: float | None = None,
-    normalization: str = "zero_mean",
-    overflow: str = "error",
+    normalization: Normalization = "zero_mean",
+    overflow: Overflow = "error",
     num_samples: int | None = None,
     shard_rows: int | None = None,
     block_rows: int | None = None,
-    sample_layout: str = "block",
+    sample_layout: SampleLayout = "block",
     inputs: dict[str, str] | None = None,
     class_names: Sequence[str] | None = None,
     transfer_set: dict[str, str] | None = None,
-    compressor: str = "none",
+    compressor: Compressor = "none",
     lineage: list[dict[str, Any]] | None = None,
     overwrite: bool = False,
     resume: bool = False,
@@ -100,16 +111,11 @@ def create_targets(
             (or its first write): a caller may fill in ``writer.spec.teachers`` meanwhile.
     """
     layout = layout or infer_layout(str(url))
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {tuple(LAYOUTS)}")
-    if content not in CONTENTS:
-        raise ValueError(f"unknown content {content!r}; expected one of {CONTENTS}")
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {DTYPES}")
-    if overflow not in ("error", "clip"):
-        raise ValueError(f"unknown overflow policy {overflow!r}; expected 'error' or 'clip'")
-    if compressor not in COMPRESSORS:
-        raise ValueError(f"unknown compressor {compressor!r}; expected one of {tuple(COMPRESSORS)}")
+    parse_choice("layout", layout, Layout)
+    parse_choice("content", content, Content)
+    parse_choice("dtype", dtype, Dtype)
+    parse_choice("overflow policy", overflow, Overflow)
+    parse_choice("compressor", compressor, Compressor)
     if content == "arithmetic" and temperature is None:
         raise ValueError("an arithmetic store needs temperature=T0, the temperature its targets were averaged at")
     if content != "arithmetic" and temperature is not None:
@@ -193,7 +199,7 @@ def attach_writer(url: str, storage_options: dict | None = None) -> TargetWriter
 
 
 def open_targets(
-    url: str | os.PathLike[str], *, verify: str = "lazy", storage_options: dict | None = None
+    url: str | os.PathLike[str], *, verify: VerifyMode = "lazy", storage_options: dict | None = None
 ) -> TargetStore:
     """Open a finished store read-only: a local path or fsspec URL (``file://``, ``memory://``,
     ``http(s)://``, ``s3://`` with s3fs).

@@ -36,7 +36,9 @@ import numpy as np
 import torch
 
 from .._version import __version__
-from ..math.temperature import Rule, ensemble_log_probs
+from ..choices import Rule, VerifyMode, WriteMode, parse_choice
+from ..errors import ChecksumError, StoreError
+from ..math.temperature import ensemble_log_probs
 from .encoding import NUMPY_STORAGE, at_limit, decode_logits, encode_keys, encode_labels, encode_logits
 from .files import (
     atomic_write,
@@ -64,14 +66,6 @@ SPEC_FIELDS = (
     "layout", "num_samples", "num_classes", "content", "num_teachers", "teachers", "temperature", "dtype",
     "normalization", "overflow", "shard_rows", "block_rows", "sample_layout", "inputs", "transfer_set",
 )
-
-
-class StoreError(ValueError):
-    """A store is incomplete, inconsistent or corrupt; the message names the file."""
-
-
-class ChecksumError(StoreError):
-    """A data file's bytes do not match the sha256 its manifest records."""
 
 
 def _marker(shard_id: int) -> str:
@@ -171,8 +165,7 @@ class TargetWriter(ABC):
         if mode == "attach":
             self._open_layout()
             return
-        if mode not in ("create", "overwrite", "resume"):
-            raise ValueError(f"unknown mode {mode!r}; expected create, overwrite or resume")
+        parse_choice("mode", mode, WriteMode)
         if defer:
             self._deferred = mode
         else:
@@ -607,10 +600,9 @@ class TargetStore(ABC):
     """
 
     def __init__(
-        self, url: str, manifest: Manifest, fs: fsspec.AbstractFileSystem, root: str, verify: str = "lazy"
+        self, url: str, manifest: Manifest, fs: fsspec.AbstractFileSystem, root: str, verify: VerifyMode = "lazy"
     ):
-        if verify not in ("lazy", "full", "none"):
-            raise ValueError(f"unknown verify mode {verify!r}; expected lazy, full or none")
+        parse_choice("verify mode", verify, VerifyMode)
         self.url, self.manifest, self.fs, self.root, self.verify_mode = url, manifest, fs, root, verify
         self._verified: set[int] = set()
         self._key_index: dict[str, int] | None = None
@@ -714,12 +706,14 @@ class TargetStore(ABC):
             try:
                 blob = self.fs.cat_file(join(self.root, f.path))
             except FileNotFoundError:
-                raise StoreError(f"{self._file_url(f.path)}: missing (shard {shard_id})") from None
+                raise StoreError(f"{self._file_url(f.path)}: missing (shard {shard_id})",
+                                 path=self._file_url(f.path), shard=shard_id) from None
         if len(blob) != f.bytes:
             raise StoreError(f"{self._file_url(f.path)}: {len(blob)} bytes, the manifest says {f.bytes}")
         if sha256_hex(blob) != f.sha256:
             raise ChecksumError(
-                f"{self._file_url(f.path)}: sha256 does not match the manifest (corrupt or altered file)"
+                f"{self._file_url(f.path)}: sha256 does not match the manifest (corrupt or altered file)",
+                path=self._file_url(f.path), shard=shard_id, expected=f.sha256, found=sha256_hex(blob),
             )
 
     def check_shards(self, shard_ids: Iterable[int]) -> None:
@@ -934,8 +928,7 @@ def check_rule(m: Manifest, temperature: float, rule: str, approximate: bool = F
     * geometric from an arithmetic store, arithmetic from a geometric one: refused
       (unless the store has a single teacher, for which the rules coincide).
     """
-    if rule not in ("geometric", "arithmetic"):
-        raise ValueError(f"unknown ensemble rule {rule!r}; expected 'geometric' or 'arithmetic'")
+    parse_choice("ensemble rule", rule, Rule)
     if float(temperature) <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     if m.per_teacher or m.num_teachers == 1:
@@ -966,11 +959,11 @@ def read_manifest(url: str, fs: fsspec.AbstractFileSystem, root: str) -> Manifes
     where = posixpath.join(url.rstrip("/"), MANIFEST_NAME)
     real = link_outside(fs, root, MANIFEST_NAME)
     if real is not None:
-        raise ManifestError(f"{where}: a link out of the store (to {real}); refused, not read")
+        raise ManifestError(f"{where}: a link out of the store (to {real}); refused, not read", path=where)
     try:
         text = fs.cat_file(path)
     except FileNotFoundError:
         pending = fs.exists(join(root, PENDING_NAME))
         why = "the store is unfinished (its writer never closed, or crashed)" if pending else "not a softtargets store?"
-        raise ManifestError(f"{where}: missing; {why}") from None
+        raise ManifestError(f"{where}: missing; {why}", path=where) from None
     return Manifest.from_json(text, source=where)

@@ -12,6 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..choices import Dtype, Normalization, Overflow, parse_choice
+from ..errors import NonFiniteLogits
+
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 NUMPY_STORAGE: dict[str, np.dtype[Any]] = {
     "float32": np.dtype("float32"), "float16": np.dtype("float16"), "bfloat16": np.dtype("uint16"),
@@ -32,12 +35,8 @@ def as_tensor(x: Any) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x))
 
 
-class NonFiniteLogits(ValueError):
-    """Logits given to :func:`encode_logits` hold NaN or Inf."""
-
-
 def encode_logits(
-    logits: Any, dtype: str, normalization: str = "zero_mean", overflow: str = "error", *,
+    logits: Any, dtype: Dtype, normalization: Normalization = "zero_mean", overflow: Overflow = "error", *,
     out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """Logits ``[B, C]`` or ``[B, K, C]`` (any float dtype) -> (stored numpy array, values clipped).
@@ -52,14 +51,12 @@ def encode_logits(
     the stored values (their minimum and maximum), whose largest magnitude tells whether all were in
     range: only where it is at the stored dtype's limit (or NaN) are the shifted values looked at again.
     """
-    if dtype not in TORCH_DTYPES:
-        raise ValueError(f"unknown storage dtype {dtype!r}; expected one of {tuple(TORCH_DTYPES)}")
+    parse_choice("storage dtype", dtype, Dtype)
     t = as_tensor(logits)
     if not t.is_floating_point():
         raise TypeError(f"logits must be floating point, got {t.dtype}")
     work = t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
-    if normalization not in ("zero_mean", "none"):
-        raise ValueError(f"unknown normalization {normalization!r}; expected 'zero_mean' or 'none'")
+    parse_choice("normalization", normalization, Normalization)
     if out is None:
         out = np.empty(tuple(work.shape), NUMPY_STORAGE[dtype])
     elif out.shape != tuple(work.shape) or out.dtype != NUMPY_STORAGE[dtype]:
@@ -76,7 +73,8 @@ def encode_logits(
     amax = _shifted_amax(work, shift)  # the exact largest magnitude, before rounding
     if not math.isfinite(amax):
         bad = (~torch.isfinite(t)).reshape(t.shape[0], -1).any(dim=1).nonzero().flatten()
-        raise NonFiniteLogits(f"logits contain NaN or Inf in rows {bad[:10].tolist()} of this batch")
+        raise NonFiniteLogits(f"logits contain NaN or Inf in rows {bad[:10].tolist()} of this batch",
+                              rows=bad[:10].tolist())
     if amax <= DTYPE_MAX[dtype]:  # values that rounded to the limit: stored as they are
         return out, 0
     if dtype != "float16" or overflow != "clip":

@@ -21,18 +21,17 @@ from typing import Any
 
 import jsonschema
 
+from ..choices import Content, Dtype, Layout, choices
+from ..errors import ManifestError
+
 # 2: zarr inner chunks end with a crc32c, and files record ``chunks_sha256``. Readers read 1 and 2.
 FORMAT_VERSION = 2
 READS_FORMATS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 SCHEMA_NAME = "manifest.schema.json"
-CONTENTS = ("per_teacher", "geometric", "arithmetic")
-DTYPES = ("float32", "float16", "bfloat16")
-LAYOUTS = ("zarr", "wds")
-
-
-class ManifestError(ValueError):
-    """A manifest is missing, unreadable, schema-invalid or of an unknown format version."""
+CONTENTS = choices(Content)
+DTYPES = choices(Dtype)
+LAYOUTS = choices(Layout)
 
 
 @dataclass
@@ -153,7 +152,7 @@ class Manifest:
         try:
             d = json.loads(text)
         except ValueError as e:
-            raise ManifestError(f"{source}: not valid JSON ({e})") from None
+            raise ManifestError(f"{source}: not valid JSON ({e})", path=source) from None
         return cls.from_dict(d, source)
 
 
@@ -176,19 +175,19 @@ def _validator() -> Any:
 def validate(d: Any, source: str = "manifest") -> None:
     """Raise :class:`ManifestError` naming ``source`` unless ``d`` is a valid manifest of a format this reads."""
     if not isinstance(d, dict):
-        raise ManifestError(f"{source}: a manifest is a JSON object, got {type(d).__name__}")
+        raise ManifestError(f"{source}: a manifest is a JSON object, got {type(d).__name__}", path=source)
     version = d.get("format_version")
     if version not in READS_FORMATS:
         raise ManifestError(
             f"{source}: unknown format_version {version!r}; this softtargets reads format_version "
-            f"{' and '.join(map(str, READS_FORMATS))} (a newer softtargets may read it)"
+            f"{' and '.join(map(str, READS_FORMATS))} (a newer softtargets may read it)", path=source,
         )
     e = jsonschema.exceptions.best_match(_validator().iter_errors(d))  # as jsonschema.validate does
     if e is not None:
         where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
-        raise ManifestError(f"{source}: schema-invalid at {where}: {e.message}") from None
+        raise ManifestError(f"{source}: schema-invalid at {where}: {e.message}", path=source) from None
     if d["content"] == "arithmetic" and d.get("temperature") is None:
-        raise ManifestError(f"{source}: an arithmetic store must record its temperature T0")
+        raise ManifestError(f"{source}: an arithmetic store must record its temperature T0", path=source)
 
 
 def utc_now() -> str:

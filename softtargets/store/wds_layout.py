@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
+from ..choices import SampleLayout, parse_choice
 from .base import ShardStream, StoreError, TargetStore, TargetWriter
 from .encoding import NUMPY_STORAGE
 from .files import atomic_write, file_record, is_local, join
@@ -185,8 +186,7 @@ class WdsWriter(TargetWriter):
         return _TarStream(self, shard_id, self.fs._strip_protocol(self._path(rel)), rel, self.clips)
 
     def _create_layout(self) -> None:
-        if self.spec.sample_layout not in ("block", "sample"):
-            raise ValueError(f"unknown sample_layout {self.spec.sample_layout!r}; expected 'block' or 'sample'")
+        parse_choice("sample_layout", self.spec.sample_layout, SampleLayout)
         if self.spec.inputs and self.spec.sample_layout != "sample":
             raise ValueError("inputs are packed one row per tar sample: use sample_layout='sample'")
 

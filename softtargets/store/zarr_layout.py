@@ -37,7 +37,8 @@ import zarr
 import zarr.storage
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from .base import ChecksumError, ShardStream, StoreError, TargetStore, TargetWriter
+from ..errors import ChecksumError, StoreError
+from .base import ShardStream, TargetStore, TargetWriter
 from .encoding import NUMPY_STORAGE
 from .files import atomic_write, file_record, flush_and_close, is_local, join
 from .manifest import FileRecord, Manifest, ShardRecord
@@ -325,7 +326,8 @@ class ZarrStore(TargetStore):
             raise StoreError(f"{self._file_url(f.path)}: {len(blob)} bytes, the manifest says {f.bytes}")
         if file_chunks_digest(blob, shard_format.chunks_per_shard) != f.chunks_sha256:
             raise ChecksumError(f"{self._file_url(f.path)}: chunk checksums or shard index do not match the manifest "
-                                f"(corrupt or altered file)")
+                                f"(corrupt or altered file)", path=self._file_url(f.path), shard=shard_id,
+                                expected=f.chunks_sha256)
         todo = np.ones(shard_format.chunks_per_shard, dtype=bool)
         if self.verify_mode == "lazy":
             self._unchecked[f.path] = todo
@@ -352,7 +354,7 @@ class ZarrStore(TargetStore):
             a = bad[0] * shard_format.chunk_rows
             b = min(rows, a + shard_format.chunk_rows)
             raise ChecksumError(f"{self._file_url(rel)}: inner chunk {bad[0]} (rows {a}-{b - 1} of shard {shard_id}) "
-                                f"does not match its crc32c (corrupt file)")
+                                f"does not match its crc32c (corrupt file)", path=self._file_url(rel), shard=shard_id)
         todo[ids] = False
 
     def _mapped(self, shard_id: int) -> dict[str, np.ndarray]:

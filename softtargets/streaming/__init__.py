@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ..choices import JoinBy, Remainder, VerifyMode
 from ..store import TargetStore, open_targets
 from .dataset import StreamLoader, TargetStream, resolve_rank
 from .inputs import Decoder, JoinMismatchError, default_decode
@@ -25,17 +26,17 @@ def stream(
     seed: int = 0,
     rank: int | None = None,
     world_size: int | None = None,
-    remainder: str = "pad",
+    remainder: Remainder = "pad",
     drop_last: bool = False,
     buffer_size: int | None = None,
     inputs: bool = True,
     decode: Decoder | None = None,
     dataset: Any = None,
-    by: str = "index",
+    by: JoinBy = "index",
     dataset_keys: Sequence[str] | Callable[[int], str] | None = None,
     read_ahead: bool = True,
     check_join: bool = True,
-    verify: str = "lazy",
+    verify: VerifyMode = "lazy",
     storage_options: dict | None = None,
 ) -> TargetStream:
     """Stream a target store as batches for one training rank.

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset, default_collate
 
+from ..choices import JoinBy, parse_choice
+from ..errors import JoinMismatchError
 from ..store.wds_layout import npy_load
 
 #: Tensor dtypes read as class labels (a dataset's ``y``) by the join check.
@@ -37,17 +39,6 @@ def collate_packed(raw: Sequence[dict[str, bytes]], decode: Decoder | None = Non
     bytes and strings stay lists of ``B``.
     """
     return default_collate([(decode or default_decode)(dict(m)) for m in raw])
-
-
-class JoinMismatchError(ValueError):
-    """A joined dataset's labels disagree with the store's on the rows read: not the transfer set the
-    targets were computed on, or not in its order. ``mismatched`` of ``compared`` labelled rows disagree;
-    ``keys`` are the store keys of the first few (0, 0 and [] when re-raised from a DataLoader worker,
-    which keeps only the message)."""
-
-    def __init__(self, message: str, *, mismatched: int = 0, compared: int = 0, keys: list[str] | None = None):
-        super().__init__(message)
-        self.mismatched, self.compared, self.keys = mismatched, compared, list(keys or [])
 
 
 def item_label(item: Any) -> int:
@@ -139,10 +130,9 @@ class DatasetJoin:
     second tensor) are compared with the store's on the rows labelled in both (:func:`check_labels`).
     """
 
-    def __init__(self, dataset: Any, by: str, num_rows: int, keys: Sequence[str] | Callable | None = None,
+    def __init__(self, dataset: Any, by: JoinBy, num_rows: int, keys: Sequence[str] | Callable | None = None,
                  *, check: bool = True, where: str = "the store"):
-        if by not in ("index", "key"):
-            raise ValueError(f"unknown join {by!r}; expected 'index' or 'key'")
+        parse_choice("join", by, JoinBy)
         if by == "index" and len(dataset) != num_rows:
             raise ValueError(
                 f"cannot join by index: the dataset has {len(dataset)} items, the store {num_rows} rows"

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..choices import JoinBy, VerifyMode, parse_choice
 from ..store import TargetStore, open_targets
 from .inputs import check_labels, dataset_keys, fetch, item_labels
 from .plan import Units, unit_rows_for
@@ -26,12 +27,11 @@ class TargetJoin(Dataset):
     """Item ``i`` -> ``(x, y, teacher_logits)``; see :func:`with_targets`."""
 
     def __init__(
-        self, dataset: Any, store: TargetStore, by: str = "index",
+        self, dataset: Any, store: TargetStore, by: JoinBy = "index",
         keys: Sequence[str] | Callable[[int], str] | None = None, cache_bytes: int = 256 << 20,
         check_join: bool = True,
     ):
-        if by not in ("index", "key"):
-            raise ValueError(f"unknown join {by!r}; expected 'index' or 'key'")
+        parse_choice("join", by, JoinBy)
         self.dataset, self.by, self.cache_bytes, self.check_join = dataset, by, int(cache_bytes), bool(check_join)
         self.store = store  # pickles as "open again" in each worker
         m = store.manifest
@@ -126,11 +126,11 @@ class TargetJoin(Dataset):
 def with_targets(
     dataset: Any,
     store: str | os.PathLike[str] | TargetStore,
-    by: str = "index",
+    by: JoinBy = "index",
     *,
     keys: Sequence[str] | Callable[[int], str] | None = None,
     cache_bytes: int = 256 << 20,
-    verify: str = "lazy",
+    verify: VerifyMode = "lazy",
     check_join: bool = True,
 ) -> TargetJoin:
     """A map-style dataset whose item ``i`` is ``(x, y, teacher_logits)``.

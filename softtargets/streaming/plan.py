@@ -38,9 +38,10 @@ from typing import Any
 
 import numpy as np
 
+from ..choices import Remainder, choices, parse_choice
 from ..forksafe import cached_once
 
-REMAINDERS = ("pad", "drop")
+REMAINDERS = choices(Remainder)
 RAMP = 8  # an epoch's first window holds 1/RAMP of a full one (see step 4)
 SAMPLE_LAYOUT_UNIT_ROWS = 256
 
@@ -94,7 +95,7 @@ class SplitConfig:
     world_size: int = 1
     seed: int = 0
     shuffle: bool = True
-    remainder: str = "pad"
+    remainder: Remainder = "pad"
     drop_last: bool = False
     window: int = 0  # rows per shuffle window; 0 = one batch
 
@@ -105,8 +106,7 @@ class SplitConfig:
             raise ValueError(f"world_size must be >= 1, got {self.world_size}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
-        if self.remainder not in REMAINDERS:
-            raise ValueError(f"unknown remainder policy {self.remainder!r}; expected one of {REMAINDERS}")
+        parse_choice("remainder policy", self.remainder, Remainder)
         if self.window and self.window % self.batch_size:
             raise ValueError(f"window={self.window} must be a multiple of batch_size={self.batch_size}")
 
@@ -115,7 +115,7 @@ class SplitConfig:
         return self.window or self.batch_size
 
 
-def rows_per_rank(num_rows: int, world_size: int, remainder: str) -> int:
+def rows_per_rank(num_rows: int, world_size: int, remainder: Remainder) -> int:
     """``L``: rows every rank gets per epoch (see the module docstring)."""
     if remainder == "pad":
         return -(-num_rows // world_size) if num_rows else 0

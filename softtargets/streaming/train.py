@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..choices import JoinBy, Loss, ScheduleKind, choices, parse_choice
+from ..errors import TrainOutputExists
 from ..importing import import_object
 from ..math.losses import DistillationLoss, logit_matching_loss
 from ..store import open_targets
@@ -36,8 +38,8 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
 STUDENT = "student.pt"
 OUTPUTS = (STUDENT, METRICS, CHECKPOINT)  # everything train writes in ``out`` (and their ``.tmp`` while saving)
-LOSSES = ("hinton", "logit_matching")
-SCHEDULES = ("linear", "cosine", "exponential")
+LOSSES = choices(Loss)
+SCHEDULES = choices(ScheduleKind)
 
 
 @dataclass
@@ -60,11 +62,11 @@ class TrainConfig:
     input_key: str = "input"
     dataset: str | None = None
     dataset_kwargs: dict[str, Any] = field(default_factory=dict)
-    by: str = "index"
+    by: JoinBy = "index"
     temperature: float | dict[str, Any] | str = 4.0
     alpha: float = 0.9
     rule: str = "geometric"
-    loss: str = "hinton"
+    loss: Loss = "hinton"
     epochs: int = 10
     batch_size: int = 64
     lr: float = 1e-3
@@ -82,8 +84,7 @@ class TrainConfig:
             raise ValueError(f"inputs must be 'packed' or 'dataset', got {self.inputs!r}")
         if self.inputs == "dataset" and not self.dataset:
             raise ValueError("inputs = 'dataset' needs dataset = 'package.module:factory'")
-        if self.loss not in LOSSES:
-            raise ValueError(f"unknown loss {self.loss!r}; expected one of {LOSSES}")
+        parse_choice("loss", self.loss, Loss)
         for name in ("epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
@@ -112,12 +113,11 @@ class Schedule:
 
     start: float
     end: float
-    kind: str
+    kind: ScheduleKind
     total_steps: int
 
     def __post_init__(self) -> None:
-        if self.kind not in SCHEDULES:
-            raise ValueError(f"unknown temperature schedule {self.kind!r}; expected one of {SCHEDULES}")
+        parse_choice("temperature schedule", self.kind, ScheduleKind)
         if min(self.start, self.end) <= 0:
             raise ValueError(f"temperatures must be > 0, got start={self.start}, end={self.end}")
 
@@ -193,15 +193,6 @@ def _forward(student: nn.Module, x: Any, name: str) -> torch.Tensor:
         shape = list(x.shape) if torch.is_tensor(x) else type(x).__name__
         raise RuntimeError(f"student {name!r} failed on an input batch of shape {shape}: {exc}; check the "
                            "student's kwargs against the inputs") from exc
-
-
-class TrainOutputExists(FileExistsError):
-    """``out`` holds files of an earlier training run (``found``); refused without resume or overwrite."""
-
-    def __init__(self, out: Path, found: list[str]):
-        self.out, self.found = out, found
-        super().__init__(f"{out} holds a training run ({', '.join(found)}); pass resume=True to continue it "
-                         "or overwrite=True to replace it")
 
 
 def run_files(out: Path) -> list[str]:
