@@ -137,3 +137,14 @@ def test_the_aliases_agree_with_the_registries():
 
     assert choices.choices(choices.Layout) == tuple(LAYOUTS)
     assert choices.choices(choices.Compressor) == tuple(COMPRESSORS)
+
+
+def test_a_missing_teacher_weights_file_names_the_teacher_and_the_path(tmp_path):
+    from softtargets.precompute.teachers import load_teachers
+
+    missing = tmp_path / "t0.pt"
+    spec = {"name": "t0", "factory": "torch.nn:Linear", "kwargs": {"in_features": 2, "out_features": 3},
+            "weights": str(missing)}
+    with pytest.raises(errors.TeacherLoadError) as caught:
+        load_teachers([spec])
+    assert (caught.value.teacher, caught.value.path) == ("t0", str(missing))

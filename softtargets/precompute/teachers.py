@@ -140,7 +140,7 @@ def _read_state_dict(path: str | os.PathLike[str], teacher: str,
     path = Path(path)
     if not path.is_file():
         raise TeacherLoadError(f"teacher {teacher!r}: weights file {str(path)!r} not found; fix 'weights' in "
-                               "its spec")
+                               "its spec", teacher=teacher, path=str(path))
     if path.suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
@@ -154,15 +154,17 @@ def _read_state_dict(path: str | os.PathLike[str], teacher: str,
         except pickle.UnpicklingError as exc:
             raise TeacherLoadError(f"teacher {teacher!r}: {str(path)!r} is not a plain state dict "
                                    f"(weights_only load refused it; arbitrary pickles are never "
-                                   f"loaded): {exc}") from exc
+                                   f"loaded): {exc}", teacher=teacher, path=str(path)) from exc
     if key is not None:
         if not isinstance(obj, Mapping) or key not in obj:
-            raise TeacherLoadError(f"teacher {teacher!r}: {str(path)!r} has no entry {key!r}")
+            raise TeacherLoadError(f"teacher {teacher!r}: {str(path)!r} has no entry {key!r}", teacher=teacher,
+                                   path=str(path))
         obj = obj[key]
     if not isinstance(obj, Mapping) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise TeacherLoadError(f"teacher {teacher!r}: {str(path)!r} does not hold a state dict "
-                               "(a mapping of str -> Tensor); set 'weights_key' if it is nested")
+                               "(a mapping of str -> Tensor); set 'weights_key' if it is nested",
+                               teacher=teacher, path=str(path))
     return dict(obj)
 
 
@@ -183,12 +185,12 @@ def _load_weights(module: nn.Module, state: dict[str, torch.Tensor], teacher: st
         if unexpected:
             parts.append(f"unexpected keys {_few(unexpected)}")
         raise TeacherLoadError(f"teacher {teacher!r}: weights {path!r} do not fit the factory's "
-                               f"module: {'; '.join(parts)}")
+                               f"module: {'; '.join(parts)}", teacher=teacher, path=str(path))
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # shape mismatches
         raise TeacherLoadError(f"teacher {teacher!r}: weights {path!r} do not fit the factory's "
-                               f"module: {exc}") from exc
+                               f"module: {exc}", teacher=teacher, path=str(path)) from exc
 
 
 def _from_factory(spec: Mapping[str, Any], name: str) -> nn.Module:
@@ -200,7 +202,7 @@ def _from_factory(spec: Mapping[str, Any], name: str) -> nn.Module:
         module = factory(**kwargs)
     except TypeError as exc:
         raise TeacherLoadError(f"teacher {name!r}: factory {spec['factory']!r} failed with kwargs "
-                               f"{sorted(kwargs)}: {exc}; fix 'kwargs' in its spec") from exc
+                               f"{sorted(kwargs)}: {exc}; fix 'kwargs' in its spec", teacher=name) from exc
     if not isinstance(module, nn.Module):
         raise TypeError(f"teacher {name!r}: factory {spec['factory']!r} returned "
                         f"{type(module).__name__}, not an nn.Module")
@@ -237,7 +239,8 @@ def _from_exported(path: str, name: str) -> nn.Module:
     training = _training_ops(program)
     if training:
         raise TeacherLoadError(f"teacher {name!r}: {path!r} was exported in training mode "
-                               f"({_few(training, 3)}); call model.eval() before torch.export.export")
+                               f"({_few(training, 3)}); call model.eval() before torch.export.export",
+                               teacher=name, path=str(path))
     return program.module()
 
 
