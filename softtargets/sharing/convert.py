@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._version import __version__
+from ..choices import Content, Dtype, Overflow
 from ..math.temperature import reduce_teachers
 from ..store import TargetStore, TargetWriter, create_targets, infer_layout, open_targets
 from ..store.base import PENDING_NAME, delete_store
@@ -129,7 +130,7 @@ def carry_spec(m: Manifest) -> dict[str, Any]:
     }
 
 
-def encode_rows(logits: torch.Tensor, src: Manifest, content: str, dtype: str, overflow: str,
+def encode_rows(logits: torch.Tensor, src: Manifest, content: Content, dtype: Dtype, overflow: Overflow,
                 temperature: float | None) -> np.ndarray:
     """Stored logits of the source (``[B, C]``/``[B, K, C]``, its dtype) -> the destination's stored array.
 

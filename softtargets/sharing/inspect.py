@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..choices import Rule
 from ..math.temperature import ensemble_log_probs
 from ..store import BYTES_PER_DTYPE, TargetStore, open_targets
 from ..text import plural
@@ -52,7 +53,7 @@ def describe(store: TargetStore) -> dict[str, Any]:
     }
 
 
-def rules_of(store: TargetStore) -> list[str]:
+def rules_of(store: TargetStore) -> list[Rule]:
     """Ensemble rules the store's content serves (see the module docstring)."""
     m = store.manifest
     if m.content == "per_teacher":
@@ -60,7 +61,7 @@ def rules_of(store: TargetStore) -> list[str]:
     return [m.content]
 
 
-def _log_probs(x: torch.Tensor, store: TargetStore, rule: str, temperature: float) -> torch.Tensor:
+def _log_probs(x: torch.Tensor, store: TargetStore, rule: Rule, temperature: float) -> torch.Tensor:
     """Ensemble log-probabilities ``[B, C]`` (float32) of stored logits ``x`` (float32) at T."""
     m = store.manifest
     t0 = m.temperature  # always recorded for an arithmetic store

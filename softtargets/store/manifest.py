@@ -21,7 +21,7 @@ from typing import Any
 
 import jsonschema
 
-from ..choices import Content, Dtype, Layout, choices
+from ..choices import Content, Dtype, Layout, Normalization, Overflow, choices
 from ..errors import ManifestError
 
 # 2: zarr inner chunks end with a crc32c, and files record ``chunks_sha256``. Readers read 1 and 2.
@@ -78,15 +78,15 @@ class Manifest:
     layout: str
     num_samples: int
     num_classes: int
-    content: str
+    content: Content
     num_teachers: int
-    dtype: str
+    dtype: Dtype
     shard_rows: int
     block_rows: int
     teachers: list[dict[str, Any]] = field(default_factory=list)
     temperature: float | None = None
-    normalization: str = "zero_mean"
-    overflow: str = "error"
+    normalization: Normalization = "zero_mean"
+    overflow: Overflow = "error"
     clipped_values: int = 0
     has_labels: bool = False
     sample_layout: str | None = None

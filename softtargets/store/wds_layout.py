@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from ..choices import SampleLayout, parse_choice
+from ..choices import SampleLayout, VerifyMode, parse_choice
 from .base import ShardStream, StoreError, TargetStore, TargetWriter
 from .encoding import NUMPY_STORAGE
 from .files import atomic_write, file_record, is_local, join
@@ -254,7 +254,7 @@ class WdsStore(TargetStore):
 
     cache_shards = 2
 
-    def __init__(self, url: str, manifest: Manifest, fs: Any, root: str, verify: str = "lazy"):
+    def __init__(self, url: str, manifest: Manifest, fs: Any, root: str, verify: VerifyMode = "lazy"):
         self._cache: Lru[int, dict[str, Any]] = Lru(self.cache_shards)
         self._maps = MappedFiles()
         super().__init__(url, manifest, fs, root, verify)

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..background import ahead, in_background, in_order, prefetched
+from ..choices import JoinBy, Remainder
 from ..store import TargetStore
 from ..store.encoding import TORCH_DTYPES
 from .inputs import DatasetJoin, Decoder, collate_packed
@@ -68,13 +69,13 @@ class TargetStream(IterableDataset):
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
-        remainder: str = "pad",
+        remainder: Remainder = "pad",
         drop_last: bool = False,
         buffer_size: int | None = None,
         inputs: bool = True,
         decode: Decoder | None = None,
         dataset: Any = None,
-        by: str = "index",
+        by: JoinBy = "index",
         dataset_keys: Sequence[str] | Callable[[int], str] | None = None,
         read_ahead: bool = True,
         check_join: bool = True,

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..choices import JoinBy, Loss, ScheduleKind, choices, parse_choice
+from ..choices import JoinBy, Loss, Rule, ScheduleKind, choices, parse_choice
 from ..errors import TrainOutputExists
 from ..importing import import_object
 from ..math.losses import DistillationLoss, logit_matching_loss
@@ -65,7 +65,7 @@ class TrainConfig:
     by: JoinBy = "index"
     temperature: float | dict[str, Any] | str = 4.0
     alpha: float = 0.9
-    rule: str = "geometric"
+    rule: Rule = "geometric"
     loss: Loss = "hinton"
     epochs: int = 10
     batch_size: int = 64
