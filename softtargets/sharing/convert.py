@@ -189,10 +189,10 @@ def plan_layout(
 
 
 def convert_store(
-    src: str | os.PathLike[str], dst: str | os.PathLike[str], *, layout: str | None = None, dtype: str | None = None,
-    content: str | None = None, temperature: float | None = None, shard_rows: int | None = None,
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], *, layout: str | None = None, dtype: Dtype | None = None,
+    content: Content | None = None, temperature: float | None = None, shard_rows: int | None = None,
     block_rows: int | None = None, sample_layout: str | None = None, compressor: str | None = None,
-    overflow: str | None = None, drop_inputs: bool = False, overwrite: bool = False, progress: bool | None = None,
+    overflow: Overflow | None = None, drop_inputs: bool = False, overwrite: bool = False, progress: bool | None = None,
 ) -> Manifest:
     """Write a copy of store ``src`` at ``dst`` in another layout, dtype or content. Returns the new manifest.
 
