@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..choices import Autocast, Compressor, Content, Dtype, Layout, NonFinite, Overflow
-from ..store import BYTES_PER_DTYPE, create_targets, default_rows
+from ..store import BYTES_PER_DTYPE, LAYOUTS, create_targets, default_rows, layout_class
 from ..store.base import MARKER_DIR, TargetWriter
 from ..store.files import atomic_write, join, url_to_fs
 from ..store.manifest import Manifest, ShardRecord
@@ -165,7 +165,7 @@ def precompute(
     url = os.fspath(out)
     if not (resume or overwrite):
         _refuse_existing(url, storage_options)
-    if pack_inputs and (layout or "wds") != "wds":
+    if pack_inputs and layout and not (layout in LAYOUTS and layout_class(layout).packs_inputs):
         raise ValueError(f"pack_inputs writes inputs into tar samples: it needs layout='wds', not {layout!r}")
     scheduler = resolve_scheduler(scheduler)
     local = scheduler == "local"

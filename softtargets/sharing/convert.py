@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .._version import __version__
 from ..choices import Content, Dtype, Overflow
 from ..math.temperature import reduce_teachers
-from ..store import TargetStore, TargetWriter, create_targets, infer_layout, open_targets
+from ..store import TargetStore, TargetWriter, create_targets, infer_layout, layout_class, open_targets
 from ..store.base import PENDING_NAME, delete_store
 from ..store.encoding import encode_logits
 from ..store.files import join, url_to_fs
@@ -172,20 +172,20 @@ def plan_layout(
     except to or from the one-row-per-sample wds layout (then block 1, or the layout's defaults).
     """
     layout = layout or infer_layout(dst)
-    sample = (sample_layout or (m.sample_layout if m.layout == "wds" else None) or "block") if layout == "wds" \
-        else None
-    was_sample = m.layout == "wds" and m.sample_layout == "sample"
+    src, dst_cls = layout_class(m.layout), layout_class(layout)
+    sample = dst_cls.sample_layout_of(sample_layout or src.sample_layout_of(m.sample_layout) or "block")
+    was_sample = src.sample_layout_of(m.sample_layout) == "sample"
     if shard_rows is None and block_rows is None:
-        if layout == "wds" and sample == "sample":
+        if sample == "sample":
             shard_rows, block_rows = m.shard_rows, 1
         elif not was_sample:
             shard_rows, block_rows = m.shard_rows, m.block_rows
-    elif block_rows is None and shard_rows is not None and not (layout == "wds" and sample == "sample"):
+    elif block_rows is None and shard_rows is not None and sample != "sample":
         block_rows = math.gcd(int(shard_rows), m.block_rows if not was_sample else int(shard_rows))
     if compressor is None:
-        compressor = m.extra.get("compressor", "none") if m.layout == "zarr" else "none"
+        compressor = src.compressor_of(m)
     return {"layout": layout, "sample_layout": sample, "shard_rows": shard_rows, "block_rows": block_rows,
-            "compressor": compressor if layout == "zarr" else "none"}
+            "compressor": compressor if dst_cls.compresses else "none"}
 
 
 def convert_store(

@@ -37,12 +37,13 @@ import numpy as np
 import zarr
 from tqdm.auto import tqdm
 
+from ..store import layout_class
 from ..store.base import MARKER_DIR, PENDING_NAME, read_manifest
 from ..store.encoding import NUMPY_STORAGE
 from ..store.files import is_local, join, link_outside, list_sizes, local_tree, unsafe_path, url_to_fs
 from ..store.manifest import MANIFEST_NAME, FileRecord, Manifest, ManifestError, ShardRecord
-from ..store.wds_layout import least_tar_bytes, npy_load, shard_name
-from ..store.zarr_layout import ARRAYS, _zarr_store, least_shard_bytes, shard_file
+from ..store.wds_layout import WdsStore, least_tar_bytes, npy_load, shard_name
+from ..store.zarr_layout import ARRAYS, ZarrStore, _zarr_store, least_shard_bytes, shard_file
 from ..store.zarr_shards import ShardFormat, chunks_digest, index_ends
 from .unique_keys import KeyChecker, str_array
 
@@ -410,7 +411,8 @@ class _WdsChecker(_Checker):
         return out[0] if out is not None else np.zeros(0, str)
 
 
-CHECKERS = {"zarr": _ZarrChecker, "wds": _WdsChecker}
+# Each layout's store class names the checker of its files (the format may not import this part).
+ZarrStore.checker, WdsStore.checker = _ZarrChecker, _WdsChecker
 
 
 def check_shard_table(m: Manifest) -> list[str]:
@@ -458,7 +460,10 @@ def verify_store(
         report.problems.append(Problem(manifest_url, f"unreadable ({e})"))
         return report
     report.layout, report.num_samples, report.num_shards = m.layout, m.num_samples, len(m.shards)
-    checker = CHECKERS[m.layout](url, fs, root, m, report)
+    checker_cls = layout_class(m.layout).checker
+    if checker_cls is None:
+        raise NotImplementedError(f"{url}: no checker is registered for the {m.layout} layout")
+    checker = checker_cls(url, fs, root, m, report)
     for msg in check_shard_table(m):
         checker.problem(MANIFEST_NAME, msg)
     _leftovers(checker)

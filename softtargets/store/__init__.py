@@ -1,6 +1,8 @@
 """Target stores: one writer/reader interface, two layouts (``zarr``, ``wds``).
 
-A new layout is one module here plus one entry in :data:`LAYOUTS`.
+A new layout is one module here plus one entry in :data:`LAYOUTS`: what the layout is (its read unit,
+whether it packs inputs, its manifest extras, its card recipes) lives on its store class, found with
+:func:`layout_class`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,14 @@ LAYOUTS: dict[str, tuple[type[TargetWriter], type[TargetStore]]] = {
     "zarr": (ZarrWriter, ZarrStore),
     "wds": (WdsWriter, WdsStore),
 }
+
+
+def layout_class(layout: str) -> type[TargetStore]:
+    """The store class of ``layout``, which says what the layout is (see :class:`TargetStore`)."""
+    parse_choice("layout", layout, Layout)
+    return LAYOUTS[layout][1]
+
+
 BYTES_PER_DTYPE = {"float32": 4, "float16": 2, "bfloat16": 2}
 # Default read unit ~4 MiB and shard ~128 MiB: big sequential reads, few files at 10^8 rows.
 BLOCK_BYTES = 4 << 20
@@ -129,22 +139,24 @@ def create_targets(
     if class_names is not None and len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
     row_bytes = BYTES_PER_DTYPE[dtype] * num_classes * (k if content == "per_teacher" else 1)
-    auto_block, auto_shard = default_rows(row_bytes, sample_layout if layout == "wds" else "block")
+    store_cls = layout_class(layout)
+    recorded = store_cls.sample_layout_of(sample_layout)  # None where the layout has no sample layout
+    auto_block, auto_shard = default_rows(row_bytes, recorded or "block")
     if num_samples:  # a small store gets small blocks, not one mostly-empty chunk
         fit = 1 << max(0, int(num_samples) - 1).bit_length()
         auto_block, auto_shard = min(auto_block, fit), min(auto_shard, fit)
     block_rows, shard_rows = _block_and_shard(block_rows, shard_rows, auto_block, auto_shard,
-                                              layout == "wds" and sample_layout == "sample")
+                                              recorded == "sample")
     if shard_rows % block_rows:
         raise ValueError(f"shard_rows={shard_rows} must be a multiple of block_rows={block_rows}")
     spec = Manifest(
         layout=layout, num_samples=int(num_samples or 0), num_classes=int(num_classes), content=content,
         num_teachers=k, dtype=dtype, shard_rows=shard_rows, block_rows=block_rows, teachers=infos,
         temperature=None if temperature is None else float(temperature), normalization=normalization,
-        overflow=overflow, sample_layout=sample_layout if layout == "wds" else None,
+        overflow=overflow, sample_layout=recorded,
         inputs=dict(inputs) if inputs else None, class_names=list(class_names) if class_names else None,
         transfer_set=transfer_set, lineage=list(lineage or []),
-        extra={"compressor": compressor} if layout == "zarr" else {},
+        extra=store_cls.manifest_extra(compressor),
     )
     mode = "overwrite" if overwrite else "resume" if resume else "create"
     writer_cls = LAYOUTS[layout][0]
@@ -219,5 +231,6 @@ def open_targets(
 
 __all__ = [
     "LAYOUTS", "ChecksumError", "StoreError", "TargetStore", "TargetWriter", "attach_writer", "check_rule",
-    "create_targets", "default_rows", "open_targets",
+    "create_targets", "default_rows", "layout_class",
+    "open_targets",
 ]

@@ -597,7 +597,43 @@ class TargetStore(ABC):
     "label": int}``; ``store[a:b]``, ``store[[i, j, ...]]`` -> ``{"index": int64 [B], "key":
     list[str], "logits": [B, C] or [B, K, C] in the stored dtype, "label": int64 [B]}``;
     ``store["key"]`` looks a sample up by key.
+
+    A layout's class also says what the layout is, so that no other module branches on its name:
+    ``grouped_units`` (read units are grouped by shard), ``packs_inputs`` (inputs can be written beside the
+    targets), ``compresses`` (a compressor is recorded in the manifest's ``extra``), ``checker`` (the class
+    ``softtargets verify`` checks the layout's files with; filled in by the sharing part), and the
+    classmethods below.
     """
+
+    grouped_units: ClassVar[bool] = False
+    packs_inputs: ClassVar[bool] = False
+    compresses: ClassVar[bool] = False
+    checker: ClassVar[type | None] = None
+
+    @classmethod
+    def sample_layout_of(cls, sample_layout: str | None) -> str | None:
+        """The ``sample_layout`` this layout records for the one asked for (``None``: it has none)."""
+        return None
+
+    @classmethod
+    def unit_rows(cls, block_rows: int, shard_rows: int, sample_layout: str | None) -> int:
+        """Rows per read unit of a store of this layout: its ``block_rows``."""
+        return block_rows
+
+    @classmethod
+    def manifest_extra(cls, compressor: str) -> dict[str, Any]:
+        """The layout's entries in a new manifest's ``extra``."""
+        return {"compressor": compressor} if cls.compresses else {}
+
+    @classmethod
+    def compressor_of(cls, m: Manifest) -> str:
+        """The compressor a store of this layout was written with (``none`` where the layout has none)."""
+        return m.extra.get("compressor", "none") if cls.compresses else "none"
+
+    @classmethod
+    def card_recipes(cls, m: Manifest, url: str) -> list[str]:
+        """The dataset card's sections on reading the store without softtargets."""
+        return []
 
     def __init__(
         self, url: str, manifest: Manifest, fs: fsspec.AbstractFileSystem, root: str, verify: VerifyMode = "lazy"

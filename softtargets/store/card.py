@@ -236,8 +236,9 @@ def dataset_card(m: Manifest, url: str, cwd: str | None = None) -> str:
     probs = ("store.probs([0, 1], temperature=4.0, rule=\"geometric\")" if m.content != "arithmetic" else
              f"store.probs([0, 1], temperature={m.temperature!r}, rule=\"arithmetic\")  # exact at T0 only")
     url = URL_PLACEHOLDER
-    plain = [f"### Plain zarr\n\n{zarr_recipe(m, url)}", f"### dask.array\n\n{dask_recipe(m, url)}"] \
-        if m.layout == "zarr" else [f"### Plain webdataset\n\n{wds_recipe(m, url)}"]
+    from . import layout_class  # the layouts import this module for its recipes
+
+    plain = layout_class(m.layout).card_recipes(m, url)
     return f"""{front_matter(m)}
 
 # Soft-target store{': ' + ts['name'] if ts.get('name') else ''}

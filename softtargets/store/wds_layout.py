@@ -35,11 +35,15 @@ import webdataset as wds
 
 from ..choices import SampleLayout, VerifyMode, parse_choice
 from .base import ShardStream, StoreError, TargetStore, TargetWriter
+from .card import wds_recipe
 from .encoding import NUMPY_STORAGE
 from .files import atomic_write, file_record, is_local, join
 from .lru import Lru
 from .manifest import FileRecord, Manifest, ShardRecord
 from .mapped import MappedFiles
+
+# A one-row-per-sample store is read in runs of up to this many rows.
+SAMPLE_LAYOUT_UNIT_ROWS = 256
 
 
 def shard_name(shard_id: int) -> str:
@@ -253,6 +257,25 @@ class WdsStore(TargetStore):
     """A finished WebDataset store: each shard is read whole, checked, and decoded once."""
 
     cache_shards = 2
+    grouped_units = True
+    packs_inputs = True
+
+    @classmethod
+    def sample_layout_of(cls, sample_layout: str | None) -> str | None:
+        """The ``sample_layout`` asked for: a wds store holds many rows per tar sample, or one."""
+        return sample_layout
+
+    @classmethod
+    def unit_rows(cls, block_rows: int, shard_rows: int, sample_layout: str | None) -> int:
+        """Rows per read unit: ``block_rows``; for ``sample`` stores, runs of up to 256 rows."""
+        if sample_layout == "sample":
+            return max(block_rows, min(shard_rows, SAMPLE_LAYOUT_UNIT_ROWS))
+        return block_rows
+
+    @classmethod
+    def card_recipes(cls, m: Manifest, url: str) -> list[str]:
+        """Reading the store with webdataset alone."""
+        return [f"### Plain webdataset\n\n{wds_recipe(m, url)}"]
 
     def __init__(self, url: str, manifest: Manifest, fs: Any, root: str, verify: VerifyMode = "lazy"):
         self._cache: Lru[int, dict[str, Any]] = Lru(self.cache_shards)

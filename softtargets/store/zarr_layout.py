@@ -39,6 +39,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from ..errors import ChecksumError, StoreError
 from .base import ShardStream, TargetStore, TargetWriter
+from .card import dask_recipe, zarr_recipe
 from .encoding import NUMPY_STORAGE
 from .files import atomic_write, file_record, flush_and_close, is_local, join
 from .manifest import FileRecord, Manifest, ShardRecord
@@ -235,6 +236,12 @@ class ZarrStore(TargetStore):
     """A finished Zarr store, read through zarr (local files, or any fsspec URL)."""
 
     meta_cache_bytes = 256 << 20
+    compresses = True
+
+    @classmethod
+    def card_recipes(cls, m: Manifest, url: str) -> list[str]:
+        """Reading the store with zarr alone, and with dask.array."""
+        return [f"### Plain zarr\n\n{zarr_recipe(m, url)}", f"### dask.array\n\n{dask_recipe(m, url)}"]
 
     def __init__(self, url: str, manifest: Manifest, fs: Any, root: str, verify: str = "lazy"):
         self._meta: dict[int, tuple[np.ndarray, np.ndarray]] = {}

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..background import ahead, in_background, in_order, prefetched
 from ..choices import JoinBy, Remainder
-from ..store import TargetStore
+from ..store import TargetStore, layout_class
 from ..store.encoding import TORCH_DTYPES
 from .inputs import DatasetJoin, Decoder, collate_packed
 from .plan import EpochPlan, SplitConfig, Units, batches_per_rank, unit_rows_for
@@ -96,9 +96,10 @@ class TargetStream(IterableDataset):
             batch_size=batch_size, world_size=self.world_size, seed=int(seed), shuffle=bool(shuffle),
             remainder=remainder, drop_last=bool(drop_last), window=window,
         )
+        layout = layout_class(m.layout)
         unit_rows = unit_rows_for(m.layout, m.block_rows, m.shard_rows, m.sample_layout)
-        self.units = Units.from_shards([(s.start, s.rows) for s in m.shards], unit_rows, grouped=m.layout == "wds")
-        self.packed = bool(inputs and m.inputs and m.layout == "wds")
+        self.units = Units.from_shards([(s.start, s.rows) for s in m.shards], unit_rows, grouped=layout.grouped_units)
+        self.packed = bool(inputs and m.inputs and layout.packs_inputs)
         self.decode = decode
         self._logits_dtype = TORCH_DTYPES[m.dtype]
         if dataset is not None and self.packed:

@@ -40,10 +40,10 @@ import numpy as np
 
 from ..choices import Remainder, choices, parse_choice
 from ..forksafe import cached_once
+from ..store import layout_class
 
 REMAINDERS = choices(Remainder)
 RAMP = 8  # an epoch's first window holds 1/RAMP of a full one (see step 4)
-SAMPLE_LAYOUT_UNIT_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -81,10 +81,8 @@ def _cat(parts: list[np.ndarray]) -> np.ndarray:
 
 
 def unit_rows_for(layout: str, block_rows: int, shard_rows: int, sample_layout: str | None) -> int:
-    """Rows per read unit for a store: its ``block_rows``; for wds ``sample`` stores, runs of up to 256 rows."""
-    if layout == "wds" and sample_layout == "sample":
-        return max(block_rows, min(shard_rows, SAMPLE_LAYOUT_UNIT_ROWS))
-    return block_rows
+    """Rows per read unit for a store: what its layout says (:meth:`~softtargets.store.TargetStore.unit_rows`)."""
+    return layout_class(layout).unit_rows(block_rows, shard_rows, sample_layout)
 
 
 @dataclass(frozen=True)
