@@ -23,7 +23,7 @@ from tests.teacher_zoo import mlp
 
 FACTORY = "tests.teacher_zoo:mlp"
 KWARGS = {"in_features": 6, "num_classes": 4, "hidden": 16}
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -305,7 +305,7 @@ def test_existing_output_is_refused_and_left_alone(tmp_path, client):
 
 
 def test_unreproducible_factory_is_refused_on_the_worker(tmp_path, client):
-    spec = [{"name": "random", "factory": "tests.test_precompute:unseeded_linear"}]
+    spec = [{"name": "random", "factory": "tests.precompute.test_precompute:unseeded_linear"}]
     with pytest.raises(ValueError, match="other weights .* factory is not deterministic"):
         run(spec, Synthetic(), tmp_path / "t.zarr", client)
 

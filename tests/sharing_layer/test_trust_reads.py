@@ -15,8 +15,8 @@ import pytest
 import softtargets as st
 from softtargets.sharing.verify import verify_store
 
-from .sharing import data_file, make_store
-from .store_data import LAYOUTS
+from ..sharing import data_file, make_store
+from ..store_data import LAYOUTS
 
 N = 64  # two shards of 32 rows, inner chunks / blocks of 8
 

@@ -13,9 +13,9 @@ import softtargets as st
 from softtargets.sharing.inspect import inspect_store
 from softtargets.sharing.verify import verify_store
 
-from .http_server import serve_directory
-from .sharing import all_rows, assert_same_rows, data_file, flip_byte, make_store, tree_state
-from .store_data import LAYOUTS
+from ..http_server import serve_directory
+from ..sharing import all_rows, assert_same_rows, data_file, flip_byte, make_store, tree_state
+from ..store_data import LAYOUTS
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,10 @@ from torch.utils.data import Dataset
 import softtargets as st
 from softtargets.cli import main
 from softtargets.precompute.teachers import TeacherLoadError, fingerprint, load_teachers
+from tests.cli.test_precompute_config import D, N, write_config
 from tests.sharing import data_file, flip_byte, make_store, run_cli
 from tests.store_data import write_packed
 from tests.teacher_zoo import mlp
-from tests.test_precompute_config import D, N, write_config
 
 # ---------------------------------------------------------------------------------------------- helpers
 
@@ -149,7 +149,7 @@ def test_cuda_without_cuda_is_one_line(tmp_path, capsys):
 
 def test_non_tensor_dataset_item_is_one_line(tmp_path, capsys):
     config, _, _ = write_config(tmp_path)
-    edit(config, 'webdataset = "inputs-{000..000}.tar"', 'factory = "tests.test_trust_cli:string_items"')
+    edit(config, 'webdataset = "inputs-{000..000}.tar"', 'factory = "tests.cli.test_trust_cli:string_items"')
     rc, _, err = run_cli(["precompute", config, "--quiet"], capsys)
     line = assert_one_line_error(rc, err, "item 0 (key '0') of StringItems", "str", "tensor")
     assert line.startswith("softtargets precompute: error: ")
@@ -157,7 +157,7 @@ def test_non_tensor_dataset_item_is_one_line(tmp_path, capsys):
 
 def test_non_tensor_item_in_a_dataloader_worker_is_one_line(tmp_path, capsys):
     config, _, _ = write_config(tmp_path)
-    edit(config, 'webdataset = "inputs-{000..000}.tar"', 'factory = "tests.test_trust_cli:late_string_item"')
+    edit(config, 'webdataset = "inputs-{000..000}.tar"', 'factory = "tests.cli.test_trust_cli:late_string_item"')
     edit(config, "num_workers = 0", "num_workers = 1")
     rc, _, err = run_cli(["precompute", config, "--quiet"], capsys)
     line = assert_one_line_error(rc, err, "item 5 (key '5') of LateStringItem", "got str")
@@ -264,7 +264,7 @@ def test_config_schemas_are_valid_and_shipped():
     for name in ("precompute-config", "train-config"):
         schema = config_schema(name)
         jsonschema.validators.validator_for(schema).check_schema(schema)
-    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     assert '"schemas" = "softtargets/schemas"' in text
 
 
@@ -370,10 +370,10 @@ def test_debug_raises_with_the_traceback(tmp_path, capsys, monkeypatch):
 
 def test_errors_from_user_code_are_one_line(tmp_path, capsys):
     config, _, _ = write_config(tmp_path)
-    edit(config, 'webdataset = "inputs-{000..000}.tar"', 'factory = "tests.test_trust_cli:keyerror_dataset"')
+    edit(config, 'webdataset = "inputs-{000..000}.tar"', 'factory = "tests.cli.test_trust_cli:keyerror_dataset"')
     rc, _, err = run_cli(["precompute", config, "--quiet"], capsys)
     assert_one_line_error(rc, err, "KeyError", "'split'")
-    edit(config, 'factory = "tests.test_trust_cli:keyerror_dataset"', 'factory = "tests.test_trust_cli:broken"')
+    edit(config, 'factory = "tests.cli.test_trust_cli:keyerror_dataset"', 'factory = "tests.cli.test_trust_cli:broken"')
     rc, _, err = run_cli(["precompute", config, "--quiet"], capsys)
     assert_one_line_error(rc, err, "ZeroDivisionError", "--debug")
 

@@ -16,7 +16,7 @@ from softtargets.streaming.train import TrainConfig, train
 from tests.store_data import linear_teachers, write_packed
 
 N, D, C = 256, 8, 5
-EXAMPLE = Path(__file__).resolve().parents[1] / "pipelines" / "train_example"
+EXAMPLE = Path(__file__).resolve().parents[2] / "pipelines" / "train_example"
 
 
 class FlakyLinear(nn.Linear):
@@ -43,7 +43,7 @@ def packed_store(tmp_path_factory) -> Path:
 
 
 def config(store: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(store=str(store), student="tests.test_train:FlakyLinear", out=str(out),
+    base = dict(store=str(store), student="tests.streaming.test_train:FlakyLinear", out=str(out),
                 student_kwargs={"in_features": D, "out_features": C}, temperature=2.0, alpha=0.8,
                 epochs=4, batch_size=32, lr=0.05, seed=0)
     return TrainConfig(**{**base, **kw})

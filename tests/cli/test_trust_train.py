@@ -12,9 +12,9 @@ from torch import nn
 
 import softtargets as st
 from softtargets.cli import main
+from tests.cli.test_precompute_config import write_config
 from tests.store_data import linear_teachers, write_packed
 from tests.teacher_zoo import mlp
-from tests.test_precompute_config import write_config
 
 N, D, C = 256, 8, 5
 BAR = re.compile(r"\[\d\d:\d\d")  # tqdm's "[elapsed<remaining, rate]": in every bar, in no summary or log line
@@ -149,7 +149,7 @@ def crash_precompute(config: Path, *flags: str) -> None:
 
 def test_precompute_after_resume_counts_only_the_rows_it_computed(tmp_path, capsys):
     config, _, _ = write_config(tmp_path)  # 40 rows, shards of 16: 16 + 16 + 8
-    config.write_text(config.read_text().replace("tests.teacher_zoo:mlp", "tests.test_trust_train:tripwire_mlp"))
+    config.write_text(config.read_text().replace("tests.teacher_zoo:mlp", "tests.cli.test_trust_train:tripwire_mlp"))
     crash_precompute(config)
     assert "simulated crash" in capsys.readouterr().err
     assert main(["precompute", str(config), "--quiet", "--resume"]) == 0

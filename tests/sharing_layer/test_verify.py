@@ -13,7 +13,7 @@ from softtargets.cli import main
 from softtargets.sharing.unique_keys import KeyChecker, hash_keys
 from softtargets.sharing.verify import verify_store
 
-from .sharing import data_file, edit_manifest, flip_byte, make_store, sample_keys, truncate
+from ..sharing import data_file, edit_manifest, flip_byte, make_store, sample_keys, truncate
 
 LAYOUTS = ("zarr", "wds")
 

@@ -20,9 +20,9 @@ from softtargets.math.losses import DistillationLoss, distillation_loss, kd_loss
 from softtargets.streaming import JoinMismatchError
 from softtargets.streaming.joined import with_targets
 
-from .sharing import C, K, N, all_rows, labels, make_store, sample_keys
+from ..sharing import C, K, N, all_rows, labels, make_store, sample_keys
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 # -- the README's plain-webdataset recipe reads arrays, never pickles -----------------------------------------
 

@@ -13,7 +13,7 @@ from softtargets.sharing.combine import merge_stores, subset_store
 from softtargets.sharing.convert import convert_store
 from softtargets.sharing.verify import verify_store
 
-from .sharing import all_rows, assert_same_rows, bits, make_store, run_cli, sample_keys
+from ..sharing import all_rows, assert_same_rows, bits, make_store, run_cli, sample_keys
 
 OTHER = {"zarr": "wds", "wds": "zarr"}
 

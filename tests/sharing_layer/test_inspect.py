@@ -16,7 +16,7 @@ from softtargets.sharing.convert import convert_store
 from softtargets.sharing.inspect import inspect_store
 from softtargets.store.card import URL_PLACEHOLDER
 
-from .sharing import C, K, all_rows, bits, make_store, softmax
+from ..sharing import C, K, all_rows, bits, make_store, softmax
 
 
 def entropy(p: np.ndarray) -> np.ndarray:

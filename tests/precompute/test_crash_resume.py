@@ -3,7 +3,7 @@ processes, its driver killed with SIGKILL mid-run, then resumed while a worker p
 mid-task; the finished store must equal an uninterrupted run's, byte for byte.
 
 The teacher and dataset factories below are imported by path from the configs
-("tests.test_crash_resume:slow_mlp"), in the CLI's process and in its dask workers.
+("tests.precompute.test_crash_resume:slow_mlp"), in the CLI's process and in its dask workers.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from softtargets.precompute import precompute
 from softtargets.store import open_targets
 from softtargets.store.manifest import ManifestError
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 N, D, C, K = 512, 16, 10, 3
 SHARD_ROWS, BATCH = 64, 32  # 8 shards of 2 batches
 
@@ -78,7 +78,7 @@ def synthetic(n: int = N, crash_flag: str | None = None, crash_row: int = -1) ->
 
 def write_config(path: pathlib.Path, out: str, delay: float, dataset_kwargs: str = "") -> pathlib.Path:
     teachers = "".join(
-        f'[[teachers]]\nname = "t{k}"\nfactory = "tests.test_crash_resume:slow_mlp"\n'
+        f'[[teachers]]\nname = "t{k}"\nfactory = "tests.precompute.test_crash_resume:slow_mlp"\n'
         f"kwargs = {{ seed = {k}, delay = {delay} }}\n\n" for k in range(K)
     )
     path.write_text(f"""batch_size = {BATCH}
@@ -90,7 +90,7 @@ content = "per_teacher"
 shard_rows = {SHARD_ROWS}
 
 [transfer_set]
-factory = "tests.test_crash_resume:synthetic"
+factory = "tests.precompute.test_crash_resume:synthetic"
 kwargs = {{ n = {N}{dataset_kwargs} }}
 name = "synthetic"
 
