@@ -236,6 +236,7 @@ class _ShardWriterThread(threading.Thread):
             part.nonfinite.update(runner._nonfinite(item))
         rows = len(item.keys)
         if part.stream is None:
+            assert part.logits is not None  # not streamed: the shard's rows are kept in part.logits
             out = part.logits[part.rows:part.rows + rows]
         else:
             if self._encoded is None or self._encoded.shape[0] < rows:
@@ -396,7 +397,8 @@ class ShardRunner:
             self._batches[:] = batches  # the loader's batch sampler, read at each iter()
             if self._dataloader is None:
                 self._dataloader = DataLoader(
-                    _BatchFetcher(self.transfer_set), sampler=self._batches, batch_size=None, collate_fn=_as_is,
+                    _BatchFetcher(self.transfer_set), sampler=self._batches, batch_size=None,
+                    collate_fn=_as_is,  # type: ignore[arg-type]  # batch_size=None: gets items; stub assumes lists
                     num_workers=self._workers, persistent_workers=True, pin_memory=cuda,
                 )
             fetched = iter(self._dataloader)  # forks the workers (first call) or resets them
@@ -437,6 +439,7 @@ class ShardRunner:
     def _nonfinite(self, item: _Item) -> dict[str, list[str]]:
         """``{key: [teacher names]}`` of the batch's non-finite rows, or :class:`NonFiniteError`."""
         found: dict[str, list[str]] = {}
+        assert item.bad is not None  # called only for checked batches
         for row, k in item.bad.nonzero().tolist():
             found.setdefault(item.keys[row], []).append(self.teachers[k].name)
         if self.options.nonfinite == "error":
@@ -457,16 +460,27 @@ class ShardRunner:
             return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
         first = group[0]
+        logits: list[torch.Tensor] = []
+        bad: list[torch.Tensor] = []
+        xs: list[torch.Tensor] = []
         for it in group:
             it.event.synchronize()
+            # CUDA items: reduced and checked on the device; x packed in all of them or none
+            assert isinstance(it.logits, torch.Tensor) and it.bad is not None
+            logits.append(it.logits)
+            bad.append(it.bad)
+            if first.x is not None:
+                assert it.x is not None
+                xs.append(it.x)
         return _Item(first.shard, list(itertools.chain.from_iterable(it.keys for it in group)),
-                     joined([it.logits for it in group]), joined([it.bad for it in group]),
-                     joined([it.labels for it in group]), None if first.x is None else joined([it.x for it in group]))
+                     joined(logits), joined(bad),
+                     joined([it.labels for it in group]), None if first.x is None else joined(xs))
 
     def _reduce(self, item: _Item) -> tuple[_Item, torch.Tensor, torch.Tensor | None]:
         """A CPU batch reduced for the store (and checked, with ``nonfinite="uniform"``; with ``"error"``
         NaN/Inf are looked for only when encoding refuses the result: they survive every reduction).
         Returns it, its teachers' logits ``[B, K, C]`` float32 and the pooled buffer holding them (or None)."""
+        assert isinstance(item.logits, list)  # a CPU batch: the K teachers' outputs
         teachers, buffer = self._gather(item.logits)
         bad = _nonfinite_rows(teachers, "uniform") if self.options.nonfinite == "uniform" else None
         logits = reduce_teachers(teachers, self.spec.content, self.spec.temperature or 1.0)
@@ -494,7 +508,10 @@ class ShardRunner:
     def _encode(self, item: _Item, part: _Part, out: np.ndarray) -> None:
         """Check and encode ``item`` for the store (``TargetWriter.encode``; stored logits into ``out``) and add
         it to ``part``."""
-        inputs = [{INPUT_MEMBER: x.numpy()} for x in item.x] if self.options.pack_inputs else None
+        inputs: list[dict[str, Any]] | None = None
+        if self.options.pack_inputs:
+            assert item.x is not None  # packed: _forward kept the inputs
+            inputs = [{INPUT_MEMBER: x.numpy()} for x in item.x]
         _, keys, labels = self.writer.encode(item.keys, item.logits, item.labels, inputs, out=out)
         if part.stream is not None:
             part.stream.append(out, labels, keys, inputs)

@@ -61,7 +61,7 @@ Unpack = Callable[[Any], tuple[Any, Any, "str | None"]]
 class Sample(NamedTuple):
     """One transfer-set sample: ``x`` is a tensor of the sample's own shape ``[...]``."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # public field name; shadows tuple.index by design
     key: str
     x: torch.Tensor
     label: int
@@ -429,7 +429,7 @@ def _index_shard(url: str, shard: int) -> list[_Entry]:
         plain = _is_plain_tar(f)
         with tarfile.open(fileobj=f, mode="r|" if plain else "r|*") as tar:
             for info in tar:
-                tar.members = []  # stream mode would otherwise keep every TarInfo
+                tar.members = []  # type: ignore[attr-defined]  # typeshed omits TarFile.members; stream mode would otherwise keep every TarInfo
                 if not info.isreg() or _META.match(info.name):
                     continue
                 match = _KEY_EXT.match(info.name)
@@ -443,7 +443,9 @@ def _index_shard(url: str, shard: int) -> list[_Entry]:
                 if plain:
                     entries[-1].members[ext] = (info.offset_data, info.size)
                 else:
-                    entries[-1].members[ext] = tar.extractfile(info).read()
+                    member = tar.extractfile(info)
+                    assert member is not None  # info.isreg() was checked above
+                    entries[-1].members[ext] = member.read()
     return entries
 
 
