@@ -30,13 +30,17 @@ import dataclasses
 import hashlib
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import zarr
 import zarr.storage
-from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ShardingCodec, ZstdCodec
+from zarr.core.array_spec import ArrayConfigParams
+from zarr.core.chunk_grids import RegularChunkGrid
+from zarr.core.metadata import ArrayV3Metadata
 
+from ..choices import VerifyMode
 from ..errors import ChecksumError, StoreError
 from .base import ShardStream, TargetStore, TargetWriter
 from .card import dask_recipe, zarr_recipe
@@ -54,7 +58,8 @@ COMPRESSORS = {
 }
 KEYS_COMPRESSOR = ZstdCodec(level=0, checksum=False)  # zarr's default for strings
 # Write and read every chunk, including those equal to the fill value, so each shard is one file.
-ARRAY_CONFIG = {"write_empty_chunks": True}
+# zarr takes a partial config (its TypedDict is total; parse_array_config fills the defaults).
+ARRAY_CONFIG: ArrayConfigParams = {"write_empty_chunks": True}  # type: ignore[typeddict-item]
 # Reader-side cache of whole shards' keys and labels (a key as a Python str ~ 70 bytes, a label 8).
 META_BYTES_PER_ROW = 80
 
@@ -72,9 +77,22 @@ def least_shard_bytes(fmt: ShardFormat | None, rows: int) -> int | None:
     return -(-rows // fmt.chunk_rows) * fmt.chunk_rows * fmt.dtype.itemsize * int(np.prod(fmt.trailing, dtype=np.int64))
 
 
+def _array(group: zarr.Group, name: str) -> zarr.Array:
+    """Member ``name`` of ``group``, an array (``KeyError`` where there is none)."""
+    arr = group[name]
+    if not isinstance(arr, zarr.Array):
+        raise StoreError(f"{name} is a group, not an array; not a softtargets store?")
+    return arr
+
+
 def _chunks_per_shard(arr: zarr.Array) -> int:
     """Index entries of ``arr``'s shard files (sharded along axis 0 only)."""
-    return arr.metadata.chunk_grid.chunk_shape[0] // arr.metadata.codecs[0].chunk_shape[0]
+    meta = arr.metadata
+    # Arrays softtargets writes: zarr v3, a regular grid of shards, the sharding codec first.
+    assert isinstance(meta, ArrayV3Metadata) and isinstance(meta.chunk_grid, RegularChunkGrid)
+    codec = meta.codecs[0]
+    assert isinstance(codec, ShardingCodec)
+    return meta.chunk_grid.chunk_shape[0] // codec.chunk_shape[0]
 
 
 def _zarr_store(fs: Any, root: str, read_only: bool) -> Any:
@@ -129,7 +147,7 @@ class _ShardStream(ShardStream):
 class ZarrWriter(TargetWriter):
     layout = "zarr"
 
-    def _group(self, mode: str) -> zarr.Group:
+    def _group(self, mode: Literal["w", "r+"]) -> zarr.Group:
         return zarr.open_group(_zarr_store(self.fs, self.root, read_only=False), mode=mode)
 
     def _create_layout(self) -> None:
@@ -168,7 +186,7 @@ class ZarrWriter(TargetWriter):
 
     def _open_layout(self) -> None:
         group = self._group("r+")
-        self._use_arrays({name: group[name] for name in ARRAYS})
+        self._use_arrays({name: _array(group, name) for name in ARRAYS})
 
     def _use_arrays(self, arrays: dict[str, zarr.Array]) -> None:
         """Write through ``arrays``. ``with_config`` keeps write_empty_chunks (one file per shard, always;
@@ -178,7 +196,7 @@ class ZarrWriter(TargetWriter):
 
     def _read_shard_keys(self, shard_id: int) -> list[str]:
         start, stop = self.spec.shard_range(shard_id)
-        return self._arrays["keys"][start:stop].tolist()
+        return np.asarray(self._arrays["keys"][start:stop]).tolist()
 
     def _shard_files(self, shard_id: int) -> list[str]:
         return [shard_file(name, self._arrays[name], shard_id) for name in ARRAYS]
@@ -208,8 +226,8 @@ class ZarrWriter(TargetWriter):
     def shard_stream(self, shard_id: int) -> _ShardStream | None:
         """Local stores of a known size, in formats softtargets writes itself: the shard's files are written as
         its rows arrive (a big shard then costs the writer a few MB at a time, not all at its end)."""
-        formats = [self._formats[name] for name in ARRAYS]
-        if None in formats or not is_local(self.fs) or not self.fixed_rows:
+        formats = [f for f in (self._formats[name] for name in ARRAYS) if f is not None]
+        if len(formats) < len(ARRAYS) or not is_local(self.fs) or not self.fixed_rows:
             return None
         rels = self._shard_files(shard_id)
         paths = [self.fs._strip_protocol(self._path(rel)) for rel in rels]
@@ -243,7 +261,7 @@ class ZarrStore(TargetStore):
         """Reading the store with zarr alone, and with dask.array."""
         return [f"### Plain zarr\n\n{zarr_recipe(m, url)}", f"### dask.array\n\n{dask_recipe(m, url)}"]
 
-    def __init__(self, url: str, manifest: Manifest, fs: Any, root: str, verify: str = "lazy"):
+    def __init__(self, url: str, manifest: Manifest, fs: Any, root: str, verify: VerifyMode = "lazy"):
         self._meta: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._meta_bytes = 0
         self._maps = MappedFiles()
@@ -260,7 +278,7 @@ class ZarrStore(TargetStore):
         _refuse_ignored_ranges(self.fs, self.root, self._file_url("zarr.json"))
         group = zarr.open_group(_zarr_store(self.fs, self.root, read_only=True), mode="r")
         try:
-            self.arrays = {name: group[name] for name in ARRAYS}
+            self.arrays = {name: _array(group, name) for name in ARRAYS}
         except KeyError as e:
             raise StoreError(f"{self._file_url('zarr.json')}: the group lacks array {e}; not a softtargets store?") \
                 from None
@@ -273,8 +291,11 @@ class ZarrStore(TargetStore):
     def _check_array(self, name: str, arr: zarr.Array) -> None:
         """Array ``name``'s metadata agrees with the manifest (one :class:`StoreError` naming both)."""
         m = self.manifest
-        shape, dtype = {"logits": (m.logits_shape, NUMPY_STORAGE[m.dtype]), "labels": ((m.num_samples,), np.int64),
-                        "keys": ((m.num_samples,), None)}[name]
+        expected: dict[str, tuple[tuple[int, ...], Any]] = {
+            "logits": (m.logits_shape, NUMPY_STORAGE[m.dtype]), "labels": ((m.num_samples,), np.int64),
+            "keys": ((m.num_samples,), None),
+        }
+        shape, dtype = expected[name]
         found = {"shape": tuple(arr.shape), "shard rows": (arr.shards or arr.chunks)[0], "chunk rows": arr.chunks[0]}
         want = {"shape": tuple(shape), "shard rows": m.shard_rows, "chunk rows": m.block_rows}
         if dtype is not None:
@@ -329,6 +350,7 @@ class ZarrStore(TargetStore):
             super()._check_file(shard_id, f, blob)
         if not chunked:
             return
+        assert shard_format is not None  # chunked
         if len(blob) != f.bytes:
             raise StoreError(f"{self._file_url(f.path)}: {len(blob)} bytes, the manifest says {f.bytes}")
         if file_chunks_digest(blob, shard_format.chunks_per_shard) != f.chunks_sha256:
@@ -349,6 +371,7 @@ class ZarrStore(TargetStore):
         if todo is None:
             return
         shard_format = self._formats[name]
+        assert shard_format is not None  # rel is in self._files: arrays with a format only
         self._check_chunk_ids(rel, shard_format, shard_id, buf, list(shard_format.chunks_of(lo, hi)), todo)
 
     def _check_chunk_ids(self, rel: str, shard_format: ShardFormat, shard_id: int, buf: np.ndarray, ids: list[int],
@@ -374,7 +397,9 @@ class ZarrStore(TargetStore):
     def _decoded(self, name: str, shard_id: int, maps: dict[str, np.ndarray]) -> np.ndarray | None:
         if name not in maps:
             return None
-        return self._formats[name].read(maps[name], self.manifest.shards[shard_id].rows)
+        shard_format = self._formats[name]
+        assert shard_format is not None  # maps holds the files of arrays with a format only
+        return shard_format.read(maps[name], self.manifest.shards[shard_id].rows)
 
     def _shard_meta(self, shard_id: int) -> tuple[np.ndarray, np.ndarray] | None:
         """``(keys, labels)`` of a whole shard, kept once read (decoding a shard's keys costs as much as
@@ -391,8 +416,8 @@ class ZarrStore(TargetStore):
             self._check_chunks(name, shard_id, maps[name], 0, s.rows)
         keys, labels = self._decoded("keys", shard_id, maps), self._decoded("labels", shard_id, maps)
         meta = (
-            self.arrays["keys"][s.start:s.stop].astype(object) if keys is None else keys,
-            self.arrays["labels"][s.start:s.stop] if labels is None else labels,
+            np.asarray(self.arrays["keys"][s.start:s.stop]).astype(object) if keys is None else keys,
+            np.asarray(self.arrays["labels"][s.start:s.stop]) if labels is None else labels,
         )
         self._meta[shard_id] = meta
         self._meta_bytes += cost
@@ -407,14 +432,16 @@ class ZarrStore(TargetStore):
         if meta is not None:
             keys, labels = meta[0][lo:hi], meta[1][lo:hi]
         else:
-            keys, labels = self.arrays["keys"][a:b].astype(object), self.arrays["labels"][a:b]
+            keys, labels = np.asarray(self.arrays["keys"][a:b]).astype(object), np.asarray(self.arrays["labels"][a:b])
         rows = self.manifest.shards[shard_id].rows
         logits = None
         if "logits" in maps:
             self._check_chunks("logits", shard_id, maps["logits"], lo, hi)
-            logits = self._formats["logits"].read(maps["logits"], rows, lo, hi)
+            logits_format = self._formats["logits"]
+            assert logits_format is not None  # maps holds the files of arrays with a format only
+            logits = logits_format.read(maps["logits"], rows, lo, hi)
         if logits is None:
-            logits = self.arrays["logits"][a:b]
+            logits = np.asarray(self.arrays["logits"][a:b])
         return {"key": keys, "logits": logits, "label": labels}
 
     def _read_keys(self, shard_id: int) -> list[str]:
