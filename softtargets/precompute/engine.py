@@ -33,7 +33,7 @@ from .options import (
     resolve_device,
 )
 from .runner import ShardRunner, run_shard_task
-from .teachers import TeacherSpec, load_teachers, num_classes_of
+from .teachers import TeacherSpec, load_teachers, module_device, num_classes_of
 from .transfer import TransferSet, check_unique_keys
 
 __all__ = ["precompute"]
@@ -223,8 +223,15 @@ def precompute(
         if not todo:
             records: list[ShardRecord] = []
         elif local:
-            runner = ShardRunner(loaded, ts, writer, options)
-            records = runner.run(todo, on_rows=update, prepare=prepare if defer else None)
+            # The runner moves the caller's modules to the device; they go back where they were afterwards.
+            homes = [module_device(t.module) for t in loaded]
+            try:
+                runner = ShardRunner(loaded, ts, writer, options)
+                records = runner.run(todo, on_rows=update, prepare=prepare if defer else None)
+            finally:
+                for t, home in zip(loaded, homes, strict=True):
+                    if home is not None:
+                        t.module.to(home)
         else:
             from .cluster import map_shards
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import pickle
 from collections.abc import Callable, Mapping, Sequence
@@ -400,7 +401,11 @@ def load_teachers(specs: Sequence[TeacherSpec]) -> list[Teacher]:
 
 
 def _output_classes(teacher: Teacher, example_input: torch.Tensor) -> int:
-    """Run ``teacher`` once on ``example_input [B, ...]`` and return C of its ``[B, C]`` logits."""
+    """Run ``teacher`` once on ``example_input [B, ...]`` (moved to the module's device) and return C of its
+    ``[B, C]`` logits."""
+    device = module_device(teacher.module)
+    if device is not None and example_input.device != device:
+        example_input = example_input.to(device)
     with torch.inference_mode():
         out = teacher.module(example_input)
     if not isinstance(out, torch.Tensor):
@@ -414,6 +419,13 @@ def _output_classes(teacher: Teacher, example_input: torch.Tensor) -> int:
         raise ValueError(f"teacher {teacher.name!r} returned dtype {out.dtype}; "
                          "logits must be floating point")
     return int(out.shape[1])
+
+
+def module_device(module: nn.Module) -> torch.device | None:
+    """The device of ``module``'s first parameter or buffer; ``None`` for a module with neither."""
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        return tensor.device
+    return None
 
 
 def num_classes_of(teachers: Sequence[Teacher], example_input: torch.Tensor) -> int:

@@ -131,8 +131,9 @@ def client():
 
 
 def run(teachers, ds, out, scheduler, **kw):
-    """precompute with this file's shard and batch sizes; ``scheduler``: the cluster's client or "local"."""
-    kw = {"shard_rows": SHARD, "batch_size": BATCH, "num_workers": 0, "progress": False, **kw}
+    """precompute with this file's shard and batch sizes; ``scheduler``: the cluster's client or "local". On the
+    CPU by default: the tests compare bits with :func:`direct`, which runs the teachers on the CPU."""
+    kw = {"shard_rows": SHARD, "batch_size": BATCH, "num_workers": 0, "progress": False, "device": "cpu", **kw}
     return precompute(teachers, ds, out, scheduler=scheduler, **kw)
 
 
@@ -312,13 +313,27 @@ def test_unreproducible_factory_is_refused_on_the_worker(tmp_path, client):
 
 def test_fp16_autocast_is_refused_on_cpu_and_bf16_runs(tmp_path, client):
     with pytest.raises(ValueError, match="autocast='fp16' needs a CUDA device"):
-        run(ensemble(1), Synthetic(), tmp_path / "a.zarr", "local", autocast="fp16")
+        run(ensemble(1), Synthetic(), tmp_path / "a.zarr", "local", autocast="fp16", device="cpu")
     assert not (tmp_path / "a.zarr").exists()
     m = run(ensemble(1), Synthetic(), tmp_path / "b.zarr", "local", autocast="bf16", dtype="float32")
     assert m.extra["precompute"]["autocast"] == "bf16"
     bf16 = open_targets(tmp_path / "b.zarr")[:]["logits"]
     exact = torch.from_numpy(direct(ensemble(1), Synthetic(), "per_teacher", None, "float32"))
     assert not torch.equal(bf16, exact) and torch.allclose(bf16, exact, atol=0.1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("autocast", [None, "bf16", "fp16"])
+def test_cuda_run_matches_the_cpu_and_leaves_the_teachers_where_they_were(tmp_path, autocast):
+    teachers, ds = ensemble(), Synthetic()
+    m = run(teachers, ds, tmp_path / "g.zarr", "local", device="cuda", autocast=autocast, content="per_teacher",
+            dtype="float32")
+    assert all(p.device.type == "cpu" for t in teachers for p in t["module"].parameters())
+    assert m.extra["precompute"]["autocast"] == autocast
+    got = open_targets(tmp_path / "g.zarr", verify="full")[:]["logits"]
+    want = torch.from_numpy(direct(teachers, ds, "per_teacher", None, "float32"))
+    tol = {None: 1e-5, "bf16": 0.1, "fp16": 1e-2}[autocast]
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
 # ---------------------------------------------------------------------------------------------------

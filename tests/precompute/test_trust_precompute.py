@@ -246,3 +246,17 @@ def test_main_guard_check_tells_guarded_from_unguarded_calls(tmp_path, case):
         assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
     else:
         assert done.returncode == 1 and "would rerun line 5" in done.stderr, done.stderr[-2000:]
+
+
+def test_python_dash_m_cli_may_start_a_local_cluster(tmp_path):
+    """``python -m softtargets.cli`` (no console script) is guarded: the LocalCluster check lets it through to the
+    next step, here a teacher module that does not exist."""
+    config = tmp_path / "run.toml"
+    config.write_text('[output]\nurl = "out.zarr"\n\n[transfer_set]\nwebdataset = "in-{000..000}.tar"\n\n'
+                      '[cluster]\nscheduler = "dask"\n\n[[teachers]]\nfactory = "no_such_module_st:net"\n')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SOURCE), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "softtargets.cli", "precompute", str(config)], capture_output=True,
+                          text=True, timeout=120, env=env, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "no_such_module_st" in done.stderr and "LocalCluster" not in done.stderr, done.stderr
+    assert not (tmp_path / "out.zarr").exists()
