@@ -5,12 +5,17 @@ teachers and labels, corruptions, the command line run in this process), ``teach
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from tests.sharing import run_cli
+
+# Records of verified files (softtargets/store/verified.py) go to a folder of this test run, not the user's cache.
+os.environ["SOFTTARGETS_VERIFY_CACHE"] = tempfile.mkdtemp(prefix="softtargets-test-verified-")
 
 
 @pytest.fixture

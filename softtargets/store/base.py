@@ -57,6 +57,7 @@ from .files import (
     url_to_fs,
 )
 from .manifest import MANIFEST_NAME, FileRecord, Manifest, ManifestError, ShardRecord, provenance, utc_now
+from .verified import is_verified, record_verified
 
 PENDING_NAME = ".softtargets-pending.json"
 MARKER_DIR = ".softtargets-shards"
@@ -731,9 +732,23 @@ class TargetStore(ABC):
         files at hand, by relative path)."""
         if shard_id in self._verified or self.verify_mode == "none":
             return
-        for f in self.manifest.shards[shard_id].files:
+        files = self.manifest.shards[shard_id].files
+        if self.verify_mode == "lazy" and is_local(self.fs) and all(
+                is_verified(self._local_path(f.path), f.sha256) for f in files):
+            self._verified.add(shard_id)  # checked on this machine before, unchanged since (store/verified.py)
+            return
+        for f in files:
             self._check_file(shard_id, f, (data or {}).get(f.path))
         self._verified.add(shard_id)
+
+    def _local_path(self, rel: str) -> str:
+        """The path of a local store's file ``rel`` on this machine."""
+        return str(self.fs._strip_protocol(join(self.root, rel)))
+
+    def _remember(self, f: FileRecord) -> None:
+        """Record local file ``f`` as checked against the manifest on this machine (store/verified.py)."""
+        if is_local(self.fs):
+            record_verified(self._local_path(f.path), f.sha256)
 
     def _check_file(self, shard_id: int, f: FileRecord, blob: Any) -> None:
         """File ``f`` of shard ``shard_id`` has its recorded size and sha256 (``blob``: its bytes, or None
@@ -751,6 +766,7 @@ class TargetStore(ABC):
                 f"{self._file_url(f.path)}: sha256 does not match the manifest (corrupt or altered file)",
                 path=self._file_url(f.path), shard=shard_id, expected=f.sha256, found=sha256_hex(blob),
             )
+        self._remember(f)
 
     def check_shards(self, shard_ids: Iterable[int]) -> None:
         """:meth:`check_shard` for several shards at once, hashed on parallel threads (hashlib releases

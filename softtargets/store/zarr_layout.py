@@ -386,6 +386,8 @@ class ZarrStore(TargetStore):
             raise ChecksumError(f"{self._file_url(rel)}: inner chunk {bad[0]} (rows {a}-{b - 1} of shard {shard_id}) "
                                 f"does not match its crc32c (corrupt file)", path=self._file_url(rel), shard=shard_id)
         todo[ids] = False
+        if not todo[:-(-rows // shard_format.chunk_rows)].any():  # every chunk of the file checked: remember it
+            self._remember(next(f for f in self.manifest.shards[shard_id].files if f.path == rel))
 
     def _mapped(self, shard_id: int) -> dict[str, np.ndarray]:
         """Array name -> the bytes of its shard ``shard_id`` file, memory-mapped (arrays with a decoder only);
