@@ -32,8 +32,10 @@ from .store import (
     open_targets,
 )
 from .store.manifest import FORMAT_VERSION, Manifest, ManifestError
+from .store.sequences import SequenceStore, SequenceWriter, create_sequences, open_sequences
 from .streaming import StreamLoader, TargetStream, stream
 from .streaming.joined import TargetJoin, with_targets
+from .streaming.sequences import SequenceLoader, SequenceStream, stream_sequences
 
 __all__ = [
     "FORMAT_VERSION",
@@ -43,6 +45,10 @@ __all__ = [
     "NonFiniteError",
     "JoinMismatchError",
     "ManifestError",
+    "SequenceLoader",
+    "SequenceStore",
+    "SequenceStream",
+    "SequenceWriter",
     "SofttargetsError",
     "StoreError",
     "StreamLoader",
@@ -55,6 +61,7 @@ __all__ = [
     "arithmetic_log_probs",
     "attach_writer",
     "convert_store",
+    "create_sequences",
     "create_targets",
     "distillation_loss",
     "ensemble_log_probs",
@@ -64,10 +71,12 @@ __all__ = [
     "kd_loss",
     "logit_matching_loss",
     "merge_stores",
+    "open_sequences",
     "open_targets",
     "precompute",
     "reduce_teachers",
     "stream",
+    "stream_sequences",
     "subset_store",
     "tempered_log_softmax",
     "tempered_softmax",

@@ -24,9 +24,10 @@ import jsonschema
 from ..choices import Content, Dtype, Layout, Normalization, Overflow, choices
 from ..errors import ManifestError
 
-# 2: zarr inner chunks end with a crc32c, and files record ``chunks_sha256``. Readers read 1 and 2.
-FORMAT_VERSION = 2
-READS_FORMATS = (1, 2)
+# 2: zarr inner chunks end with a crc32c, and files record ``chunks_sha256``. 3: optional fields for new
+# features (``sequences``: rows grouped into token sequences). Readers read 1, 2 and 3.
+FORMAT_VERSION = 3
+READS_FORMATS = (1, 2, 3)
 MANIFEST_NAME = "manifest.json"
 SCHEMA_NAME = "manifest.schema.json"
 CONTENTS = choices(Content)
@@ -100,6 +101,8 @@ class Manifest:
     lineage: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # Optional (format 3): rows are token positions grouped into sequences; see softtargets.store.sequences.
+    sequences: dict[str, Any] | None = None
 
     @property
     def per_teacher(self) -> bool:
@@ -130,6 +133,8 @@ class Manifest:
         d = dataclasses.asdict(self)
         for shard in d["shards"]:
             shard["files"] = [{k: v for k, v in f.items() if v is not None} for f in shard["files"]]
+        if d.get("sequences") is None:  # optional fields are absent, not null
+            d.pop("sequences", None)
         return d
 
     def to_json(self) -> str:

@@ -131,11 +131,11 @@ def test_manifest_with_inconsistent_row_counts(sound, tmp_path, capsys, edit):
         st.open_targets(bad)
 
 
-@pytest.mark.parametrize("text, why", [("{not json", "not valid JSON"), (None, "unknown format_version 3")])
+@pytest.mark.parametrize("text, why", [("{not json", "not valid JSON"), (None, "unknown format_version 4")])
 def test_bad_manifest_named(sound, tmp_path, capsys, text, why):
     bad = copy(sound, tmp_path)
     if text is None:
-        edit_manifest(bad, format_version=3)
+        edit_manifest(bad, format_version=4)
     else:
         (bad / "manifest.json").write_text(text)
     rc, out = run_verify(capsys, bad)

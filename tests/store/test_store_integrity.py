@@ -125,7 +125,7 @@ def test_manifest_schema_is_a_valid_json_schema():
         (lambda m: m.update(num_classes="ten"), r"schema-invalid at num_classes"),
         (lambda m: m.pop("shards"), r"schema-invalid.*'shards' is a required property"),
         (lambda m: m.update(dtype="float8"), r"schema-invalid at dtype"),
-        (lambda m: m.update(format_version=3), r"unknown format_version 3"),
+        (lambda m: m.update(format_version=4), r"unknown format_version 4"),
         (lambda m: m.pop("format_version"), r"unknown format_version None"),
     ],
     ids=["wrong-type", "missing-field", "bad-enum", "future-version", "no-version"],
