@@ -131,6 +131,7 @@ def precompute_sequences(
         else torch.device(device)
     items = [(str(s[0]), np.asarray(s[1], dtype=np.int64).reshape(-1), s[2] if len(s) > 2 else None)
              for s in sequences]
+    store_kwargs.setdefault("num_samples", sum(len(ids) for _, ids, _ in items))  # small stores get small blocks
     writer = create_sequences(url, vocab_size=vocab_size, content=content, teachers=loaded, dtype=dtype,
                               layout=layout, overwrite=overwrite, **store_kwargs)
     hooks = [_head_inputs(m, head) for m in modules]
