@@ -7,7 +7,15 @@ training, where the student's loss applies any temperature and ensemble rule.
 
 from ._version import __version__
 from .errors import JoinMismatchError, SofttargetsError
+from .math.hints import hint_loss
 from .math.losses import DistillationLoss, distillation_loss, kd_loss, logit_matching_loss
+from .math.specialists import (
+    active_specialists,
+    collapse_to_subset,
+    combine_specialists,
+    dustbin_corrected,
+    oversampling_factor,
+)
 from .math.temperature import (
     arithmetic_log_probs,
     ensemble_log_probs,
@@ -18,9 +26,12 @@ from .math.temperature import (
     tempered_softmax,
 )
 from .precompute import NonFiniteError, precompute
+from .precompute.hints import add_hints
+from .precompute.specialists import add_specialists
 from .sharing.combine import merge_stores, subset_store
 from .sharing.convert import convert_store
 from .sharing.inspect import inspect_store
+from .sharing.specialists_plan import plan_specialists
 from .sharing.verify import VerifyReport, verify_store
 from .store import (
     ChecksumError,
@@ -33,9 +44,11 @@ from .store import (
 )
 from .store.manifest import FORMAT_VERSION, Manifest, ManifestError
 from .store.sequences import SequenceStore, SequenceWriter, create_sequences, open_sequences
+from .store.sidecars import read_array
 from .streaming import StreamLoader, TargetStream, stream
 from .streaming.joined import TargetJoin, with_targets
 from .streaming.sequences import SequenceLoader, SequenceStream, stream_sequences
+from .streaming.specialists import SpecialistBatches, specialist_from_generalist, specialist_labels
 
 __all__ = [
     "FORMAT_VERSION",
@@ -82,4 +95,17 @@ __all__ = [
     "tempered_softmax",
     "verify_store",
     "with_targets",
+    "hint_loss",
+    "active_specialists",
+    "collapse_to_subset",
+    "combine_specialists",
+    "dustbin_corrected",
+    "oversampling_factor",
+    "add_hints",
+    "add_specialists",
+    "plan_specialists",
+    "read_array",
+    "SpecialistBatches",
+    "specialist_from_generalist",
+    "specialist_labels",
 ]

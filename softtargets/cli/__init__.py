@@ -18,7 +18,7 @@ import sys
 
 from .._version import __version__
 
-COMMANDS = ("precompute", "train", "inspect", "verify", "convert", "merge", "subset")
+COMMANDS = ("precompute", "train", "inspect", "verify", "convert", "merge", "subset", "specialists")
 DEBUG_ENV = "SOFTTARGETS_DEBUG"
 _DEBUG_HELP = f"on an error, raise it with its traceback instead of one line (also {DEBUG_ENV}=1)"
 # Raised with a message meant for the user (the package's checks, I/O, user code's argument errors).

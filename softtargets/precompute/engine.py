@@ -17,11 +17,12 @@ from typing import Any
 import torch
 
 from ..choices import Autocast, Compressor, Content, Dtype, Layout, NonFinite, Overflow
-from ..store import BYTES_PER_DTYPE, LAYOUTS, create_targets, default_rows, layout_class
+from ..store import BYTES_PER_DTYPE, LAYOUTS, create_targets, default_rows, layout_class, open_targets
 from ..store.base import MARKER_DIR, TargetWriter
 from ..store.files import atomic_write, join, url_to_fs
 from ..store.manifest import Manifest, ShardRecord
 from .cluster import LOCAL_CLUSTER, check_main_guard, resolve_scheduler
+from .hints import add_hints
 from .options import (
     INPUT_MEMBER,
     NONFINITE_SUFFIX,
@@ -33,6 +34,7 @@ from .options import (
     resolve_device,
 )
 from .runner import ShardRunner, run_shard_task
+from .specialists import add_specialists, split_specialists
 from .teachers import TeacherSpec, load_teachers, module_device, num_classes_of
 from .transfer import TransferSet, check_unique_keys
 
@@ -115,6 +117,8 @@ def precompute(
     progress: bool = True,
     on_rows: Callable[[int], None] | None = None,
     storage_options: dict[str, Any] | None = None,
+    hints: Sequence[str] | Mapping[str, str] | None = None,
+    specialist_top: int = 1,
 ) -> Manifest:
     """Run ``teachers`` over ``dataset`` once and write their logits to a target store at ``out``.
 
@@ -153,6 +157,13 @@ def precompute(
         progress: a tqdm bar (samples/s, ETA).
         on_rows: called with each number of rows this run computes (a resumed store's kept shards are
             not counted): their sum is this run's work, e.g. for its samples/s.
+        hints: FitNets hints to store beside the logits, ``["TEACHER:MODULE", ...]`` or ``{name:
+            "TEACHER:MODULE"}``: each module's output flattened to ``[N, D]`` float16
+            (:func:`softtargets.precompute.hints.add_hints`, a second pass once the logits are stored).
+        specialist_top: teacher entries with ``classes = [...]`` (and optionally ``oversample``) are
+            specialists, run after the logits are stored
+            (:func:`softtargets.precompute.specialists.add_specialists`); one is active for a row when its
+            subset holds one of the generalist's ``specialist_top`` classes.
 
     Returns:
         The written :class:`Manifest`. The store is complete only once this returns; a failed or
@@ -174,6 +185,9 @@ def precompute(
     if scheduler == LOCAL_CLUSTER:
         check_main_guard()  # before the store exists: an unguarded script would leave half of one
 
+    teachers, specialists = split_specialists(teachers)
+    if not teachers:
+        raise ValueError("every teacher declares 'classes' (a specialist): give at least one generalist")
     loaded = load_teachers(teachers)
     ts = load_transfer_set(dataset)
     n = len(ts)
@@ -250,5 +264,12 @@ def precompute(
         spec.extra["nonfinite"] = {"policy": options.nonfinite, "rows": nonfinite_rows}
         log.warning("%d samples had NaN/Inf teacher logits, stored as uniform: see manifest extra['nonfinite']",
                     len(nonfinite_rows))
-    return writer.finalize([*done.values(), *records])
+    manifest = writer.finalize([*done.values(), *records])
+    if specialists or hints:
+        store = open_targets(url, storage_options=storage_options)
+    if specialists:
+        manifest = add_specialists(store, specialists, ts, top=specialist_top, batch_size=batch_size, device=device)
+    if hints:
+        manifest = add_hints(store, loaded, hints, ts, batch_size=batch_size, device=device)
+    return manifest
 

@@ -42,6 +42,7 @@ from ..store.base import MARKER_DIR, PENDING_NAME, read_manifest
 from ..store.encoding import NUMPY_STORAGE
 from ..store.files import is_local, join, link_outside, list_sizes, local_tree, unsafe_path, url_to_fs
 from ..store.manifest import MANIFEST_NAME, FileRecord, Manifest, ManifestError, ShardRecord
+from ..store.sidecars import sidecar_files, sidecar_path_problems
 from ..store.wds_layout import WdsStore, least_tar_bytes, npy_load, shard_name
 from ..store.zarr_layout import ARRAYS, ZarrStore, _zarr_store, least_shard_bytes, shard_file
 from ..store.zarr_shards import ShardFormat, chunks_digest, index_ends
@@ -467,6 +468,12 @@ def verify_store(
     for msg in check_shard_table(m):
         checker.problem(MANIFEST_NAME, msg)
     _leftovers(checker)
+    bad_paths = sidecar_path_problems(m)  # arrays beside the logits (hints, specialists): paths, size, sha256
+    for msg in bad_paths:
+        checker.problem(MANIFEST_NAME, msg)
+    if not bad_paths:
+        for f in sidecar_files(m):
+            checker.hash_file(f)
     with KeyChecker(m.num_samples, partition_bytes=key_memory // 2, buffer_bytes=key_memory // 4,
                     tmpdir=tmpdir) as keys:
         for rec in tqdm(m.shards, desc="verify", unit="shard", disable=None if progress is None else not progress):
@@ -516,7 +523,7 @@ def _leftovers(checker: _Checker) -> None:
     sizes = checker.sizes
     if sizes is None:
         return
-    listed = {f.path for s in checker.m.shards for f in s.files}
+    listed = {f.path for s in checker.m.shards for f in s.files} | {f.path for f in sidecar_files(checker.m)}
     for rel in sizes:
         if (rel.endswith(".tar") or "/c/" in rel) and rel not in listed:
             report.warnings.append(f"{checker.file_url(rel)}: data file not listed in the manifest (ignored)")

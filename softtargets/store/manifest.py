@@ -25,7 +25,8 @@ from ..choices import Content, Dtype, Layout, Normalization, Overflow, choices
 from ..errors import ManifestError
 
 # 2: zarr inner chunks end with a crc32c, and files record ``chunks_sha256``. 3: optional fields for new
-# features (``sequences``: rows grouped into token sequences). Readers read 1, 2 and 3.
+# features (``sequences``: rows grouped into token sequences; ``hints``, ``specialists``: arrays beside the
+# logits). Readers read 1, 2 and 3.
 FORMAT_VERSION = 3
 READS_FORMATS = (1, 2, 3)
 MANIFEST_NAME = "manifest.json"
@@ -103,6 +104,9 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     # Optional (format 3): rows are token positions grouped into sequences; see softtargets.store.sequences.
     sequences: dict[str, Any] | None = None
+    # Optional (format 3), absent from the JSON when None: arrays beside the logits (store/sidecars.py).
+    hints: dict[str, Any] | None = None  # FitNets hints: name -> {teacher, module, array record}
+    specialists: dict[str, Any] | None = None  # generalist + specialists (Hinton et al. §5), eq. 5's q
 
     @property
     def per_teacher(self) -> bool:
@@ -131,6 +135,9 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        for optional in ("hints", "specialists"):
+            if d[optional] is None:
+                del d[optional]
         for shard in d["shards"]:
             shard["files"] = [{k: v for k, v in f.items() if v is not None} for f in shard["files"]]
         if d.get("sequences") is None:  # optional fields are absent, not null

@@ -37,6 +37,7 @@ def stream(
     read_ahead: bool = True,
     check_join: bool = True,
     verify: VerifyMode = "lazy",
+    arrays: Sequence[str] = (),
     storage_options: dict | None = None,
 ) -> TargetStream:
     """Stream a target store as batches for one training rank.
@@ -72,6 +73,11 @@ def stream(
             on a thread while the current one is handed out, and the next epoch's first window during an
             epoch's last: the training step then rarely waits. ``False``: all on the calling thread
             (one core; a little faster when nothing else runs between batches).
+        verify: how an opened store checks its files (see :func:`softtargets.open_targets`).
+        storage_options: fsspec options for the store's URL.
+        arrays: arrays the store holds beside its logits, by name (``hint/fc1``, ``specialist/s0``,
+            ``combined``: see :mod:`softtargets.store.sidecars`), added to each batch under that name as
+            ``[B, D]`` tensors in the stored dtype.
 
     Batches: ``key`` list[str], ``index`` int64 [B], ``teacher_logits`` [B, C] / [B, K, C] in the
     stored dtype, ``label`` int64 [B] (-1 unlabelled), ``epoch`` and ``batch_idx`` ints, plus inputs.
@@ -83,6 +89,7 @@ def stream(
         store, batch_size=batch_size, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
         remainder=remainder, drop_last=drop_last, buffer_size=buffer_size, inputs=inputs, decode=decode,
         dataset=dataset, by=by, dataset_keys=dataset_keys, read_ahead=read_ahead, check_join=check_join,
+        arrays=arrays,
     )
 
 

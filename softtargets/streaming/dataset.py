@@ -34,6 +34,7 @@ from ..background import ahead, in_background, in_order, prefetched
 from ..choices import JoinBy, Remainder
 from ..store import TargetStore, layout_class
 from ..store.encoding import TORCH_DTYPES
+from .arrays import ArrayJoin
 from .inputs import DatasetJoin, Decoder, collate_packed
 from .plan import EpochPlan, SplitConfig, Units, batches_per_rank, unit_rows_for
 from .progress import BatchSet
@@ -79,6 +80,7 @@ class TargetStream(IterableDataset):
         dataset_keys: Sequence[str] | Callable[[int], str] | None = None,
         read_ahead: bool = True,
         check_join: bool = True,
+        arrays: Sequence[str] = (),
     ):
         super().__init__()
         m = store.manifest
@@ -106,6 +108,7 @@ class TargetStream(IterableDataset):
             raise ValueError("the store packs its own inputs; pass inputs=False to join a dataset instead")
         self.join = None if dataset is None else DatasetJoin(
             dataset, by, len(store), dataset_keys, check=check_join, where=str(store.url))
+        self.arrays = ArrayJoin(store, arrays) if arrays else None  # hints, specialists: store/sidecars.py
         self.read_ahead = bool(read_ahead)
         self.epoch = 0
         self._consumed = BatchSet()
@@ -198,7 +201,7 @@ class TargetStream(IterableDataset):
     @property
     def has_extras(self) -> bool:
         """Whether batches carry inputs computed per batch (packed inputs or a joined dataset)."""
-        return self.packed or self.join is not None
+        return self.packed or self.join is not None or self.arrays is not None
 
     def _shares(self, plan: EpochPlan, remaining: np.ndarray, wid: int, nw: int) -> np.ndarray:
         """This worker's part of the remaining batch numbers: a contiguous run of them.
@@ -292,6 +295,8 @@ class TargetStream(IterableDataset):
             batch.update(collate_packed(members, self.decode))
         if self.join is not None:
             batch.update(self.join(batch["index"], batch["key"], batch["label"]))
+        if self.arrays is not None:
+            batch.update(self.arrays(batch["index"]))
         batch["epoch"], batch["batch_idx"] = plan.epoch, j
         return batch
 
