@@ -46,3 +46,22 @@ def test_plan_refuses_sizes_out_of_range(tmp_path: Path, cli) -> None:
     store = _confusable_store(tmp_path / "g.zarr")
     rc, _, err = cli("specialists", "plan", store, "--specialists", "3", "--size", "9")
     assert rc == 2 and "--size must lie in [1, 8]" in err
+
+
+def test_a_toml_config_declares_a_specialist_and_hints(tmp_path: Path, cli) -> None:
+    from tests.cli.test_precompute_config import C, D, write_config
+    from tests.teacher_zoo import mlp
+
+    torch.manual_seed(5)
+    torch.save(mlp(D, 3).eval().state_dict(), tmp_path / "s.pt")
+    config, _, _ = write_config(tmp_path, extra_output='hints = { mid = "t0:1" }\nspecialist_top = 2\n')
+    config.write_text(config.read_text() + '[[teachers]]\nname = "s"\nfactory = "tests.teacher_zoo:mlp"\n'
+                      f'kwargs = {{ in_features = {D}, num_classes = 3 }}\nweights = "s.pt"\n'
+                      'classes = [0, 2]\noversample = 2.0\n')
+    rc, out, err = cli("precompute", config)
+    assert rc == 0, err
+    m = st.open_targets(tmp_path / "out.zarr").manifest
+    assert m.num_teachers == 2 and m.num_classes == C
+    (spec,) = m.specialists["teachers"]
+    assert spec["name"] == "s" and spec["classes"] == [0, 2] and spec["oversample"] == 2.0 and m.specialists["top"] == 2
+    assert m.hints["mid"]["shape"] == [m.num_samples, 16]

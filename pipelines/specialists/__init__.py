@@ -1,0 +1,1 @@
+"""Generalist + specialists and FitNets hints on digits: ``python -m pipelines.specialists``."""
