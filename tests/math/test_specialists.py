@@ -194,3 +194,15 @@ def test_hint_loss_is_half_the_mean_squared_distance() -> None:
     assert torch.allclose(hint_loss(s, t, reg), want)
     with pytest.raises(ValueError, match="regressor"):
         hint_loss(s, t)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_eq5_on_the_device_equals_the_cpu_solution() -> None:
+    subsets = [[0, 1, 2], [2, 3], [4, 5, 6]]
+    pg, ps = _problem(4, 512, 7, subsets)
+    member = membership(subsets, 7)
+    active = torch.rand(512, 3, generator=torch.Generator().manual_seed(1)) < 0.6
+    cpu = combine_specialists(pg, ps, member, active, tol=1e-9)
+    dev = combine_specialists(pg.cuda(), [p.cuda() for p in ps], member.cuda(), active.cuda(), tol=1e-9)
+    assert dev.log_q.device.type == "cuda" and float(dev.residual.max()) < 1e-9
+    assert torch.allclose(dev.log_q.cpu(), cpu.log_q, atol=1e-6)

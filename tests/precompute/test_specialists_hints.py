@@ -165,3 +165,15 @@ def test_stream_yields_the_arrays_with_each_batch(tmp_path: Path) -> None:
     assert seen >= N
     with pytest.raises(KeyError, match="no array 'hint/x'"):
         st.stream(out, batch_size=16, arrays=["hint/x"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_specialists_and_hints_on_the_device_match_the_cpu(tmp_path: Path) -> None:
+    cpu, _, _ = _make(tmp_path / "cpu", "zarr", device="cpu")
+    gpu, gen, specs = _make(tmp_path / "gpu", "zarr", device="cuda")
+    assert next(gen.parameters()).device.type == "cpu"  # the caller's modules are put back
+    assert next(specs[0].parameters()).device.type == "cpu"
+    for name in ("hint/mid", "specialist/s0", "specialist/s1", "combined"):
+        a, b = st.read_array(cpu, name).astype(np.float32), st.read_array(gpu, name).astype(np.float32)
+        assert np.allclose(a, b, atol=2e-3), name
+    assert st.open_targets(gpu).manifest.specialists["combined"]["max_residual"] < 1e-6
