@@ -7,8 +7,9 @@ computed streaming, clustered into confusable subsets — torch and numpy only.
 * :func:`online_kmeans` clusters the covariance's columns (the paper's method: MacQueen's online
   K-means, one centroid update per column visited); :func:`spectral_clusters` offers a second method
   (a spectral embedding of the columns' non-negative similarity, then K-means on it).
-* :func:`subsets_from_clusters` turns M clusters into M subsets of exactly S classes (each centroid's S
-  nearest columns; subsets may overlap), and :func:`confusability` scores each subset.
+* :func:`subsets_from_clusters` turns M clusters into M subsets of exactly S classes (grown from each cluster
+  by co-prediction, or each centroid's S nearest columns; subsets may overlap), and :func:`confusability`
+  scores each subset.
 """
 
 from __future__ import annotations
@@ -115,24 +116,48 @@ def spectral_clusters(second_moment: np.ndarray, clusters: int, *, seed: int = 0
     return online_kmeans(emb, clusters, seed=seed)
 
 
-def subsets_from_clusters(columns: np.ndarray, labels: np.ndarray, size: int) -> list[list[int]]:
-    """M subsets of exactly ``size`` classes: for each cluster, the ``size`` rows of ``columns`` nearest its
-    centroid (the cluster's mean). Subsets may overlap; each is sorted by class id. Clusters are
-    returned in order of their id; an empty cluster gives no subset.
+def subsets_from_clusters(columns: np.ndarray, labels: np.ndarray, size: int,
+                          second_moment: np.ndarray | None = None) -> list[list[int]]:
+    """M subsets of exactly ``size`` classes, one per non-empty cluster, in order of cluster id; each sorted by
+    class id. Subsets may overlap.
+
+    Without ``second_moment``: each cluster's ``size`` rows of ``columns`` nearest its centroid (the cluster's
+    mean). With it (``E[p p^T]``): grown greedily from the member nearest the centroid, each step adding the
+    class most co-predicted with the subset so far, ``sum_{i in subset} E[p_i p_j] / sqrt(E[p_i^2] E[p_j^2])``,
+    the cluster's own members first; so a cluster smaller than ``size`` is completed by the classes the
+    generalist confuses with it, not by classes that merely lie near every centroid.
 
     Args:
         columns: ``[C, D]`` what was clustered (the covariance's columns).
         labels: ``[C]`` cluster of each row.
         size: S, in ``[1, C]``.
+        second_moment: ``[C, C]`` ``E[p p^T]`` (:meth:`StreamingCovariance.second_moment`), or None.
     """
     x = np.asarray(columns, np.float64)
     if not 1 <= size <= len(x):
         raise ValueError(f"size must lie in [1, {len(x)}], got {size}")
+    affinity = None
+    if second_moment is not None:
+        s = np.asarray(second_moment, np.float64)
+        d = np.sqrt(np.clip(np.diag(s), 1e-300, None))
+        affinity = s / np.outer(d, d)
+        np.fill_diagonal(affinity, 0.0)
     out = []
     for k in np.unique(labels):
-        centroid = x[labels == k].mean(0)
-        order = np.argsort(((x - centroid) ** 2).sum(1), kind="stable")
-        out.append(sorted(int(i) for i in order[:size]))
+        members = np.flatnonzero(labels == k)
+        centroid = x[members].mean(0)
+        dist = ((x - centroid) ** 2).sum(1)
+        if affinity is None:
+            out.append(sorted(int(i) for i in np.argsort(dist, kind="stable")[:size]))
+            continue
+        chosen = [int(members[np.argmin(dist[members])])]
+        while len(chosen) < size:
+            score = affinity[chosen].sum(0)
+            score[chosen] = -np.inf
+            inside = np.isin(np.arange(len(x)), members) & np.isfinite(score)
+            pool = np.flatnonzero(inside) if inside.any() else np.flatnonzero(np.isfinite(score))
+            chosen.append(int(pool[np.argmax(score[pool])]))
+        out.append(sorted(chosen))
     return out
 
 

@@ -3,9 +3,10 @@
 The generalist's predicted distributions (the store's ensemble at T = 1) are read shard by shard and their
 ``[C, C]`` covariance accumulated in float64 (:class:`softtargets.math.class_subsets.StreamingCovariance`:
 memory ``O(C^2)``, whatever N); the covariance's columns are clustered into M groups (online K-means, the
-paper's method, or a spectral method) and each group gives the S classes nearest its centroid. Each subset is
-scored by :func:`softtargets.math.class_subsets.confusability` and by the share of the transfer set the
-generalist assigns to it.
+paper's method, or a spectral method) and each group grows into S classes, the cluster's members first, by
+co-prediction (:func:`softtargets.math.class_subsets.subsets_from_clusters`). Each subset is scored by
+:func:`softtargets.math.class_subsets.confusability` and by the share of the transfer set the generalist
+assigns to it.
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ def plan_specialists(
     cov = acc.covariance()
     labels = online_kmeans(cov, specialists, seed=seed) if method == "kmeans" else \
         spectral_clusters(acc.second_moment(), specialists, seed=seed)
-    subsets = subsets_from_clusters(cov, labels, size)
     second = acc.second_moment()
+    subsets = subsets_from_clusters(cov, labels, size, second)
     names = m.class_names
     scores = [round(confusability(second, s), 6) for s in subsets]
     rows = [{"classes": s, "names": [names[i] for i in s] if names else None, "confusability": score,

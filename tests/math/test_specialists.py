@@ -206,3 +206,20 @@ def test_eq5_on_the_device_equals_the_cpu_solution() -> None:
     dev = combine_specialists(pg.cuda(), [p.cuda() for p in ps], member.cuda(), active.cuda(), tol=1e-9)
     assert dev.log_q.device.type == "cuda" and float(dev.residual.max()) < 1e-9
     assert torch.allclose(dev.log_q.cpu(), cpu.log_q, atol=1e-6)
+
+
+def test_a_small_cluster_is_completed_by_the_classes_confused_with_it() -> None:
+    """Cluster {0} of a 6-class problem where 0 is confused with 4 and 5 only: its subset of 3 is {0, 4, 5}
+    (the nearest-column rule would take whichever columns lie near its centroid)."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for _ in range(500):
+        z = np.full(6, -6.0)
+        pair = [0, 4, 5] if rng.random() < 0.3 else [int(rng.integers(1, 4))]
+        z[pair] = rng.normal(size=len(pair))
+        rows.append(np.exp(z) / np.exp(z).sum())
+    p = np.array(rows)
+    acc = StreamingCovariance(6)
+    acc.update(p)
+    labels = np.array([0, 1, 1, 1, 1, 1])
+    assert subsets_from_clusters(acc.covariance(), labels, 3, acc.second_moment())[0] == [0, 4, 5]
