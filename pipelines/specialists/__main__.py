@@ -217,8 +217,13 @@ def report(results: dict[str, Any], out: Path) -> None:
               "Subsets chosen (seed, classes, confusability): " + "; ".join(
                   f"{r['seed']}: " + ", ".join(f"{s['classes']} {s['confusability']:.2f}" for s in r["plan"])
                   for r in runs) + ".",
-              "Largest eq. 5 residual: " + ", ".join(f"{r['solver']['max_residual']:.1e}" for r in runs)
-              + f" (tolerance {runs[0]['solver']['tol']:.0e}).", ""]
+              "Each specialist's accuracy on the test digits of its own classes (its head, dustbin counted wrong): "
+              + "; ".join(f"{r['seed']}: " + ", ".join(f"{v * 100:.1f} %" for v in
+                                                       r["specialist_accuracy_on_own_classes"].values())
+                          for r in runs) + ".",
+              "Largest eq. 5 residual: " + ", ".join(f"{r['solver']['max_residual']:.2e}" for r in runs)
+              + f" (tolerance {runs[0]['solver']['tol']:.0e}); EM steps at most: "
+              + ", ".join(str(r["solver"]["iterations"]) for r in runs) + ".", ""]
     (out / "results.md").write_text("\n".join(lines))
     import matplotlib
 
@@ -237,7 +242,7 @@ def report(results: dict[str, Any], out: Path) -> None:
     ax[0].set_xlabel("specialists covering the true class")
     ax[0].set_ylabel("test accuracy (%)")
     ax[0].set_ylim(80, 100)
-    ax[0].legend()
+    ax[0].legend(loc="lower left")
     names = ["student\n(generalist)", "student\n(eq. 5 q)", "thin\n(KD)", "thin\n(hints+KD)"]
     vals = [[r["students"]["generalist"] for r in runs], [r["students"]["combined"] for r in runs],
             [r["thin_students"]["kd_only"] for r in runs], [r["thin_students"]["hints"] for r in runs]]
