@@ -18,7 +18,9 @@ __all__ = [
     "ManifestError",
     "NonFiniteError",
     "NonFiniteLogits",
+    "PreflightError",
     "SofttargetsError",
+    "StorageAccessError",
     "StoreError",
     "TeacherLoadError",
     "TrainOutputExists",
@@ -126,3 +128,25 @@ class TrainOutputExists(SofttargetsError, FileExistsError):
         super().__init__(f"{out} holds a training run ({', '.join(found)}); pass resume=True to continue it "
                          "or overwrite=True to replace it")
         self.out, self.found = out, found
+
+
+class StorageAccessError(SofttargetsError, PermissionError):
+    """A store's location cannot be reached or written with the storage options given (no or wrong
+    credentials, no such bucket, no endpoint). The message never holds the options' values.
+
+    Attributes:
+        url: the store's URL.
+    """
+
+    url: str | None = None
+
+
+class PreflightError(SofttargetsError, RuntimeError):
+    """A dask worker cannot run a stage-one job: it cannot import a factory, read the weights or the transfer
+    set, or write the output. Raised before any shard runs, naming every such worker.
+
+    Attributes:
+        workers: ``[(address, host, problem), ...]``, one per worker refused.
+    """
+
+    workers: list[tuple[str, str, str]] = []

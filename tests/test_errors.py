@@ -26,6 +26,8 @@ OLD_BASES = {
     errors.TeacherLoadError: RuntimeError,
     errors.JoinMismatchError: ValueError,
     errors.TrainOutputExists: FileExistsError,
+    errors.StorageAccessError: PermissionError,
+    errors.PreflightError: RuntimeError,
 }
 
 

@@ -222,12 +222,15 @@ def map_shards(
     Raises:
         the error of the first :class:`TaskFailure` or failed task, after cancelling the others.
     """
-    from distributed import as_completed
+    from distributed import Future, as_completed
 
     with dask_client(scheduler, workers) as client:
-        with warnings.catch_warnings():  # the payload (teachers) is meant to travel in the graph, once
-            warnings.filterwarnings("ignore", message="Sending large graph")
-            job = client.submit(_identity, payload, key=f"{name}-payload", pure=False)
+        if isinstance(payload, Future):  # on the workers already (scattered)
+            job = payload
+        else:
+            with warnings.catch_warnings():  # the payload (teachers) is meant to travel in the graph, once
+                warnings.filterwarnings("ignore", message="Sending large graph")
+                job = client.submit(_identity, payload, key=f"{name}-payload", pure=False)
         groups = task_groups(shard_ids, len(client.nthreads()))
         futures = [client.submit(fn, job, ids, key=f"{name}-{ids[0]:06d}-{ids[-1]:06d}", retries=retries, pure=False)
                    for ids in groups]

@@ -7,21 +7,23 @@ The options every process shares are in :mod:`.options`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from ..choices import Autocast, Compressor, Content, Dtype, Layout, NonFinite, Overflow
 from ..store import BYTES_PER_DTYPE, LAYOUTS, create_targets, default_rows, layout_class, open_targets
+from ..store.access import check_writable, probe_location
 from ..store.base import MARKER_DIR, TargetWriter
-from ..store.files import atomic_write, join, url_to_fs
+from ..store.files import atomic_write, is_local, join, url_to_fs
 from ..store.manifest import Manifest, ShardRecord
-from .cluster import LOCAL_CLUSTER, check_main_guard, resolve_scheduler
+from .cluster import LOCAL_CLUSTER, check_main_guard, dask_client, resolve_scheduler
 from .hints import add_hints
 from .options import (
     INPUT_MEMBER,
@@ -78,6 +80,18 @@ def _collect_nonfinite(writer: TargetWriter) -> dict[str, list[str]]:
     return found
 
 
+@contextlib.contextmanager
+def _existing_cluster(scheduler: Any, needed: bool) -> Iterator[Any]:
+    """A client of the existing dask cluster ``scheduler`` names (an address or a ``distributed.Client``), open
+    for the whole run when ``needed`` (pre-flight, shipped weights); else None (a LocalCluster, or this
+    process: their workers share this machine's files and modules)."""
+    if not needed or scheduler in ("local", LOCAL_CLUSTER) or scheduler is None:
+        yield None
+        return
+    with dask_client(scheduler) as client:
+        yield client
+
+
 def _example_batch(ts: TransferSet) -> torch.Tensor:
     return ts.batch(range(min(2, len(ts)))).x
 
@@ -119,6 +133,8 @@ def precompute(
     storage_options: dict[str, Any] | None = None,
     hints: Sequence[str] | Mapping[str, str] | None = None,
     specialist_top: int = 1,
+    ship_weights: bool = False,
+    preflight: bool = True,
 ) -> Manifest:
     """Run ``teachers`` over ``dataset`` once and write their logits to a target store at ``out``.
 
@@ -164,6 +180,14 @@ def precompute(
             specialists, run after the logits are stored
             (:func:`softtargets.precompute.specialists.add_specialists`); one is active for a row when its
             subset holds one of the generalist's ``specialist_top`` classes.
+        storage_options: fsspec options of ``out``'s filesystem (s3fs: ``key``, ``secret``,
+            ``client_kwargs={"endpoint_url": ...}``); sent to dask workers with the job, never written into the
+            store. An object store is checked first with a probe object (one line naming the fix, nothing created).
+        ship_weights: on dask, send the teachers as loaded here (modules with their weights) to every worker
+            (``Client.scatter(..., broadcast=True)``), for workers that cannot read the weight files; they still
+            import the factories.
+        preflight: on dask, check every worker before the store is created
+            (:func:`softtargets.precompute.preflight.preflight`): imports, weights, transfer set, output.
 
     Returns:
         The written :class:`Manifest`. The store is complete only once this returns; a failed or
@@ -174,6 +198,9 @@ def precompute(
     options = RunOptions(batch_size=batch_size, num_workers=num_workers, device=device, autocast=autocast,
                          nonfinite=nonfinite, pack_inputs=pack_inputs)
     url = os.fspath(out)
+    remote = not is_local(url_to_fs(url, **(storage_options or {}))[0])
+    if remote:  # credentials, endpoint, bucket: one line now, not a traceback once the store is half made
+        check_writable(url, storage_options)
     if not (resume or overwrite):
         _refuse_existing(url, storage_options)
     if pack_inputs and layout and not (layout in LAYOUTS and layout_class(layout).packs_inputs):
@@ -201,61 +228,75 @@ def precompute(
         k = len(loaded) if content == "per_teacher" else 1
         auto_block, _ = default_rows(BYTES_PER_DTYPE.get(dtype, 4) * num_classes * k)
         block_rows = math.gcd(int(shard_rows), auto_block)
-    # A new store in this process is created on the writer thread while the first batches compute, once the
-    # teachers' fingerprints (hashed on helper threads meanwhile) are in: start-up does not wait for either.
-    defer = local and not resume
-    writer = create_targets(
-        url, num_classes=num_classes, content=content, teachers=None if defer else [t.info() for t in loaded],
-        num_teachers=len(loaded), layout=layout or ("wds" if pack_inputs else None), dtype=dtype,
-        temperature=temperature, overflow=overflow, num_samples=n, shard_rows=shard_rows, block_rows=block_rows,
-        sample_layout="sample" if pack_inputs else "block",
-        inputs={INPUT_MEMBER: "the transfer-set input x of this row"} if pack_inputs else None,
-        class_names=class_names, transfer_set={"name": ts.name, "fingerprint": ts.fingerprint},
-        compressor=compressor, overwrite=overwrite, resume=resume, storage_options=storage_options, defer=defer,
+    job = None if local else PrecomputeJob(
+        url=url, teachers=list(teachers), fingerprints=[t.sha256 for t in loaded],
+        dataset=dataset if isinstance(dataset, Mapping) else ts, num_samples=n,
+        dataset_fingerprint=ts.fingerprint, options=options, storage_options=storage_options,
     )
-    spec = writer.spec
+    with _existing_cluster(scheduler, preflight or ship_weights) as client:
+        payload: Any = job
+        if client is not None and job is not None:
+            if ship_weights:
+                from .preflight import ship, shipped_job
 
-    def prepare() -> None:
-        spec.teachers = [t.info() for t in loaded]
-        writer.prepare()
-        _check_settings(writer, options.settings(), resumed=resume)
+                payload = ship(client, shipped_job(job, loaded))
+            if preflight:  # before the store exists: a worker that cannot run the job leaves nothing behind
+                from .preflight import preflight as check_workers
 
-    done = writer.completed_shards(verify=True) if resume else {}
-    if not defer:
-        prepare()
-    todo = [i for i in range(spec.num_shards) if i not in done]
-    if done:
-        log.info("resuming %s: %d of %d shards already complete, %d to do", url, len(done), spec.num_shards, len(todo))
-    rows_todo = sum(spec.shard_range(i)[1] - spec.shard_range(i)[0] for i in todo)
+                check_workers(client, payload, probe_location(url, storage_options), job.token)
+        # A new store in this process is created on the writer thread while the first batches compute, once the
+        # teachers' fingerprints (hashed on helper threads meanwhile) are in: start-up does not wait for either.
+        defer = local and not resume
+        writer = create_targets(
+            url, num_classes=num_classes, content=content, teachers=None if defer else [t.info() for t in loaded],
+            num_teachers=len(loaded), layout=layout or ("wds" if pack_inputs else None), dtype=dtype,
+            temperature=temperature, overflow=overflow, num_samples=n, shard_rows=shard_rows, block_rows=block_rows,
+            sample_layout="sample" if pack_inputs else "block",
+            inputs={INPUT_MEMBER: "the transfer-set input x of this row"} if pack_inputs else None,
+            class_names=class_names, transfer_set={"name": ts.name, "fingerprint": ts.fingerprint},
+            compressor=compressor, overwrite=overwrite, resume=resume, storage_options=storage_options, defer=defer,
+        )
+        spec = writer.spec
 
-    with _progress(rows_todo, progress, "precompute") as bar:
-        def update(rows: int) -> None:
-            bar.update(rows)
-            if on_rows is not None:
-                on_rows(rows)
+        def prepare() -> None:
+            spec.teachers = [t.info() for t in loaded]
+            writer.prepare()
+            _check_settings(writer, options.settings(), resumed=resume)
 
-        if not todo:
-            records: list[ShardRecord] = []
-        elif local:
-            # The runner moves the caller's modules to the device; they go back where they were afterwards.
-            homes = [module_device(t.module) for t in loaded]
-            try:
-                runner = ShardRunner(loaded, ts, writer, options)
-                records = runner.run(todo, on_rows=update, prepare=prepare if defer else None)
-            finally:
-                for t, home in zip(loaded, homes, strict=True):
-                    if home is not None:
-                        t.module.to(home)
-        else:
-            from .cluster import map_shards
+        done = writer.completed_shards(verify=True) if resume else {}
+        if not defer:
+            prepare()
+        todo = [i for i in range(spec.num_shards) if i not in done]
+        if done:
+            log.info("resuming %s: %d of %d shards already complete, %d to do", url, len(done), spec.num_shards,
+                     len(todo))
+        rows_todo = sum(spec.shard_range(i)[1] - spec.shard_range(i)[0] for i in todo)
 
-            job = PrecomputeJob(
-                url=url, teachers=list(teachers), fingerprints=[t.sha256 for t in loaded],
-                dataset=dataset if isinstance(dataset, Mapping) else ts, num_samples=n,
-                dataset_fingerprint=ts.fingerprint, options=options, storage_options=storage_options,
-            )
-            records = map_shards(run_shard_task, job, todo, scheduler=scheduler, workers=workers, retries=retries,
-                                 on_result=lambda rec: update(rec.rows), name=f"softtargets-{job.token}")
+        with _progress(rows_todo, progress, "precompute") as bar:
+            def update(rows: int) -> None:
+                bar.update(rows)
+                if on_rows is not None:
+                    on_rows(rows)
+
+            if not todo:
+                records: list[ShardRecord] = []
+            elif local:
+                # The runner moves the caller's modules to the device; they go back where they were afterwards.
+                homes = [module_device(t.module) for t in loaded]
+                try:
+                    runner = ShardRunner(loaded, ts, writer, options)
+                    records = runner.run(todo, on_rows=update, prepare=prepare if defer else None)
+                finally:
+                    for t, home in zip(loaded, homes, strict=True):
+                        if home is not None:
+                            t.module.to(home)
+            else:
+                from .cluster import map_shards
+
+                assert job is not None  # not local
+                records = map_shards(run_shard_task, payload, todo, scheduler=client or scheduler, workers=workers,
+                                     retries=retries, on_result=lambda rec: update(rec.rows),
+                                     name=f"softtargets-{job.token}")
     if defer and not todo:
         prepare()
     spec.extra["precompute"] = options.settings()

@@ -94,7 +94,7 @@ class PrecomputeJob:
     num_samples: int
     dataset_fingerprint: str
     options: RunOptions
-    storage_options: dict[str, Any] | None = None
+    storage_options: dict[str, Any] | None = field(default=None, repr=False)  # may hold credentials: not shown
     token: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
     def __reduce__(self) -> tuple[Any, ...]:

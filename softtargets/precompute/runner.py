@@ -539,6 +539,8 @@ class ShardRunner:
 
 _RUNNERS: dict[str, ShardRunner] = {}
 _RUNNERS_LOCK = threading.Lock()
+_PREPARED: dict[str, tuple[list[Teacher], TransferSet]] = {}  # job token -> what its pre-flight loaded here
+_PREPARED_LOCK = threading.Lock()
 
 
 def runner_for(job: PrecomputeJob) -> ShardRunner:
@@ -551,7 +553,27 @@ def runner_for(job: PrecomputeJob) -> ShardRunner:
         return runner
 
 
+def prepare_job(job: PrecomputeJob) -> tuple[list[Teacher], TransferSet]:
+    """``job``'s teachers and transfer set, loaded in this process and checked against the driver's; kept for
+    the job's runner here (a pre-flight check loads them before the store exists)."""
+    with _PREPARED_LOCK:
+        if job.token in _PREPARED:
+            return _PREPARED[job.token]
+    prepared = _load_job(job)
+    with _PREPARED_LOCK:
+        _PREPARED.clear()  # one job at a time
+        _PREPARED[job.token] = prepared
+    return prepared
+
+
 def _make_runner(job: PrecomputeJob) -> ShardRunner:
+    with _PREPARED_LOCK:
+        prepared = _PREPARED.pop(job.token, None)
+    teachers, ts = _load_job(job) if prepared is None else prepared
+    return ShardRunner(teachers, ts, attach_writer(job.url, job.storage_options), job.options)
+
+
+def _load_job(job: PrecomputeJob) -> tuple[list[Teacher], TransferSet]:
     teachers = load_teachers(job.teachers)
     for t, want in zip(teachers, job.fingerprints, strict=True):
         if t.sha256 != want:
@@ -565,7 +587,7 @@ def _make_runner(job: PrecomputeJob) -> ShardRunner:
     if ts.key_source != "item" and ts.fingerprint != job.dataset_fingerprint:
         raise ValueError("the transfer set built in this process has other keys than the driver's; its factory "
                          "must be deterministic")
-    return ShardRunner(teachers, ts, attach_writer(job.url, job.storage_options), job.options)
+    return teachers, ts
 
 
 _NOT_RETRIED = (NonFiniteError, ValueError, TypeError, OverflowError, ImportError)
@@ -578,6 +600,26 @@ def run_shard_task(job: PrecomputeJob, shard_ids: list[int]) -> list[ShardRecord
     :class:`TaskFailure`; others (I/O, a lost DataLoader worker) raise, and dask retries them.
     """
     try:
-        return runner_for(job).run(shard_ids)
+        runner = runner_for(job)
+    except Exception as exc:  # noqa: BLE001 - loading the job again here would fail again: not retried
+        return TaskFailure(_on_worker(exc))
+    try:
+        return runner.run(shard_ids)
     except _NOT_RETRIED as exc:
         return TaskFailure(exc)
+
+
+def _on_worker(exc: BaseException) -> BaseException:
+    """``exc`` (a shard task's failure to load its job) with the worker's address and host in its message."""
+    import socket
+
+    try:
+        from distributed import get_worker
+
+        where = f"dask worker {get_worker().address} on {socket.gethostname()}"
+    except (ImportError, ValueError):
+        return exc
+    try:  # the same type, so callers catch what they would have caught in this process
+        return type(exc)(f"{where}: {exc}")
+    except Exception:  # noqa: BLE001 - a constructor that takes other arguments
+        return RuntimeError(f"{where} cannot load the job: {type(exc).__name__}: {exc}")

@@ -105,7 +105,7 @@ def merge_stores(
     srcs: Sequence[str | os.PathLike[str]], dst: str | os.PathLike[str], *, layout: str | None = None,
     sample_layout: str | None = None, shard_rows: int | None = None, block_rows: int | None = None,
     compressor: str | None = None, drop_inputs: bool = False, overwrite: bool = False, tmpdir: str | None = None,
-    progress: bool | None = None,
+    progress: bool | None = None, storage_options: dict[str, Any] | None = None,
 ) -> Manifest:
     """Concatenate stores ``srcs`` (rows in the order given) into a new store at ``dst``.
 
@@ -118,9 +118,9 @@ def merge_stores(
     if len(urls) < 2:
         raise ValueError("merge needs at least two stores")
     for u in urls:
-        if same_location(u, dst):
+        if same_location(u, dst, storage_options):
             raise ValueError(f"{dst}: the destination is one of the sources; merge into a new store")
-    stores = [open_targets(u) for u in urls]
+    stores = [open_targets(u, storage_options=storage_options) for u in urls]
     check_compatible(stores)
     ms = [s.manifest for s in stores]
     first = ms[0]
@@ -147,7 +147,7 @@ def merge_stores(
                               disable=None if progress is None else not progress):
                 _copy_rows(sink, store, shard.id, None, carry_inputs)
 
-    return derive(args, fill, dst, overwrite)
+    return derive(args, fill, dst, overwrite, storage_options)
 
 
 def _copy_rows(sink: ShardSink, store: TargetStore, shard_id: int, local: np.ndarray | None, inputs: bool) -> None:
@@ -188,7 +188,7 @@ def subset_store(
     row_range: tuple[int, int] | str | None = None, layout: str | None = None, sample_layout: str | None = None,
     shard_rows: int | None = None, block_rows: int | None = None, compressor: str | None = None,
     drop_inputs: bool = False, overwrite: bool = False, progress: bool | None = None,
-    keys_source: str | None = None,
+    keys_source: str | None = None, storage_options: dict[str, Any] | None = None,
 ) -> Manifest:
     """Write rows of ``src`` chosen by ``keys`` (any order; rows keep the source's order) or by
     ``row_range`` ``(A, B)`` / ``"A:B"`` to a new store at ``dst``. Every key must exist.
@@ -198,9 +198,9 @@ def subset_store(
     src, dst = os.fspath(src), os.fspath(dst)
     if (keys is None) == (row_range is None):
         raise ValueError("subset needs exactly one of keys or row_range")
-    if same_location(src, dst):
+    if same_location(src, dst, storage_options):
         raise ValueError(f"{dst}: the destination is the source; write the subset elsewhere")
-    store = open_targets(src)
+    store = open_targets(src, storage_options=storage_options)
     m = store.manifest
     if row_range is not None:
         lo, hi = parse_range(row_range, len(store)) if isinstance(row_range, str) else parse_range(
@@ -230,7 +230,7 @@ def subset_store(
         for sid in tqdm(sorted(picks), desc="subset", unit="shard", disable=None if progress is None else not progress):
             _copy_rows(sink, store, sid, picks[sid], carry_inputs)
 
-    return derive(args, fill, dst, overwrite)
+    return derive(args, fill, dst, overwrite, storage_options)
 
 
 def _find_keys(store: TargetStore, wanted: np.ndarray, progress: bool | None) -> dict[int, np.ndarray]:

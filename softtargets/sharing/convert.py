@@ -98,12 +98,13 @@ class ShardSink:
         return self.writer.finalize()
 
 
-def derive(writer_args: dict[str, Any], fill: Any, dst: str, overwrite: bool) -> Manifest:
+def derive(writer_args: dict[str, Any], fill: Any, dst: str, overwrite: bool,
+           storage_options: dict[str, Any] | None = None) -> Manifest:
     """Create the destination with ``create_targets(dst, **writer_args)``, run ``fill(sink)``, finalize.
 
     On any failure the unfinished destination (ours: it has a pending spec and no manifest) is removed.
     """
-    writer = create_targets(dst, overwrite=overwrite, **writer_args)
+    writer = create_targets(dst, overwrite=overwrite, storage_options=storage_options, **writer_args)
     try:
         sink = ShardSink(writer)
         fill(sink)
@@ -116,9 +117,9 @@ def derive(writer_args: dict[str, Any], fill: Any, dst: str, overwrite: bool) ->
         raise
 
 
-def same_location(a: str, b: str) -> bool:
-    fa, ra = url_to_fs(a)
-    fb, rb = url_to_fs(b)
+def same_location(a: str, b: str, storage_options: dict[str, Any] | None = None) -> bool:
+    fa, ra = url_to_fs(a, **(storage_options or {}))
+    fb, rb = url_to_fs(b, **(storage_options or {}))
     return fa.unstrip_protocol(ra) == fb.unstrip_protocol(rb)
 
 
@@ -193,6 +194,7 @@ def convert_store(
     content: Content | None = None, temperature: float | None = None, shard_rows: int | None = None,
     block_rows: int | None = None, sample_layout: str | None = None, compressor: str | None = None,
     overflow: Overflow | None = None, drop_inputs: bool = False, overwrite: bool = False, progress: bool | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> Manifest:
     """Write a copy of store ``src`` at ``dst`` in another layout, dtype or content. Returns the new manifest.
 
@@ -207,11 +209,12 @@ def convert_store(
         sample_layout: wds only, ``block`` (default) or ``sample``.
         compressor: zarr only (default: the source's if zarr, else ``none``).
         drop_inputs: a source with packed inputs may only go to a wds ``sample`` store unless this is set.
+        storage_options: fsspec options for both ``src``'s and ``dst``'s filesystems (never written into ``dst``).
     """
     src, dst = os.fspath(src), os.fspath(dst)
-    if same_location(src, dst):
+    if same_location(src, dst, storage_options):
         raise ValueError(f"{dst}: the destination is the source; write the conversion elsewhere")
-    store = open_targets(src)
+    store = open_targets(src, storage_options=storage_options)
     m = store.manifest
     content = content or m.content
     dtype = dtype or m.dtype
@@ -240,4 +243,4 @@ def convert_store(
                 raise ValueError(f"{src}: shard {shard.id} (rows {shard.start}-{shard.stop - 1}): {e}") from None
             sink.add(str_array(rows["key"]), stored, rows["label"].numpy(), inputs)
 
-    return derive(args, fill, dst, overwrite)
+    return derive(args, fill, dst, overwrite, storage_options)

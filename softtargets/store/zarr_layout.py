@@ -98,6 +98,9 @@ def _chunks_per_shard(arr: zarr.Array) -> int:
 def _zarr_store(fs: Any, root: str, read_only: bool) -> Any:
     if is_local(fs):
         return zarr.storage.LocalStore(root, read_only=read_only)
+    if fs.async_impl:  # an asynchronous instance with the same storage options (endpoint, credentials)
+        async_fs = type(fs)(**{**fs.storage_options, "asynchronous": True})
+        return zarr.storage.FsspecStore(async_fs, path=root, read_only=read_only)
     return zarr.storage.FsspecStore.from_url(f"{fs.unstrip_protocol(root)}", read_only=read_only)
 
 

@@ -78,6 +78,13 @@ class TrainConfig:
     checkpoint_every: int = 0
     eval_dataset: str | None = None
     eval_kwargs: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] | None = field(default=None, repr=False)  # never recorded (credentials)
+
+    def record(self) -> dict[str, Any]:
+        """The config as ``metrics.json`` records it: every field but ``storage_options``."""
+        out = dataclasses.asdict(self)
+        out.pop("storage_options", None)
+        return out
 
     def __post_init__(self) -> None:
         if self.inputs not in ("packed", "dataset"):
@@ -144,7 +151,7 @@ def _atomic_json(obj: Any, path: Path) -> None:
 
 def build_stream(cfg: TrainConfig) -> TargetStream:
     """The training stream: packed inputs, or the joined dataset's items as ``input``."""
-    store = open_targets(cfg.store)
+    store = open_targets(cfg.store, storage_options=cfg.storage_options)
     common: dict[str, Any] = dict(batch_size=cfg.batch_size, seed=cfg.seed, buffer_size=cfg.buffer_size)
     if cfg.inputs == "packed" or cfg.dataset is None:  # TrainConfig requires a dataset for inputs = 'dataset'
         if not store.manifest.inputs:
@@ -270,7 +277,7 @@ def _already_trained(cfg: TrainConfig, out: Path, state: dict[str, Any]) -> dict
     """
     history = state["history"]
     student, metrics_path = out / STUDENT, out / METRICS
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {"config": dataclasses.asdict(cfg)}
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {"config": cfg.record()}
     if not student.exists():
         if state["partial"]:
             raise ValueError(f"cannot resume {out} for {cfg.epochs} epochs: its checkpoint is partway through "
@@ -329,7 +336,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     eval_set = import_object(cfg.eval_dataset, "eval dataset")(**cfg.eval_kwargs) if cfg.eval_dataset else None
     history, partial = ckpt.load(state) if state is not None else ([], {})
     done_before = len(history)
-    metrics: dict[str, Any] = {"config": dataclasses.asdict(cfg), "steps_per_epoch": steps_per_epoch,
+    metrics: dict[str, Any] = {"config": cfg.record(), "steps_per_epoch": steps_per_epoch,
                                "epochs": history, "epochs_done": done_before, "epochs_run": 0}
     loader = ds.loader(num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
     while ds.epoch < cfg.epochs:

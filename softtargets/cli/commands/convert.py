@@ -10,6 +10,7 @@ from typing import Any
 from ...sharing.convert import convert_store
 from ...store.manifest import CONTENTS, DTYPES, LAYOUTS, Manifest
 from ...text import plural
+from ..storage import add_storage_args, storage_options
 
 
 def add_layout_args(p: argparse.ArgumentParser) -> None:
@@ -23,6 +24,7 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at DST")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    add_storage_args(p)
 
 
 def progress(args: argparse.Namespace) -> bool | None:
@@ -41,7 +43,7 @@ def print_json(m: Manifest, started: float, **paths: Any) -> int:
 def layout_kwargs(args: argparse.Namespace) -> dict:
     return {"layout": args.layout, "sample_layout": args.sample_layout, "shard_rows": args.shard_rows,
             "block_rows": args.block_rows, "compressor": args.compressor, "drop_inputs": args.drop_inputs,
-            "overwrite": args.overwrite, "progress": progress(args)}
+            "overwrite": args.overwrite, "progress": progress(args), "storage_options": storage_options(args)}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from ...sharing.inspect import DEFAULT_TEMPERATURES, format_report, inspect_store, plot_report, require_matplotlib
+from ..storage import add_storage_args, storage_options
 
 
 def _temperatures(text: str) -> list[float]:
@@ -16,6 +17,7 @@ def _temperatures(text: str) -> list[float]:
     if not out or min(out) <= 0:
         raise argparse.ArgumentTypeError(f"temperatures must be > 0, got {text!r}")
     return out
+
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -35,6 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help=f"temperatures for the entropy table (default {','.join(map(str, DEFAULT_TEMPERATURES))})")
     p.add_argument("--no-stats", action="store_true", help="the manifest's facts only; read no rows")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_storage_args(p)
     p.set_defaults(run=run)
     return p
 
@@ -45,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--plot draws target statistics: drop --no-stats")
         require_matplotlib()  # fail before reading the store
     report = inspect_store(args.url, stats=not args.no_stats, limit=args.limit, temperatures=args.temperatures,
-                           progress=False if args.no_progress else None)
+                           progress=False if args.no_progress else None, storage_options=storage_options(args))
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     if args.plot:
         plot_report(report, args.plot)

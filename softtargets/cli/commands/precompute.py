@@ -25,6 +25,12 @@ Config (relative paths are relative to the config file; its folder is appended t
     scheduler = "tcp://10.0.0.1:8786"   # or "local": in this process; "dask": a LocalCluster
     workers = 2                 # LocalCluster workers (default: one per GPU)
     retries = 3
+    ship_weights = false        # true: send the teachers' weights from here to every worker (no shared filesystem)
+    preflight = true            # check every worker (imports, weights, transfer set, output) before any shard runs
+
+    [storage]                   # optional: fsspec storage options of the output (also --storage-option KEY=VALUE)
+    client_kwargs = { endpoint_url = "http://10.0.0.2:9000" }
+    # key = "...", secret = "..."   (or AWS_* variables on the driver; they reach the workers with the job)
 
     [[teachers]]                # one table per teacher: specs of softtargets.precompute.teachers.load_teacher
     name = "resnet50_a"
@@ -47,9 +53,10 @@ from typing import Any
 from ...store.manifest import MANIFEST_NAME
 from ...text import plural
 from ..config import config_schema, read_toml, resolve_path, validate_config
+from ..storage import add_storage_args, storage_options
 
 SCHEMA = "precompute-config"  # schemas/precompute-config.schema.json: every key, its type and range
-TABLES = {"output", "transfer_set", "cluster", "teachers"}
+TABLES = {"output", "transfer_set", "cluster", "storage", "teachers"}
 RUN_KEYS = set(config_schema(SCHEMA)["properties"]) - TABLES
 TEACHER_PATHS = ("weights", "torchscript", "exported")
 
@@ -86,6 +93,8 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         kwargs["autocast"] = None
     kwargs.update({k: v for k, v in output.items() if k != "url"})
     kwargs.update(cluster)
+    if top.get("storage"):
+        kwargs["storage_options"] = dict(top["storage"])
     kwargs.update(teachers=specs, dataset=transfer, out=resolve_path(output["url"], base))
     if str(base) not in sys.path:
         sys.path.append(str(base))
@@ -100,13 +109,13 @@ def _size(nbytes: float) -> str:
     return ""
 
 
-def _finished(url: str) -> bool:
+def _finished(url: str, options: dict[str, Any] | None = None) -> bool:
     """Whether ``url`` holds a finished store (its manifest is written); leftover run markers beside it are
     removed, as a finished run removes them."""
     from ...store.base import MARKER_DIR, PENDING_NAME
     from ...store.files import join, url_to_fs
 
-    fs, root = url_to_fs(url)
+    fs, root = url_to_fs(url, **(options or {}))
     if not fs.exists(join(root, MANIFEST_NAME)):
         return False
     for rel in (MARKER_DIR, PENDING_NAME):
@@ -148,7 +157,10 @@ def run(args: argparse.Namespace) -> int:
         kwargs["workers"] = args.workers
     if kwargs.get("scheduler") == "":
         kwargs["scheduler"] = None
-    if args.resume and _finished(kwargs["out"]):
+    if args.ship_weights:
+        kwargs["ship_weights"] = True
+    kwargs["storage_options"] = storage_options(args, kwargs.get("storage_options"))
+    if args.resume and _finished(kwargs["out"], kwargs["storage_options"]):
         if args.json:
             print(json.dumps({"url": kwargs["out"], "nothing_to_do": True, "rows_computed": 0}, indent=1))
             return 0
@@ -189,6 +201,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                                             "scheduler address tcp://HOST:PORT (default: the config's, else "
                                             "'local' with at most one GPU, 'dask' with several)")
     parser.add_argument("--workers", type=int, help="LocalCluster workers (default: one per GPU, one on CPU)")
+    parser.add_argument("--ship-weights", action="store_true",
+                        help="send the teachers' weights from this machine to every dask worker (dask's scatter with "
+                             "broadcast), for workers that cannot read the weight files")
+    add_storage_args(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar or messages, only the summary")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     parser.set_defaults(run=run)

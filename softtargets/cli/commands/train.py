@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...text import plural
 from ..config import read_toml, resolve_path, validate_config
+from ..storage import add_storage_args, storage_options
 
 if TYPE_CHECKING:
     from ...streaming.train import TrainConfig
@@ -82,6 +83,7 @@ def load_config(path: str | os.PathLike[str], **overrides: Any) -> TrainConfig:
     raw = read_toml(path)
     validate_config(raw, "train-config", path)  # schemas/train-config.schema.json
     base = path.resolve().parent
+    storage = raw.pop("storage", None)
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise ValueError(f"{path}: unknown section(s) {unknown}; allowed: {sorted(SECTIONS)}")
@@ -99,6 +101,8 @@ def load_config(path: str | os.PathLike[str], **overrides: Any) -> TrainConfig:
             raise ValueError(f"{path}: [{section}] needs {key}")
     fields["store"] = resolve_path(str(fields["store"]), base)
     fields["out"] = resolve_path(str(fields.get("out", "runs/student")), base)
+    if storage:
+        fields["storage_options"] = dict(storage)
     fields.update({k: v for k, v in overrides.items() if v is not None})  # command-line values: as given
     if str(base) not in sys.path:
         sys.path.append(str(base))
@@ -141,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, store=args.store, out=args.out, epochs=args.epochs, device=args.device,
                       num_workers=args.num_workers)
+    cfg.storage_options = storage_options(args, cfg.storage_options)
     started = time.perf_counter()
     try:
         metrics = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=False if args.quiet else None)
@@ -168,6 +173,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                       help="continue from OUT/checkpoint.pt up to --epochs in all (a run already there trains nothing)")
     mode.add_argument("--overwrite", action="store_true",
                       help="delete OUT's student.pt, metrics.json and checkpoint.pt (nothing else) and start afresh")
+    add_storage_args(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     parser.set_defaults(run=run)

@@ -7,6 +7,7 @@ import sys
 
 from ...sharing.verify import format_report, to_json, verify_store
 from ...text import plural
+from ..storage import add_storage_args, storage_options
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -23,13 +24,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--key-memory", type=float, default=64, metavar="MIB",
                    help="memory for the key-uniqueness check before it spills to --tmpdir (default 64 MiB)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_storage_args(p)
     p.set_defaults(run=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     report = verify_store(args.url, progress=False if args.no_progress else None, tmpdir=args.tmpdir,
-                          key_memory=int(args.key_memory * 2**20))
+                          key_memory=int(args.key_memory * 2**20), storage_options=storage_options(args))
     print(to_json(report) if args.json else format_report(report))
     if not report.ok and args.json:
         problems, files = plural(len(report.problems), "problem"), plural(len(report.bad_files), "file")
