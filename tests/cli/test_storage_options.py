@@ -33,7 +33,8 @@ def test_command_line_options_merge_into_the_config_table_and_win():
 
 
 @pytest.mark.parametrize("argv", [["precompute", "c.toml"], ["train", "c.toml"], ["inspect", "u"], ["verify", "u"],
-                                  ["convert", "a", "b"], ["merge", "a", "b", "c"], ["subset", "a", "b", "--range", ":"]])
+                                  ["convert", "a", "b"], ["merge", "a", "b", "c"],
+                                  ["subset", "a", "b", "--range", ":"]])
 def test_every_command_that_takes_a_url_takes_storage_options(argv):
     args = build_parser().parse_args([*argv, "--storage-option", "anon=false"])
     assert storage_options(args) == {"anon": False}
