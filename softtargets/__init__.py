@@ -6,7 +6,7 @@ training, where the student's loss applies any temperature and ensemble rule.
 """
 
 from ._version import __version__
-from .errors import JoinMismatchError, SofttargetsError
+from .errors import JoinMismatchError, PreflightError, SofttargetsError, StorageAccessError
 from .math.hints import hint_loss
 from .math.losses import DistillationLoss, distillation_loss, kd_loss, logit_matching_loss
 from .math.specialists import (
@@ -58,11 +58,13 @@ __all__ = [
     "NonFiniteError",
     "JoinMismatchError",
     "ManifestError",
+    "PreflightError",
     "SequenceLoader",
     "SequenceStore",
     "SequenceStream",
     "SequenceWriter",
     "SofttargetsError",
+    "StorageAccessError",
     "StoreError",
     "StreamLoader",
     "TargetJoin",

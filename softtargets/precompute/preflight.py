@@ -46,7 +46,7 @@ def _fix(exc: BaseException) -> str:
             "not found" in str(exc):
         return ("make the file readable on every worker at the same path (a shared filesystem), or pass "
                 "ship_weights=True (--ship-weights) to send the weights from the driver")
-    return "make the worker's environment match the driver's"
+    return ""
 
 
 def check_worker(job: PrecomputeJob, probe: str | None) -> tuple[str, str, str] | None:
@@ -59,7 +59,8 @@ def check_worker(job: PrecomputeJob, probe: str | None) -> tuple[str, str, str] 
     try:
         prepare_job(job)
     except Exception as exc:  # noqa: BLE001 - reported, with the worker, to the driver
-        return address, host, f"{type(exc).__name__}: {exc}; {_fix(exc)}"
+        fix = _fix(exc)
+        return address, host, f"{type(exc).__name__}: {exc}" + (f"; {fix}" if fix else "")
     if probe is not None:
         try:
             check_writable(job.url, job.storage_options, probe)

@@ -18,6 +18,7 @@ from distributed import Client, LocalCluster
 from torch import nn
 from torch.utils.data import Dataset
 
+from softtargets.errors import PreflightError
 from softtargets.math.temperature import reduce_teachers
 from softtargets.precompute import NonFiniteError, precompute
 from softtargets.precompute.transfer import TransferSet
@@ -307,8 +308,9 @@ def test_existing_output_is_refused_and_left_alone(tmp_path, client):
 
 def test_unreproducible_factory_is_refused_on_the_worker(tmp_path, client):
     spec = [{"name": "random", "factory": "tests.precompute.test_precompute:unseeded_linear"}]
-    with pytest.raises(ValueError, match="other weights .* factory is not deterministic"):
+    with pytest.raises(PreflightError, match="other weights .* factory is not deterministic"):  # every worker
         run(spec, Synthetic(), tmp_path / "t.zarr", client)
+    assert not (tmp_path / "t.zarr").exists()
 
 
 def test_fp16_autocast_is_refused_on_cpu_and_bf16_runs(tmp_path, client):
