@@ -35,6 +35,7 @@ from ..choices import JoinBy, Remainder
 from ..store import TargetStore, layout_class
 from ..store.encoding import TORCH_DTYPES
 from .arrays import ArrayJoin
+from .elastic import RestPlan, rest_of_epoch
 from .inputs import DatasetJoin, Decoder, collate_packed
 from .plan import EpochPlan, SplitConfig, Units, batches_per_rank, unit_rows_for
 from .progress import BatchSet
@@ -112,6 +113,8 @@ class TargetStream(IterableDataset):
         self.read_ahead = bool(read_ahead)
         self.epoch = 0
         self._consumed = BatchSet()
+        # Resumed with another split: (epoch, the rows left of it, the states they were worked out from).
+        self._rest: tuple[int, np.ndarray, list[dict[str, Any]]] | None = None
         self._buffers: Buffers | None = None
         # The next epoch's first window, read ahead during an epoch's last: (epoch, its batch numbers, window).
         self._early: tuple[int, np.ndarray, Future[Arranged]] | None = None
@@ -119,12 +122,19 @@ class TargetStream(IterableDataset):
     # -- the plan ---------------------------------------------------------------------------------
 
     def plan(self, epoch: int | None = None) -> EpochPlan:
-        """This rank's plan for ``epoch`` (default: the current one)."""
-        return EpochPlan(self.units, self.config, self.epoch if epoch is None else epoch, self.rank)
+        """This rank's plan for ``epoch`` (default: the current one); a :class:`.RestPlan` for an epoch resumed
+        with another split."""
+        epoch = self.epoch if epoch is None else epoch
+        if self._rest is not None and self._rest[0] == epoch:
+            return RestPlan(self.units, self.config, epoch, self.rank, self._rest[1])
+        return EpochPlan(self.units, self.config, epoch, self.rank)
 
     @property
     def batches_per_epoch(self) -> int:
-        """Batches this rank yields in a whole epoch (the same on every rank)."""
+        """Batches this rank yields in a whole epoch (the same on every rank): of the current epoch's rest
+        where it was resumed with another split."""
+        if self._rest is not None and self._rest[0] == self.epoch:
+            return batches_per_rank(len(self._rest[1]), self.config)
         return batches_per_rank(self.manifest.num_samples, self.config)
 
     def __len__(self) -> int:
@@ -144,6 +154,7 @@ class TargetStream(IterableDataset):
         if epoch != self.epoch:
             self.epoch = epoch
             self._consumed = BatchSet()
+            self._rest = None
 
     # -- progress ---------------------------------------------------------------------------------
 
@@ -154,36 +165,64 @@ class TargetStream(IterableDataset):
         if e < self.epoch:
             return
         if e > self.epoch:
-            self.epoch, self._consumed = e, BatchSet()
+            self.epoch, self._consumed, self._rest = e, BatchSet(), None
         self._consumed.add(j)
         if len(self._consumed) >= self.batches_per_epoch:
-            self.epoch, self._consumed = self.epoch + 1, BatchSet()
+            self.epoch, self._consumed, self._rest = self.epoch + 1, BatchSet(), None
 
     def state_dict(self) -> dict[str, Any]:
-        """Progress: ``{"format", "epoch", "consumed": [[lo, hi), ...] batch ranges, "config"}``.
+        """Progress: ``{"format", "epoch", "consumed": [[lo, hi), ...] batch ranges, "config", "rank"}`` (and
+        ``"resumed_from"``: the states an elastic resume of this epoch started from).
 
-        Resuming from it yields exactly the batches (hence samples) not yet consumed in that epoch,
-        with any number of DataLoader workers. ``config`` must match on load: store size and units,
-        batch size, world size, seed, shuffle, remainder, drop_last and buffer size. In lockstep DDP
-        every rank consumes the same batch numbers, so any rank's state serves all ranks.
+        Resuming with the same split (store, batch size, world size, seed, shuffle, remainder, drop_last,
+        buffer size) yields exactly the batches not yet consumed in that epoch, with any number of
+        DataLoader workers. In lockstep DDP every rank consumes the same batch numbers, so any rank's
+        state serves all ranks. With another split, see :meth:`load_state_dict`.
         """
-        return {
+        state = {
             "format": STATE_FORMAT, "epoch": self.epoch, "consumed": self._consumed.ranges(),
             "config": self._fingerprint(), "rank": self.rank,
         }
+        if self._rest is not None and self._rest[0] == self.epoch:
+            state["resumed_from"] = self._rest[2]
+        return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict`; ``ValueError`` naming the fields that differ from this stream."""
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"not a stream state (format {state.get('format')!r}, expected {STATE_FORMAT!r})")
-        mine, theirs = self._fingerprint(), state["config"]
-        diff = [f"{k}: saved {theirs.get(k)!r}, now {v!r}" for k, v in mine.items() if theirs.get(k) != v]
+    def load_state_dict(self, state: dict[str, Any] | Sequence[dict[str, Any]]) -> None:
+        """Resume from :meth:`state_dict`: one state (every rank of the saved run in lockstep), or the states of
+        all its ranks (e.g. gathered with ``torch.distributed.all_gather_object``).
+
+        The same split: the epoch goes on with exactly the batches not consumed. Another world size, batch
+        size, buffer size, seed or remainder policy (elastic resume, :mod:`.elastic`): the epoch goes on with
+        exactly the rows no rank of the saved run consumed, each once, split over this run's ranks (its
+        ``remainder="pad"`` repeats up to ``world_size - 1`` of them, ``"drop"`` leaves up to that many out);
+        the next epoch is planned with this run's split. The store must be the same (``ValueError`` otherwise).
+        """
+        states = [state] if isinstance(state, dict) else list(state)
+        if not states:
+            raise ValueError("cannot resume: no state given")
+        for s in states:
+            if s.get("format") != STATE_FORMAT:
+                raise ValueError(f"not a stream state (format {s.get('format')!r}, expected {STATE_FORMAT!r})")
+        mine, theirs = self._fingerprint(), states[0]["config"]
+        diff = [f"{k}: saved {theirs.get(k)!r}, now {mine[k]!r}" for k in ("num_samples", "num_units")
+                if theirs.get(k) != mine[k]]
         if diff:
-            raise ValueError("cannot resume: the stream differs from the saved one (" + "; ".join(diff) + ")")
-        consumed = BatchSet(state["consumed"])
-        if consumed.ranges() and consumed.ranges()[-1][1] > self.batches_per_epoch:
-            raise ValueError("cannot resume: the saved state lists batches beyond the epoch's end")
-        self.epoch, self._consumed = int(state["epoch"]), consumed
+            raise ValueError("cannot resume: the store differs from the saved one (" + "; ".join(diff) + ")")
+        epoch = int(states[0]["epoch"])
+        same = all(s["config"] == mine and s["consumed"] == states[0]["consumed"] for s in states)
+        if same:
+            source = states[0].get("resumed_from")
+            self._rest = None if not source else (epoch, rest_of_epoch(self.units, source), source)
+            self.epoch = epoch
+            consumed = BatchSet(states[0]["consumed"])
+            if consumed.ranges() and consumed.ranges()[-1][1] > self.batches_per_epoch:
+                raise ValueError("cannot resume: the saved state lists batches beyond the epoch's end")
+            self._consumed = consumed
+            return
+        self._rest = (epoch, rest_of_epoch(self.units, states), [dict(s) for s in states])
+        self.epoch, self._consumed = epoch, BatchSet()
+        if not self.batches_per_epoch:  # nothing was left of that epoch
+            self.epoch, self._rest = epoch + 1, None
 
     def _fingerprint(self) -> dict[str, Any]:
         c = self.config
@@ -231,7 +270,7 @@ class TargetStream(IterableDataset):
             yield batch
         if not main:
             # A worker's copy that outlives this pass (persistent_workers) moves on to the next epoch.
-            self.epoch, self._consumed = self.epoch + 1, BatchSet()
+            self.epoch, self._consumed, self._rest = self.epoch + 1, BatchSet(), None
 
     def _produce(self, info: Any, bundle: bool) -> Iterator[dict[str, Any]]:
         """The batches (or bundles) of this worker's share, window by window."""
