@@ -8,13 +8,15 @@ layout: ``.npy`` members decoded and stacked, e.g. ``input`` [B, ...]) or a map-
 joined (``input``). Use it with ``DataLoader(stream, batch_size=None, num_workers=n)``, or
 :meth:`TargetStream.loader`.
 
-Windows: with ``read_ahead`` (the default) each worker (or the main process) reads and arranges
-the next shuffle window in a thread while its current one is handed out (the main process also
-reads the next epoch's first window during an epoch's last), so up to four windows of
-``buffer_size`` rows are in memory at once (the current one, the next, the next epoch's first,
-and one a caller still holds a batch of). In the main process the batches themselves (slices of
-the window, keys, joined inputs) are made on a helper thread too, two ahead of the training loop:
-``next()`` takes a finished batch off a queue.
+Windows and slabs: the shuffle window (``buffer_size`` rows, default 64 MiB of logits) is read as
+views of the store's memory-mapped files, and arranged in batch order a *slab* at a time
+(``slab_rows``: whole batches, ~16 MiB), so memory holds a few slabs, not whole windows, while the
+shuffle still mixes a whole window: :attr:`TargetStream.memory_bound_bytes` states the bound. With
+``read_ahead`` (the default) each worker (or the main process) arranges the next slab in a thread
+while its current one is handed out (the main process also arranges the next epoch's first slab
+during an epoch's last). In the main process the batches themselves (slices of the slab, keys,
+joined inputs) are made on a helper thread too, two ahead of the training loop: ``next()`` takes a
+finished batch off a queue.
 
 Progress and resumption: see :meth:`TargetStream.state_dict`.
 """
@@ -43,6 +45,8 @@ from .window import Arranged, Buffers, Window
 
 STATE_FORMAT = "softtargets.stream/2"  # 2: windows ramp up at the start of an epoch
 DEFAULT_BUFFER_BYTES = 64 << 20
+SLAB_BYTES = 16 << 20  # a window is arranged in slabs of about this many bytes (whole batches, at least one)
+SLABS_ALIVE = 5  # see TargetStream.memory_bound_bytes
 ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -95,6 +99,8 @@ class TargetStream(IterableDataset):
         elif int(buffer_size) < batch_size:
             raise ValueError(f"buffer_size={buffer_size} must be >= batch_size={batch_size}")
         window = int(buffer_size) // batch_size * batch_size
+        self.row_bytes = ITEM_BYTES[m.dtype] * int(np.prod(m.logits_shape[1:]))
+        self.slab_rows = max(1, SLAB_BYTES // max(self.row_bytes, 1) // batch_size) * batch_size
         self.config = SplitConfig(
             batch_size=batch_size, world_size=self.world_size, seed=int(seed), shuffle=bool(shuffle),
             remainder=remainder, drop_last=bool(drop_last), window=window,
@@ -238,6 +244,18 @@ class TargetStream(IterableDataset):
         return self._iter(bundle=False, mark=True)
 
     @property
+    def memory_bound_bytes(self) -> int:
+        """Bytes of memory the stream holds at most, per process that arranges batches (the main process with
+        no workers, else each worker, in shared memory): ``SLABS_ALIVE`` slabs of ``min(slab_rows, buffer_size)``
+        rows of ``row_bytes`` -- the one handed out, the next (read ahead), the next epoch's first, one a caller
+        still holds a batch of, and one piece's rows in flight while arranging -- plus index, label and key
+        references (24 B a row) of three windows of ``buffer_size`` rows. Not counted: the store's own caches
+        (a zarr store keeps whole shards' keys and labels, up to its ``meta_cache_bytes``), packed inputs or a
+        joined dataset's items, and batches a caller keeps beyond one earlier slab's."""
+        slab = min(self.slab_rows, self.config.window_rows)
+        return SLABS_ALIVE * slab * self.row_bytes + 3 * self.config.window_rows * 24
+
+    @property
     def has_extras(self) -> bool:
         """Whether batches carry inputs computed per batch (packed inputs or a joined dataset)."""
         return self.packed or self.join is not None or self.arrays is not None
@@ -288,18 +306,17 @@ class TargetStream(IterableDataset):
             else None
         run = ahead if self.read_ahead else in_order
 
+        arrange_next = self._arranger(buffers)
+
         def arrange(item: tuple[EpochPlan, np.ndarray]) -> Arranged:
-            p, group = item
             if early is not None and item is items[0]:
                 return early[2].result()
-            k = p.window_of(int(group[0]))
-            window = Window.read(self.store, p.segments(*p.window_range(k)), self.packed)
-            return window.arrange(p.window_permutation(k), self._logits_dtype, buffers)
+            return arrange_next(item)
 
         for i, ((_, group), arranged) in enumerate(run(items, arrange)):
             if self.read_ahead and main and after is not None and i == len(items) - 1:
-                # This epoch's last window is being handed out: read the next epoch's first meanwhile.
-                self._early = (following.epoch, after[1], in_background(arrange, after))
+                # This epoch's last slab is being handed out: read the next epoch's first meanwhile.
+                self._early = (following.epoch, after[1], in_background(self._arranger(buffers), after))
             if bundle:
                 for span in np.split(group, np.flatnonzero(np.diff(group) != 1) + 1):
                     yield self._bundle(plan, arranged, span)
@@ -312,11 +329,35 @@ class TargetStream(IterableDataset):
                     group.tolist(), functools.partial(self._batch, plan, arranged)):
                 yield batch
 
-    @staticmethod
-    def _groups(plan: EpochPlan, share: np.ndarray) -> list[np.ndarray]:
-        """``share`` (ascending batch numbers) cut where a new window starts."""
+    def _arranger(self, buffers: Buffers | None) -> Callable[[tuple[EpochPlan, np.ndarray]], Arranged]:
+        """A function of ``(plan, batch numbers of one slab)`` giving that slab arranged; it keeps the window it
+        read last, so the slabs of a window read it once (one such function per thread)."""
+        last: dict[tuple[int, int], tuple[Window, np.ndarray | None]] = {}
+
+        def arrange(item: tuple[EpochPlan, np.ndarray]) -> Arranged:
+            p, group = item
+            k = int(p.window_of(int(group[0])))
+            lo, hi = p.window_range(k)
+            if (p.epoch, k) not in last:
+                last.clear()  # the window before is done with: its views of the store go
+                last[(p.epoch, k)] = (Window.read(self.store, p.segments(lo, hi), self.packed),
+                                      p.window_permutation(k))
+            window, perm = last[(p.epoch, k)]
+            a = (int(group[0]) * p.cfg.batch_size - lo) // self.slab_rows * self.slab_rows
+            return window.arrange(perm, self._logits_dtype, buffers, a, min(a + self.slab_rows, hi - lo))
+
+        return arrange
+
+    def _groups(self, plan: EpochPlan, share: np.ndarray) -> list[np.ndarray]:
+        """``share`` (ascending batch numbers) cut where a new slab starts (a window is cut into slabs of
+        :attr:`slab_rows` rows from its start)."""
+        if not len(share):
+            return []
         windows = plan.window_of(share)
-        return np.split(share, np.flatnonzero(np.diff(windows)) + 1) if len(share) else []
+        starts = {int(k): plan.window_range(int(k))[0] for k in np.unique(windows)}
+        offsets = share * plan.cfg.batch_size - np.array([starts[int(k)] for k in windows], dtype=np.int64)
+        slabs = windows * (plan.cfg.window_rows // self.slab_rows + 2) + offsets // self.slab_rows
+        return np.split(share, np.flatnonzero(np.diff(slabs)) + 1)
 
     def _main_buffers(self) -> Buffers:
         if self._buffers is None:

@@ -57,28 +57,46 @@ class Window:
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def arrange(self, perm: np.ndarray | None, dtype: torch.dtype, buffers: Buffers | None = None) -> Arranged:
-        """The window's rows in batch order: row ``perm[i]`` at position ``i`` (``None``: as read), in a
-        buffer from ``buffers`` (None: shared memory, for a DataLoader worker)."""
+    def arrange(self, perm: np.ndarray | None, dtype: torch.dtype, buffers: Buffers | None = None, lo: int = 0,
+                hi: int | None = None) -> Arranged:
+        """Positions ``[lo, hi)`` (default: all) of the window's rows in batch order: row ``perm[i]`` at position
+        ``i`` (``None``: as read), in a buffer from ``buffers`` (None: shared memory, for a DataLoader worker).
+
+        The whole window: each piece's rows are scattered straight to their positions (one copy). A slab of
+        it: the rows of each piece that fall in the slab are gathered, then scattered (the second copy is of
+        bytes still in the CPU's cache); memory then holds the slab, not the window."""
         n = len(self)
-        shape = (n, *self.logits[0].shape[1:])
+        hi = n if hi is None else hi
+        shape = (hi - lo, *self.logits[0].shape[1:])
         out = _shared(shape, dtype) if buffers is None else buffers.tensor(shape, dtype)
         dst = _words((out.view(torch.int16) if dtype == torch.bfloat16 else out).numpy())
+        order: Any
         if perm is None:
             for q, part in enumerate(self.logits):
-                dst[self.starts[q]:self.starts[q + 1]] = _words(part)
-            order: Any = slice(None)
-        else:
+                a, b = max(int(self.starts[q]), lo), min(int(self.starts[q + 1]), hi)
+                if a < b:
+                    dst[a - lo:b - lo] = _words(part)[a - int(self.starts[q]):b - int(self.starts[q])]
+            order = slice(lo, hi)
+        elif lo == 0 and hi == n:
             where = np.empty(n, dtype=np.int64)
             where[perm] = np.arange(n, dtype=np.int64)  # position of each window row in batch order
             for q, part in enumerate(self.logits):
                 dst[where[self.starts[q]:self.starts[q + 1]]] = _words(part)
             order = perm
+        else:
+            order = perm[lo:hi]
+            piece = np.searchsorted(self.starts, order, side="right") - 1
+            by_piece = np.argsort(piece, kind="stable")
+            bounds = np.searchsorted(piece[by_piece], np.arange(len(self.logits) + 1))
+            for q, part in enumerate(self.logits):
+                if bounds[q] < bounds[q + 1]:
+                    at = by_piece[bounds[q]:bounds[q + 1]]
+                    dst[at] = _words(part)[order[at] - self.starts[q]]
         members = None if self.members is None else (
-            self.members if perm is None else [self.members[i] for i in perm.tolist()]
+            self.members[lo:hi] if perm is None else [self.members[i] for i in perm[lo:hi].tolist()]
         )
         return Arranged(out, torch.from_numpy(self.index[order]), torch.from_numpy(self.label[order]), self.key[order],
-                        members)
+                        members, lo)
 
 
 @dataclass
@@ -90,8 +108,11 @@ class Arranged:
     label: torch.Tensor
     key: np.ndarray  # str or object [n]
     members: list[dict[str, bytes]] | None
+    offset: int = 0  # the window position of row 0 (a slab of a window starts past 0)
 
     def batch(self, a: int, b: int) -> dict[str, Any]:
+        """Window positions ``[a, b)`` (inside this slab)."""
+        a, b = a - self.offset, b - self.offset
         out: dict[str, Any] = {
             "key": self.key[a:b].tolist(), "index": self.index[a:b], "teacher_logits": self.logits[a:b],
             "label": self.label[a:b],

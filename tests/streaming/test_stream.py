@@ -376,3 +376,23 @@ def test_read_ahead_changes_timing_not_batches(stores, layout):
         return out
 
     assert run(True) == run(False)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_slabs_hand_out_the_same_batches_as_whole_windows(stores, layout):
+    """A window arranged in slabs of 2 batches (what bounds memory for big rows) gives the batches, bit for bit, that
+    the whole window gives; with and without workers, shuffled and not."""
+    store = st.open_targets(stores[layout])
+    for shuffle, workers in ((True, 0), (True, 2), (False, 0)):
+        whole = stream(store, batch_size=10, seed=4, buffer_size=60, shuffle=shuffle)
+        assert whole.slab_rows >= whole.config.window_rows  # small rows: one slab per window
+        slabs = stream(store, batch_size=10, seed=4, buffer_size=60, shuffle=shuffle)
+        slabs.slab_rows = 20
+        # Workers take turns by item (a slab's run of batches): arrival orders differ, the batches do not.
+        a, b = (sorted(epoch_batches(ds, workers), key=lambda x: x["batch_idx"]) for ds in (whole, slabs))
+        assert [x["batch_idx"] for x in a] == [x["batch_idx"] for x in b] == list(range(len(a)))
+        assert indices(a) == indices(b) and sorted(indices(b)) == list(range(N))
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x["teacher_logits"].view(torch.int16), y["teacher_logits"].view(torch.int16))
+            check_rows(store, y)
+    assert slabs.memory_bound_bytes < whole.memory_bound_bytes
