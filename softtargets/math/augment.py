@@ -1,0 +1,144 @@
+"""Image augmentations with explicit parameters: a view is drawn once (``aug(x, rng) -> (x_view, params)``) and
+rebuilt anywhere from its parameters (``aug.replay(x, params)``). Pure torch; torchvision is not needed.
+
+:class:`RandomView` is a random resized crop, a horizontal flip and a small affine (rotation, translation),
+composed into one affine map and sampled once (``torch.nn.functional.grid_sample``, bilinear, zeros outside).
+Coordinates are torch's normalised ones: ``[-1, 1]`` across the image, ``x`` to the right, ``y`` down.
+
+For an output pixel at ``u`` (normalised), the input is sampled at ``c + S F (R(angle) u + t)``: ``R`` the
+rotation by ``angle`` degrees, ``t = (tx, ty)``, ``F`` the flip (``x -> -x`` when ``flip = 1``), ``S`` the crop's
+half-sizes ``diag(crop_w, crop_h)`` (fractions of the image) and ``c = (crop_x, crop_y)`` its centre.
+
+Parameters (only those of the parts in use are drawn and stored): ``crop_x``, ``crop_y``, ``crop_w``,
+``crop_h``, ``flip`` (uint8 0/1), ``angle`` (degrees), ``tx``, ``ty`` (normalised units: 2 = the image's width).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["RandomView"]
+
+_FLOAT = {"float32": torch.float32, "float16": torch.float16}
+
+
+class RandomView:
+    """Random resized crop + horizontal flip + small rotation and translation, with explicit parameters.
+
+    Args:
+        scale: the crop's area as a fraction of the image, drawn uniformly in this range; ``(1, 1)`` (and
+            ``ratio=(1, 1)``): no crop.
+        ratio: the crop's aspect ratio (width / height), drawn log-uniformly in this range.
+        flip: probability of a horizontal flip.
+        degrees: rotation drawn uniformly in ``[-degrees, degrees]``.
+        translate: shift drawn uniformly in ``[-translate, translate]`` of the image's size, per axis.
+        size: output ``(H, W)``; default the input's.
+        shape: the image shape ``(C, H, W)`` of flat inputs (e.g. ``(1, 8, 8)`` for 64 features): they are viewed
+            as images and the views flattened back.
+        param_dtype: ``float32`` or ``float16``: the stored dtype of the real-valued parameters. Values are
+            drawn, then rounded to it, then applied: the stored parameters rebuild the view exactly.
+
+    Inputs: ``[C, H, W]`` (one image, or ``shape``'s flat ``[C*H*W]``) for ``__call__``; ``[B, C, H, W]`` (or
+    ``[B, C*H*W]``) or one image for :meth:`replay`, with parameters as numbers or tensors ``[B]``.
+    """
+
+    def __init__(self, scale: tuple[float, float] = (1.0, 1.0), ratio: tuple[float, float] = (1.0, 1.0),
+                 flip: float = 0.0, degrees: float = 0.0, translate: float = 0.0, size: Sequence[int] | None = None,
+                 shape: Sequence[int] | None = None, param_dtype: str = "float32") -> None:
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"scale must satisfy 0 < lo <= hi <= 1, got {scale}")
+        if not 0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"ratio must satisfy 0 < lo <= hi, got {ratio}")
+        if param_dtype not in _FLOAT:
+            raise ValueError(f"param_dtype must be one of {list(_FLOAT)}, got {param_dtype!r}")
+        self.scale, self.ratio, self.flip = (float(scale[0]), float(scale[1])), (float(ratio[0]), float(ratio[1])), \
+            float(flip)
+        self.degrees, self.translate = float(degrees), float(translate)
+        self.size = None if size is None else (int(size[0]), int(size[1]))
+        self.shape = None if shape is None else tuple(int(s) for s in shape)
+        self.param_dtype = param_dtype
+        self.crops = self.scale != (1.0, 1.0) or self.ratio != (1.0, 1.0)
+        names = (["crop_x", "crop_y", "crop_w", "crop_h"] if self.crops else []) + (["flip"] if self.flip else []) \
+            + (["angle"] if self.degrees else []) + (["tx", "ty"] if self.translate else [])
+        #: name -> stored dtype, read by ``precompute(views=..., augment=...)`` for the manifest.
+        self.param_dtypes = {n: "uint8" if n == "flip" else param_dtype for n in names}
+
+    def __repr__(self) -> str:
+        return (f"RandomView(scale={self.scale}, ratio={self.ratio}, flip={self.flip}, degrees={self.degrees}, "
+                f"translate={self.translate}, size={self.size}, shape={self.shape}, param_dtype={self.param_dtype!r})")
+
+    def _uniform(self, rng: torch.Generator, lo: float, hi: float) -> float:
+        u = torch.rand((), generator=rng, dtype=torch.float64).item()
+        return self._round(lo + (hi - lo) * u)
+
+    def _round(self, v: float) -> float:
+        return float(torch.tensor(v, dtype=_FLOAT[self.param_dtype]).item())
+
+    def sample(self, rng: torch.Generator) -> dict[str, float | int]:
+        """One view's parameters, every random choice drawn from ``rng`` (values exact in the stored dtypes)."""
+        out: dict[str, float | int] = {}
+        if self.crops:
+            area = self.scale[0] + (self.scale[1] - self.scale[0]) * torch.rand((), generator=rng).item()
+            log_r = math.log(self.ratio[0]) + (math.log(self.ratio[1]) - math.log(self.ratio[0])) * \
+                torch.rand((), generator=rng).item()
+            w = self._round(min(1.0, math.sqrt(area * math.exp(log_r))))
+            h = self._round(min(1.0, math.sqrt(area / math.exp(log_r))))
+            out["crop_x"] = self._uniform(rng, -(1 - w), 1 - w)
+            out["crop_y"] = self._uniform(rng, -(1 - h), 1 - h)
+            out["crop_w"], out["crop_h"] = w, h
+        if self.flip:
+            out["flip"] = int(torch.rand((), generator=rng).item() < self.flip)
+        if self.degrees:
+            out["angle"] = self._uniform(rng, -self.degrees, self.degrees)
+        if self.translate:
+            out["tx"] = self._uniform(rng, -2 * self.translate, 2 * self.translate)
+            out["ty"] = self._uniform(rng, -2 * self.translate, 2 * self.translate)
+        return out
+
+    def __call__(self, x: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, dict[str, float | int]]:
+        """A random view of one input ``x`` and its parameters."""
+        params = self.sample(rng)
+        return self.replay(x, params), params
+
+    def theta(self, params: Mapping[str, Any], batch: int) -> torch.Tensor:
+        """The affine maps ``[B, 2, 3]`` float32 (output to input, normalised coordinates) of ``params``."""
+        def get(name: str, default: float) -> torch.Tensor:
+            v = params.get(name, default)
+            t = torch.as_tensor(v).to(torch.float32).reshape(-1)
+            return t.expand(batch) if t.numel() == 1 else t
+
+        a = get("angle", 0.0) * (math.pi / 180)
+        cos, sin = torch.cos(a), torch.sin(a)
+        fx = 1 - 2 * get("flip", 0.0)
+        sw, sh = get("crop_w", 1.0), get("crop_h", 1.0)
+        cx, cy = get("crop_x", 0.0), get("crop_y", 0.0)
+        tx, ty = get("tx", 0.0), get("ty", 0.0)
+        row0 = torch.stack([sw * fx * cos, -sw * fx * sin, sw * fx * tx + cx], dim=-1)
+        row1 = torch.stack([sh * sin, sh * cos, sh * ty + cy], dim=-1)
+        return torch.stack([row0, row1], dim=1)
+
+    def replay(self, x: torch.Tensor, params: Mapping[str, Any]) -> torch.Tensor:
+        """The views of ``x`` (one input, or a batch ``[B, ...]``) with parameters ``params`` (numbers, or
+        tensors ``[B]``): the same values as the call that drew them."""
+        flat = self.shape is not None and x.dim() in (1, 2)
+        single = x.dim() == (1 if flat else 3)
+        batch = x.reshape(1, *x.shape) if single else x
+        if flat:
+            assert self.shape is not None
+            batch = batch.reshape(len(batch), *self.shape)
+        if batch.dim() != 4:
+            raise ValueError(f"RandomView takes images [C, H, W] or [B, C, H, W] (or flat ones with shape=); got "
+                             f"{tuple(x.shape)}")
+        b, c, h, w = batch.shape
+        size = self.size or (h, w)
+        grid = F.affine_grid(self.theta(params, b), [b, c, *size], align_corners=False)
+        out = F.grid_sample(batch.to(torch.float32), grid, mode="bilinear", padding_mode="zeros",
+                            align_corners=False).to(x.dtype)
+        if flat:
+            out = out.reshape(b, -1)
+        return out[0] if single else out
