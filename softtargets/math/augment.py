@@ -19,12 +19,13 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 __all__ = ["RandomView"]
 
-_FLOAT = {"float32": torch.float32, "float16": torch.float16}
+_FLOAT = ("float32", "float16")
 
 
 class RandomView:
@@ -44,7 +45,7 @@ class RandomView:
             drawn, then rounded to it, then applied: the stored parameters rebuild the view exactly.
 
     Inputs: ``[C, H, W]`` (one image, or ``shape``'s flat ``[C*H*W]``) for ``__call__``; ``[B, C, H, W]`` (or
-    ``[B, C*H*W]``) or one image for :meth:`replay`, with parameters as numbers or tensors ``[B]``.
+    ``[B, C*H*W]``) or one image for :meth:`replay`, with parameters as numbers, or numpy arrays or tensors ``[B]``.
     """
 
     def __init__(self, scale: tuple[float, float] = (1.0, 1.0), ratio: tuple[float, float] = (1.0, 1.0),
@@ -72,32 +73,30 @@ class RandomView:
         return (f"RandomView(scale={self.scale}, ratio={self.ratio}, flip={self.flip}, degrees={self.degrees}, "
                 f"translate={self.translate}, size={self.size}, shape={self.shape}, param_dtype={self.param_dtype!r})")
 
-    def _uniform(self, rng: torch.Generator, lo: float, hi: float) -> float:
-        u = torch.rand((), generator=rng, dtype=torch.float64).item()
-        return self._round(lo + (hi - lo) * u)
-
     def _round(self, v: float) -> float:
-        return float(torch.tensor(v, dtype=_FLOAT[self.param_dtype]).item())
+        return float(np.dtype(self.param_dtype).type(v))
 
     def sample(self, rng: torch.Generator) -> dict[str, float | int]:
-        """One view's parameters, every random choice drawn from ``rng`` (values exact in the stored dtypes)."""
+        """One view's parameters, every random choice drawn from ``rng`` (one draw of 7 uniforms; values exact in
+        the stored dtypes)."""
+        u = torch.rand(7, generator=rng, dtype=torch.float64).tolist()
         out: dict[str, float | int] = {}
         if self.crops:
-            area = self.scale[0] + (self.scale[1] - self.scale[0]) * torch.rand((), generator=rng).item()
-            log_r = math.log(self.ratio[0]) + (math.log(self.ratio[1]) - math.log(self.ratio[0])) * \
-                torch.rand((), generator=rng).item()
+            area = self.scale[0] + (self.scale[1] - self.scale[0]) * u[0]
+            log_r = math.log(self.ratio[0]) + (math.log(self.ratio[1]) - math.log(self.ratio[0])) * u[1]
             w = self._round(min(1.0, math.sqrt(area * math.exp(log_r))))
             h = self._round(min(1.0, math.sqrt(area / math.exp(log_r))))
-            out["crop_x"] = self._uniform(rng, -(1 - w), 1 - w)
-            out["crop_y"] = self._uniform(rng, -(1 - h), 1 - h)
+            out["crop_x"] = self._round((1 - w) * (2 * u[2] - 1))
+            out["crop_y"] = self._round((1 - h) * (2 * u[3] - 1))
             out["crop_w"], out["crop_h"] = w, h
         if self.flip:
-            out["flip"] = int(torch.rand((), generator=rng).item() < self.flip)
+            out["flip"] = int(u[4] < self.flip)
         if self.degrees:
-            out["angle"] = self._uniform(rng, -self.degrees, self.degrees)
+            out["angle"] = self._round(self.degrees * (2 * u[5] - 1))
         if self.translate:
-            out["tx"] = self._uniform(rng, -2 * self.translate, 2 * self.translate)
-            out["ty"] = self._uniform(rng, -2 * self.translate, 2 * self.translate)
+            v = torch.rand(2, generator=rng, dtype=torch.float64).tolist()
+            out["tx"] = self._round(2 * self.translate * (2 * v[0] - 1))
+            out["ty"] = self._round(2 * self.translate * (2 * v[1] - 1))
         return out
 
     def __call__(self, x: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, dict[str, float | int]]:
@@ -106,25 +105,26 @@ class RandomView:
         return self.replay(x, params), params
 
     def theta(self, params: Mapping[str, Any], batch: int) -> torch.Tensor:
-        """The affine maps ``[B, 2, 3]`` float32 (output to input, normalised coordinates) of ``params``."""
-        def get(name: str, default: float) -> torch.Tensor:
+        """The affine maps ``[B, 2, 3]`` float32 (output to input, normalised coordinates) of ``params``, computed
+        in float64 with numpy (one path for one view and for a batch) and rounded once."""
+        def get(name: str, default: float) -> np.ndarray:
             v = params.get(name, default)
-            t = torch.as_tensor(v).to(torch.float32).reshape(-1)
-            return t.expand(batch) if t.numel() == 1 else t
+            a = (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)).astype(np.float64).reshape(-1)
+            return np.broadcast_to(a, (batch,))
 
-        a = get("angle", 0.0) * (math.pi / 180)
-        cos, sin = torch.cos(a), torch.sin(a)
+        a = np.deg2rad(get("angle", 0.0))
+        cos, sin = np.cos(a), np.sin(a)
         fx = 1 - 2 * get("flip", 0.0)
         sw, sh = get("crop_w", 1.0), get("crop_h", 1.0)
         cx, cy = get("crop_x", 0.0), get("crop_y", 0.0)
         tx, ty = get("tx", 0.0), get("ty", 0.0)
-        row0 = torch.stack([sw * fx * cos, -sw * fx * sin, sw * fx * tx + cx], dim=-1)
-        row1 = torch.stack([sh * sin, sh * cos, sh * ty + cy], dim=-1)
-        return torch.stack([row0, row1], dim=1)
+        row0 = np.stack([sw * fx * cos, -sw * fx * sin, sw * fx * tx + cx], axis=-1)
+        row1 = np.stack([sh * sin, sh * cos, sh * ty + cy], axis=-1)
+        return torch.from_numpy(np.stack([row0, row1], axis=1).astype(np.float32))
 
     def replay(self, x: torch.Tensor, params: Mapping[str, Any]) -> torch.Tensor:
         """The views of ``x`` (one input, or a batch ``[B, ...]``) with parameters ``params`` (numbers, or
-        tensors ``[B]``): the same values as the call that drew them."""
+        numpy arrays or tensors ``[B]``): the same values as the call that drew them."""
         flat = self.shape is not None and x.dim() in (1, 2)
         single = x.dim() == (1 if flat else 3)
         batch = x.reshape(1, *x.shape) if single else x

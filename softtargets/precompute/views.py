@@ -5,7 +5,8 @@ is view ``r // N`` of sample ``r % N``, keyed ``"{key}#{view}"``): its items are
 ``rng`` from :func:`softtargets.store.views.view_generator` (store seed, sample key, view). The teachers and the
 writer see an ordinary transfer set, so every content, layout, engine and the crash/resume guarantees apply
 as they are. Each shard's parameters are computed by calling ``augment`` again on the same inputs with the same
-generators (the augmentation is deterministic given its ``rng``) and written to ``views/params-{shard}.npy``
+generators (the augmentation is deterministic given its ``rng``; views made in this process keep their parameters
+for this, up to ``CACHE_ROWS`` rows) and written to ``views/params-{shard}.npy``
 (temporary name, then renamed) before the manifest, which lists them, is written.
 """
 
@@ -24,6 +25,7 @@ from ..store.manifest import FileRecord
 from ..store.views import ORDER, declare_params, encode_params, npy_file, params_file, view_generator, view_key
 from .transfer import TransferSet
 
+CACHE_ROWS = 1 << 20
 Augment = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, Mapping[str, Any]]]
 
 __all__ = ["Augment", "ViewCapture", "ViewedDataset"]
@@ -42,6 +44,9 @@ class ViewedDataset(Dataset):
         self.transfer_set, self.count, self.augment, self.seed = transfer_set, int(count), augment, int(seed)
         self.samples = len(transfer_set)
         self._keys = transfer_set.all_keys()
+        # Parameters of the views made in this process (the compute loop's, without DataLoader workers), so the
+        # parameter files need no second call of augment for them; at most CACHE_ROWS rows are kept.
+        self.made: dict[int, dict[str, Any]] = {}
 
     def __len__(self) -> int:
         return self.samples * self.count
@@ -56,12 +61,45 @@ class ViewedDataset(Dataset):
         x, params = self.augment(sample.x, view_generator(self.seed, sample.key, view))
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"augment returned {type(x).__name__} for the input; expected (tensor, dict of params)")
-        return x, dict(params), sample.label
+        params = dict(params)
+        if len(self.made) < CACHE_ROWS:
+            self.made[int(row)] = params
+        return x, params, sample.label
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "made": {}}
+
+    def params(self, row: int) -> dict[str, Any]:
+        """Row ``row``'s parameters: as made by the compute loop in this process, else drawn again."""
+        made = self.made.pop(int(row), None)
+        return made if made is not None else self.view(row)[1]
 
     def __getitem__(self, row: int) -> dict[str, Any]:
         x, _, label = self.view(row)
         view, i = divmod(int(row), self.samples)
         return {"x": x, "y": None if label < 0 else label, "key": view_key(self._keys[i], view)}
+
+    @property
+    def batched(self) -> bool:
+        """The augmentation offers ``sample(rng) -> params`` and ``replay(x_batch, params_batch)`` (as
+        :class:`~softtargets.math.augment.RandomView` does): views are then made a batch at a time."""
+        return callable(getattr(self.augment, "sample", None)) and callable(getattr(self.augment, "replay", None))
+
+    def __getitems__(self, rows: list[int]) -> list[dict[str, Any]]:
+        """Items ``rows``: with a :attr:`batched` augmentation, every row's parameters drawn from its generator
+        by ``sample``, then the views made by one ``replay`` of the batch; else one ``augment`` call per row."""
+        if not self.batched:
+            return [self[r] for r in rows]
+        where = [divmod(int(r), self.samples) for r in rows]
+        batch = self.transfer_set.batch([i for _, i in where])
+        drawn = [dict(self.augment.sample(view_generator(self.seed, batch.keys[j], v)))  # type: ignore[attr-defined]
+                 for j, (v, _) in enumerate(where)]
+        if len(self.made) < CACHE_ROWS:
+            self.made.update(zip(map(int, rows), drawn, strict=True))
+        params = {name: torch.tensor([d[name] for d in drawn]) for name in drawn[0]}
+        x = self.augment.replay(batch.x, params)  # type: ignore[attr-defined]
+        return [{"x": x[j], "y": None if int(batch.labels[j]) < 0 else int(batch.labels[j]),
+                 "key": view_key(batch.keys[j], v)} for j, (v, _) in enumerate(where)]
 
 
 class ViewCapture:
@@ -91,6 +129,7 @@ class ViewCapture:
         self.dataset = ViewedDataset(transfer_set, int(count), augment, int(seed))
         _, example, _ = self.dataset.view(0)
         self.params = declare_params(example, getattr(augment, "param_dtypes", None))
+        encode_params([example], self.params)  # refuse parameters the store would change, before any teacher runs
         self.declaration: dict[str, Any] = {
             "count": int(count), "samples": len(transfer_set), "seed": int(seed), "order": ORDER,
             "params": self.params, "augment": _augment_name(augment),
@@ -99,7 +138,7 @@ class ViewCapture:
 
     def shard_params(self, start: int, stop: int) -> np.ndarray:
         """The parameters of rows ``[start, stop)``, structured ``[rows]``, checked (:func:`encode_params`)."""
-        return encode_params([self.dataset.view(r)[1] for r in range(start, stop)], self.params)
+        return encode_params([self.dataset.params(r) for r in range(start, stop)], self.params)
 
     def write_params(self, writer: TargetWriter) -> None:
         """Write every shard's parameter file (atomically; the same bytes on every run) and record them in

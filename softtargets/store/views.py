@@ -214,7 +214,8 @@ class ViewParams:
         try:
             blob = store.fs.cat_file(join(store.root, rec.path))
         except FileNotFoundError:
-            raise StoreError(f"{url}: missing (view parameters of shard {shard_id})", path=url, shard=shard_id) from None
+            raise StoreError(f"{url}: missing (view parameters of shard {shard_id})", path=url,
+                             shard=shard_id) from None
         if store.verify_mode != "none":
             if len(blob) != rec.bytes:
                 raise StoreError(f"{url}: {len(blob)} bytes, the manifest says {rec.bytes}", path=url, shard=shard_id)

@@ -8,8 +8,8 @@ its generator is seeded from the sample's key) and lets an epoch read one contig
 (the store is view-major): the read speed of a store of one target per sample.
 
 Batches are those of :class:`~softtargets.streaming.dataset.TargetStream` over the epoch's rows, plus
-``sample`` int64 [B] (the sample's number, ``0 .. N-1``), ``view`` int64 [B], ``view_params``
-``{name: tensor [B]}`` and ``sample_key`` list[str]; a joined ``dataset`` is joined by sample (its item ``i``
+``sample`` int64 [B] (the sample's number, ``0 .. N-1``), ``view`` int64 [B] and ``view_params``
+``{name: tensor [B]}``; a joined ``dataset`` is joined by sample (its item ``i``
 is sample ``i``, or by key), and ``replay(input, view_params)`` rebuilds each row's view from it as ``input``.
 """
 
@@ -45,6 +45,30 @@ def view_schedule(seed: int, epochs: int, count: int) -> list[int]:
     return [epoch_view(seed, e, count) for e in range(int(epochs))]
 
 
+class ViewJoin:
+    """What a :class:`ViewStream` adds to each batch, from its store rows: ``sample``, ``view``, ``view_params``,
+    and with a joined dataset ``input`` (replayed when ``replay`` is given). Plays the part of the stream's
+    dataset join, so batches are made where a joined stream makes them (in order on the batch thread when the
+    work is cheap: no dataset, or a ``TensorDataset``)."""
+
+    def __init__(self, views: Views, params: ViewParams, dataset: DatasetJoin | None, replay: Replay | None) -> None:
+        self.views, self.params, self.dataset, self.replay = views, params, dataset, replay
+        self.cheap = dataset is None or dataset.cheap
+
+    def __call__(self, index: torch.Tensor, keys: list[str], labels: torch.Tensor) -> dict[str, Any]:
+        rows = index.numpy()
+        sample, view = self.views.split(rows)
+        params = self.params.take(rows)
+        out: dict[str, Any] = {"sample": torch.from_numpy(sample), "view": torch.from_numpy(view),
+                               "view_params": params}
+        if self.dataset is not None:
+            sample_keys = [split_view_key(k)[0] for k in keys] if self.dataset.by == "key" else keys
+            out.update(self.dataset(sample, sample_keys, labels))
+            if self.replay is not None:
+                out["input"] = self.replay(out["input"], params)
+        return out
+
+
 class ViewStream(TargetStream):
     """A :class:`TargetStream` over a views store: epoch ``e`` streams view :func:`epoch_view` of every sample.
 
@@ -53,7 +77,8 @@ class ViewStream(TargetStream):
         replay: ``replay(x, params) -> x_view`` over a batch (``x`` the joined inputs ``[B, ...]``, ``params``
             ``{name: tensor [B]}``); applied to ``input`` when a ``dataset`` is joined.
         dataset: a map-style dataset of the ``N`` samples (item ``i`` = sample ``i``, ``by="index"``; or by key).
-        by: see ``dataset``; ``dataset_keys``: the dataset's keys for ``by="key"``.
+        by: see ``dataset``.
+        dataset_keys: the dataset's keys for ``by="key"``.
         check_join: compare the dataset's labels with the store's (as :func:`~softtargets.stream`).
         kwargs: as :class:`TargetStream` (batch size, seed, ranks, buffer, ...).
 
@@ -69,10 +94,9 @@ class ViewStream(TargetStream):
             raise StoreError(f"{store.url}: not a views store (its manifest declares no views)", path=str(store.url))
         super().__init__(store, check_join=check_join, **kwargs)
         self.views: Views = views
-        self.params = ViewParams(store)
-        self.replay = replay
-        self.view_join = None if dataset is None else DatasetJoin(
+        joined = None if dataset is None else DatasetJoin(
             dataset, by, views.samples, dataset_keys, check=check_join, where=str(store.url))
+        self.join = ViewJoin(views, ViewParams(store), joined, replay)  # type: ignore[assignment]
         m = store.manifest
         self._unit_rows = unit_rows_for(m.layout, m.block_rows, m.shard_rows, m.sample_layout)
         self._grouped = layout_class(m.layout).grouped_units
@@ -99,23 +123,6 @@ class ViewStream(TargetStream):
     @property
     def batches_per_epoch(self) -> int:
         return batches_per_rank(self.views.samples, self.config)
-
-    @property
-    def has_extras(self) -> bool:
-        return True  # every batch carries its views' parameters: sent whole, never bundled
-
-    def _batch(self, plan: EpochPlan, arranged: Any, j: int) -> dict[str, Any]:
-        batch = super()._batch(plan, arranged, j)
-        rows = batch["index"]
-        sample, view = self.views.split(rows)
-        params = self.params.take(rows.numpy())
-        keys = [split_view_key(k)[0] for k in batch["key"]]
-        batch.update(sample=sample, view=view, view_params=params, sample_key=keys)
-        if self.view_join is not None:
-            batch.update(self.view_join(sample, keys, batch["label"]))
-            if self.replay is not None:
-                batch["input"] = self.replay(batch["input"], params)
-        return batch
 
     def _fingerprint(self) -> dict[str, Any]:
         return {**super()._fingerprint(), "views": self.views.count}
