@@ -42,9 +42,8 @@ def make_augment(cfg: dict[str, Any]) -> RandomView:
 
 
 def random_views(aug: RandomView, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """A fresh random view of every row of ``x`` ``[B, 64]``, drawn from ``g``."""
-    drawn = [aug.sample(g) for _ in range(len(x))]
-    return aug.replay(x, {k: torch.tensor([p[k] for p in drawn]) for k in drawn[0]})
+    """A fresh random view of every row of ``x`` ``[B, 64]``, drawn from ``g`` (online augmentation, batched)."""
+    return aug.replay(x, aug.sample_batch(len(x), g))
 
 
 def train_teachers(cfg: dict[str, Any], split: DigitsSplit, aug: RandomView) -> list[nn.Module]:

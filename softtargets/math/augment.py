@@ -99,6 +99,27 @@ class RandomView:
             out["ty"] = self._round(2 * self.translate * (2 * v[1] - 1))
         return out
 
+    def sample_batch(self, n: int, rng: torch.Generator) -> dict[str, torch.Tensor]:
+        """Parameters of ``n`` fresh random views at once, ``{name: tensor [n]}`` (for augmenting a batch online:
+        ``replay(x, sample_batch(len(x), rng))``). Drawn as :meth:`sample` draws one, from other random numbers."""
+        u = torch.rand(n, 9, generator=rng, dtype=torch.float64).numpy()
+        out: dict[str, np.ndarray] = {}
+        real = np.dtype(self.param_dtype)
+        if self.crops:
+            area = self.scale[0] + (self.scale[1] - self.scale[0]) * u[:, 0]
+            log_r = math.log(self.ratio[0]) + (math.log(self.ratio[1]) - math.log(self.ratio[0])) * u[:, 1]
+            w = np.minimum(1.0, np.sqrt(area * np.exp(log_r))).astype(real).astype(np.float64)
+            h = np.minimum(1.0, np.sqrt(area / np.exp(log_r))).astype(real).astype(np.float64)
+            out["crop_x"], out["crop_y"] = (1 - w) * (2 * u[:, 2] - 1), (1 - h) * (2 * u[:, 3] - 1)
+            out["crop_w"], out["crop_h"] = w, h
+        if self.flip:
+            out["flip"] = (u[:, 4] < self.flip).astype(np.uint8)
+        if self.degrees:
+            out["angle"] = self.degrees * (2 * u[:, 5] - 1)
+        if self.translate:
+            out["tx"], out["ty"] = (2 * self.translate * (2 * u[:, 6:8] - 1)).T
+        return {k: torch.from_numpy(np.ascontiguousarray(v.astype(self.param_dtypes[k]))) for k, v in out.items()}
+
     def __call__(self, x: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, dict[str, float | int]]:
         """A random view of one input ``x`` and its parameters."""
         params = self.sample(rng)

@@ -62,3 +62,14 @@ def test_flat_inputs_and_parameter_dtypes():
     assert -15 <= p["angle"] <= 15 and abs(p["tx"]) <= 0.25
     with pytest.raises(ValueError, match="scale"):
         RandomView(scale=(0.0, 1.0))
+
+
+def test_a_batch_of_random_views_at_once():
+    aug = RandomView(scale=(0.5, 1.0), ratio=(0.75, 1.33), flip=0.5, degrees=10, translate=0.1, param_dtype="float16")
+    p = aug.sample_batch(500, torch.Generator().manual_seed(0))
+    assert set(p) == set(aug.param_dtypes) and all(len(v) == 500 for v in p.values())
+    assert p["flip"].dtype == torch.uint8 and p["angle"].dtype == torch.float16
+    assert 0.4 < float(p["flip"].float().mean()) < 0.6 and float(p["angle"].abs().max()) <= 10
+    area = (p["crop_w"].float() * p["crop_h"].float())
+    assert float(area.min()) > 0.45 and float(area.max()) <= 1.01
+    assert aug.replay(image(500), p).shape == (500, 3, 12, 16)
