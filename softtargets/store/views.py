@@ -43,8 +43,8 @@ ORDER = "view_major"
 PARAM_DTYPES = ("float32", "float16", "float64", "int32", "int16", "int8", "uint8", "int64")
 
 __all__ = [
-    "PARAM_DTYPES", "ViewParams", "Views", "params_file", "split_view_key", "view_generator", "view_key",
-    "view_seed", "views_of",
+    "PARAM_DTYPES", "ViewParams", "Views", "params_file", "params_problems", "split_view_key", "view_generator",
+    "view_key", "view_seed", "views_of",
 ]
 
 
@@ -176,6 +176,39 @@ def views_of(manifest: Manifest) -> Views | None:
         return None
     return Views(count=int(d["count"]), samples=int(d["samples"]), seed=int(d["seed"]), params=list(d["params"]),
                  files=[FileRecord(**f) for f in d.get("files", [])], augment=d.get("augment"))
+
+
+def params_problems(fs: Any, root: str, manifest: Manifest) -> list[tuple[str, str]]:
+    """``(relative path, what is wrong)`` for each parameter file of a views store that is not as the manifest says:
+    named as its shard's, present, of its recorded size and sha256, an array of the declared dtype and the
+    shard's rows. ``[]`` for a sound views store, or a store without views."""
+    views = views_of(manifest)
+    if views is None:
+        return []
+    out: list[tuple[str, str]] = []
+    if len(views.files) != manifest.num_shards:
+        out.append(("manifest.json", f"lists {len(views.files)} view parameter files for {manifest.num_shards} shards"))
+    dtype = params_dtype(views.params)
+    for sid, rec in enumerate(views.files[:manifest.num_shards]):
+        if rec.path != params_file(sid):
+            out.append(("manifest.json", f"names {rec.path!r} for shard {sid}'s view parameters, not "
+                                         f"{params_file(sid)!r}"))
+            continue
+        try:
+            blob = fs.cat_file(join(root, rec.path))
+        except FileNotFoundError:
+            out.append((rec.path, f"missing (view parameters of shard {sid})"))
+            continue
+        if len(blob) != rec.bytes:
+            out.append((rec.path, f"{len(blob)} bytes, the manifest says {rec.bytes}"))
+        elif sha256_hex(blob) != rec.sha256:
+            out.append((rec.path, "sha256 does not match the manifest (corrupt or altered file)"))
+        else:
+            arr = np.load(io.BytesIO(blob), allow_pickle=False)
+            rows = manifest.shards[sid].rows if sid < len(manifest.shards) else -1
+            if arr.dtype != dtype or arr.shape != (rows,):
+                out.append((rec.path, f"holds {arr.dtype} {arr.shape}, the manifest declares {dtype} ({rows},)"))
+    return out
 
 
 class ViewParams:

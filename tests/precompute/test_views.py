@@ -145,3 +145,18 @@ def test_views_need_an_augmentation_that_states_its_parameters(tmp_path):
     with pytest.raises(ValueError, match="not exactly a float32"):
         st.precompute(teachers(), dataset(), tmp_path / "c.zarr", views=2, augment=inexact, progress=False,
                       num_workers=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_views_precomputed_on_cuda_replay_to_the_stored_logits(tmp_path):
+    ts, ds = teachers(), dataset()
+    url = tmp_path / "cuda.zarr"
+    st.precompute(ts, ds, url, views=V, augment=AUG, seed=5, shard_rows=32, progress=False, num_workers=0,
+                  device="cuda")
+    store = st.open_targets(url)
+    rows = np.arange(N * V)
+    x = AUG.replay(ds.tensors[0][rows % N], ViewParams(store).take(rows))
+    with torch.no_grad():
+        ref = torch.stack([t.cpu()(x) for t in ts], dim=1)
+    torch.testing.assert_close(store.take(rows)["logits"].float(), ref - ref.mean(-1, keepdim=True), atol=1e-2,
+                               rtol=1e-3)
