@@ -7,6 +7,7 @@ training, where the student's loss applies any temperature and ensemble rule.
 
 from ._version import __version__
 from .errors import JoinMismatchError, PreflightError, SofttargetsError, StorageAccessError
+from .math.augment import RandomView
 from .math.hints import hint_loss
 from .math.losses import DistillationLoss, distillation_loss, kd_loss, logit_matching_loss
 from .math.specialists import (
@@ -49,6 +50,7 @@ from .streaming import StreamLoader, TargetStream, stream
 from .streaming.joined import TargetJoin, with_targets
 from .streaming.sequences import SequenceLoader, SequenceStream, stream_sequences
 from .streaming.specialists import SpecialistBatches, specialist_from_generalist, specialist_labels
+from .streaming.views import ViewStream, epoch_view
 
 __all__ = [
     "FORMAT_VERSION",
@@ -56,6 +58,7 @@ __all__ = [
     "DistillationLoss",
     "Manifest",
     "NonFiniteError",
+    "RandomView",
     "JoinMismatchError",
     "ManifestError",
     "PreflightError",
@@ -72,6 +75,7 @@ __all__ = [
     "TargetStore",
     "TargetWriter",
     "VerifyReport",
+    "ViewStream",
     "__version__",
     "arithmetic_log_probs",
     "attach_writer",
@@ -80,6 +84,7 @@ __all__ = [
     "create_targets",
     "distillation_loss",
     "ensemble_log_probs",
+    "epoch_view",
     "ensemble_probs",
     "geometric_log_probs",
     "inspect_store",

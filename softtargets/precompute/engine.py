@@ -39,6 +39,7 @@ from .runner import ShardRunner, run_shard_task
 from .specialists import add_specialists, split_specialists
 from .teachers import TeacherSpec, load_teachers, module_device, num_classes_of
 from .transfer import TransferSet, check_unique_keys
+from .views import Augment, ViewCapture
 
 __all__ = ["precompute"]
 
@@ -135,6 +136,9 @@ def precompute(
     specialist_top: int = 1,
     ship_weights: bool = False,
     preflight: bool = True,
+    views: int | None = None,
+    augment: Augment | None = None,
+    seed: int = 0,
 ) -> Manifest:
     """Run ``teachers`` over ``dataset`` once and write their logits to a target store at ``out``.
 
@@ -189,6 +193,11 @@ def precompute(
         preflight: on dask, check every worker before the store is created
             (:func:`softtargets.precompute.preflight.preflight`): imports, weights, transfer set, output.
 
+        views: V: run the teachers on V augmented views of every sample instead of the sample itself; the store
+            holds ``N * V`` rows, view-major, and each view's parameters (:mod:`softtargets.precompute.views`).
+        augment: with ``views``: ``augment(x, rng) -> (x_view, params)`` (:class:`~.views.ViewCapture`).
+        seed: with ``views``: the store seed the views' generators are seeded from, with each sample's key.
+
     Returns:
         The written :class:`Manifest`. The store is complete only once this returns; a failed or
         killed run leaves no manifest (``open_targets`` refuses it) and can be resumed.
@@ -217,6 +226,12 @@ def precompute(
         raise ValueError("every teacher declares 'classes' (a specialist): give at least one generalist")
     loaded = load_teachers(teachers)
     ts = load_transfer_set(dataset)
+    capture = None
+    if views is not None:
+        capture = ViewCapture(ts, views, augment, seed)
+        ts = dataset = capture.transfer_set  # dask workers get the views, not the samples
+    elif augment is not None:
+        raise ValueError("augment= is used with views=V (the number of views per sample)")
     n = len(ts)
     if n == 0:
         raise ValueError("the transfer set is empty")
@@ -255,6 +270,7 @@ def precompute(
             inputs={INPUT_MEMBER: "the transfer-set input x of this row"} if pack_inputs else None,
             class_names=class_names, transfer_set={"name": ts.name, "fingerprint": ts.fingerprint},
             compressor=compressor, overwrite=overwrite, resume=resume, storage_options=storage_options, defer=defer,
+            views=None if capture is None else capture.declaration,
         )
         spec = writer.spec
 
@@ -305,6 +321,8 @@ def precompute(
         spec.extra["nonfinite"] = {"policy": options.nonfinite, "rows": nonfinite_rows}
         log.warning("%d samples had NaN/Inf teacher logits, stored as uniform: see manifest extra['nonfinite']",
                     len(nonfinite_rows))
+    if capture is not None:
+        capture.write_params(writer)
     manifest = writer.finalize([*done.values(), *records])
     if specialists or hints:
         store = open_targets(url, storage_options=storage_options)

@@ -43,6 +43,7 @@ from ..store.encoding import NUMPY_STORAGE
 from ..store.files import is_local, join, link_outside, list_sizes, local_tree, unsafe_path, url_to_fs
 from ..store.manifest import MANIFEST_NAME, FileRecord, Manifest, ManifestError, ShardRecord
 from ..store.sidecars import sidecar_files, sidecar_path_problems
+from ..store.views import params_problems
 from ..store.wds_layout import WdsStore, least_tar_bytes, npy_load, shard_name
 from ..store.zarr_layout import ARRAYS, ZarrStore, _zarr_store, least_shard_bytes, shard_file
 from ..store.zarr_shards import ShardFormat, chunks_digest, index_ends
@@ -488,6 +489,8 @@ def verify_store(
     if dups.unconfirmed:
         checker.problem(MANIFEST_NAME, f"{dups.unconfirmed} more groups of rows with equal key hashes "
                         "(almost surely duplicate keys) left unlisted")
+    for rel, message in params_problems(fs, root, m):  # a views store's parameter files (format 3)
+        checker.problem(rel, message)
     if report.rows_checked < m.num_samples:
         report.warnings.append(f"keys checked for uniqueness in {report.rows_checked} of {m.num_samples} rows "
                                "(those of the shards that passed their checks)")

@@ -93,6 +93,7 @@ def create_targets(
     transfer_set: dict[str, str] | None = None,
     compressor: Compressor = "none",
     lineage: list[dict[str, Any]] | None = None,
+    views: dict[str, Any] | None = None,
     overwrite: bool = False,
     resume: bool = False,
     storage_options: dict | None = None,
@@ -116,6 +117,7 @@ def create_targets(
         sample_layout: wds only: ``block`` (many rows per tar sample) or ``sample`` (one row each).
         inputs: wds ``sample`` layout: tar member extensions of inputs packed beside targets -> description.
         compressor: zarr only: ``none`` (default; logits barely compress), ``zstd`` or ``blosc``.
+        views: the manifest's ``views`` (a store of augmented views, rows view-major; see :mod:`.views`).
         overwrite: replace an existing store. resume: continue an unfinished one.
         defer: check the arguments now, touch storage only at the writer's :meth:`~TargetWriter.prepare`
             (or its first write): a caller may fill in ``writer.spec.teachers`` meanwhile.
@@ -156,7 +158,7 @@ def create_targets(
         overflow=overflow, sample_layout=recorded,
         inputs=dict(inputs) if inputs else None, class_names=list(class_names) if class_names else None,
         transfer_set=transfer_set, lineage=list(lineage or []),
-        extra=store_cls.manifest_extra(compressor),
+        extra=store_cls.manifest_extra(compressor), views=dict(views) if views else None,
     )
     mode = "overwrite" if overwrite else "resume" if resume else "create"
     writer_cls = LAYOUTS[layout][0]

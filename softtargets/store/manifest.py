@@ -26,7 +26,7 @@ from ..errors import ManifestError
 
 # 2: zarr inner chunks end with a crc32c, and files record ``chunks_sha256``. 3: optional fields for new
 # features (``sequences``: rows grouped into token sequences; ``hints``, ``specialists``: arrays beside the
-# logits). Readers read 1, 2 and 3.
+# logits; ``views``: augmented views). Readers read 1, 2 and 3.
 FORMAT_VERSION = 3
 READS_FORMATS = (1, 2, 3)
 MANIFEST_NAME = "manifest.json"
@@ -107,6 +107,8 @@ class Manifest:
     # Optional (format 3), absent from the JSON when None: arrays beside the logits (store/sidecars.py).
     hints: dict[str, Any] | None = None  # FitNets hints: name -> {teacher, module, array record}
     specialists: dict[str, Any] | None = None  # generalist + specialists (Hinton et al. §5), eq. 5's q
+    # Optional (format 3): augmented views, rows view-major; see softtargets.store.views.
+    views: dict[str, Any] | None = None
 
     @property
     def per_teacher(self) -> bool:
@@ -140,8 +142,9 @@ class Manifest:
                 del d[optional]
         for shard in d["shards"]:
             shard["files"] = [{k: v for k, v in f.items() if v is not None} for f in shard["files"]]
-        if d.get("sequences") is None:  # optional fields are absent, not null
-            d.pop("sequences", None)
+        for optional in ("sequences", "views"):  # optional fields are absent, not null
+            if d.get(optional) is None:
+                d.pop(optional, None)
         return d
 
     def to_json(self) -> str:

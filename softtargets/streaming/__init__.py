@@ -13,9 +13,11 @@ from typing import Any
 
 from ..choices import JoinBy, Remainder, VerifyMode
 from ..store import TargetStore, open_targets
+from ..store.views import views_of
 from .dataset import StreamLoader, TargetStream, resolve_rank
 from .inputs import Decoder, JoinMismatchError, default_decode
 from .plan import EpochPlan, SplitConfig
+from .views import Replay, ViewStream, epoch_view, view_schedule
 
 
 def stream(
@@ -39,6 +41,7 @@ def stream(
     verify: VerifyMode = "lazy",
     arrays: Sequence[str] = (),
     storage_options: dict | None = None,
+    replay: Replay | None = None,
 ) -> TargetStream:
     """Stream a target store as batches for one training rank.
 
@@ -79,21 +82,31 @@ def stream(
             ``combined``: see :mod:`softtargets.store.sidecars`), added to each batch under that name as
             ``[B, D]`` tensors in the stored dtype.
 
+        replay: views stores (:mod:`softtargets.streaming.views`): ``replay(x, params)`` rebuilds each row's view
+            from the joined ``dataset``'s input; each epoch streams one view of every sample.
+
     Batches: ``key`` list[str], ``index`` int64 [B], ``teacher_logits`` [B, C] / [B, K, C] in the
     stored dtype, ``label`` int64 [B] (-1 unlabelled), ``epoch`` and ``batch_idx`` ints, plus inputs.
     """
     store = url_or_store if isinstance(url_or_store, TargetStore) else open_targets(
         url_or_store, verify=verify, storage_options=storage_options
     )
-    return TargetStream(
+    kind: type[TargetStream] = TargetStream
+    extra: dict[str, Any] = {}
+    if views_of(store.manifest) is not None:
+        kind, extra = ViewStream, {"replay": replay}
+    elif replay is not None:
+        raise ValueError(f"replay= is for views stores; {store.url} holds one target per sample")
+    return kind(
         store, batch_size=batch_size, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
         remainder=remainder, drop_last=drop_last, buffer_size=buffer_size, inputs=inputs, decode=decode,
         dataset=dataset, by=by, dataset_keys=dataset_keys, read_ahead=read_ahead, check_join=check_join,
         arrays=arrays,
+        **extra,
     )
 
 
 __all__ = [
     "Decoder", "EpochPlan", "JoinMismatchError", "SplitConfig", "StreamLoader", "TargetStream", "default_decode",
-    "resolve_rank", "stream",
+    "ViewStream", "epoch_view", "resolve_rank", "stream", "view_schedule",
 ]

@@ -21,6 +21,12 @@ Config (relative paths are relative to the config file; its folder is appended t
     kwargs = { split = "train" }
     # webdataset = "shards/train-{000000..000099}.tar"
 
+    [views]                     # optional: the teachers run on count augmented views of every sample
+    count = 16
+    augment = "softtargets.math.augment:RandomView"   # a factory, called with kwargs: fn(x, rng) -> (x_view, params)
+    kwargs = { scale = [0.5, 1.0], flip = 0.5 }
+    seed = 0                    # the store seed of the views' generators
+
     [cluster]                   # optional: default in this process, a dask LocalCluster when there are several GPUs
     scheduler = "tcp://10.0.0.1:8786"   # or "local": in this process; "dask": a LocalCluster
     workers = 2                 # LocalCluster workers (default: one per GPU)
@@ -50,6 +56,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ...importing import import_object
 from ...store.manifest import MANIFEST_NAME
 from ...text import plural
 from ..config import config_schema, read_toml, resolve_path, validate_config
@@ -98,6 +105,10 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     kwargs.update(teachers=specs, dataset=transfer, out=resolve_path(output["url"], base))
     if str(base) not in sys.path:
         sys.path.append(str(base))
+    if "views" in top:  # [views]: count, augment = "module:factory" (called with kwargs), seed
+        views = top["views"]
+        factory = import_object(views["augment"], "views augment factory")
+        kwargs.update(views=views["count"], augment=factory(**views.get("kwargs", {})), seed=views.get("seed", 0))
     return kwargs
 
 
