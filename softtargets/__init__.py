@@ -7,6 +7,8 @@ training, where the student's loss applies any temperature and ensemble rule.
 
 from ._version import __version__
 from .errors import JoinMismatchError, PreflightError, SofttargetsError, StorageAccessError
+from .math.compact import CompactSpec
+from .math.compact_losses import hidden_kd_loss, sampled_kd_loss, topk_kd_loss
 from .math.hints import hint_loss
 from .math.losses import DistillationLoss, distillation_loss, kd_loss, logit_matching_loss
 from .math.specialists import (
@@ -26,6 +28,7 @@ from .math.temperature import (
     tempered_softmax,
 )
 from .precompute import NonFiniteError, precompute
+from .precompute.contents import encode_rows
 from .precompute.hints import add_hints
 from .precompute.specialists import add_specialists
 from .sharing.combine import merge_stores, subset_store

@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import numpy as np
 
 from ..choices import Content, Dtype, Layout, Normalization, Overflow, choices
 from ..errors import ManifestError
 
 # 2: zarr inner chunks end with a crc32c, and files record ``chunks_sha256``. 3: optional fields for new
 # features (``sequences``: rows grouped into token sequences; ``hints``, ``specialists``: arrays beside the
-# logits). Readers read 1, 2 and 3.
+# logits; ``compact``: packed compact rows). Readers read 1, 2 and 3.
 FORMAT_VERSION = 3
 READS_FORMATS = (1, 2, 3)
 MANIFEST_NAME = "manifest.json"
@@ -107,6 +108,15 @@ class Manifest:
     # Optional (format 3), absent from the JSON when None: arrays beside the logits (store/sidecars.py).
     hints: dict[str, Any] | None = None  # FitNets hints: name -> {teacher, module, array record}
     specialists: dict[str, Any] | None = None  # generalist + specialists (Hinton et al. §5), eq. 5's q
+    compact: dict[str, Any] | None = None  # compact contents (topk/sampled/hidden): the packed record's fields
+
+    @property
+    def storage_dtype(self) -> np.dtype[Any]:
+        """The numpy dtype of the stored logits array: the stored dtype's (bfloat16 as uint16), or ``uint8``
+        for compact rows (packed records)."""
+        if self.compact is not None:
+            return np.dtype("uint8")
+        return np.dtype({"float32": "float32", "float16": "float16", "bfloat16": "uint16"}[self.dtype])
 
     @property
     def per_teacher(self) -> bool:
@@ -114,7 +124,9 @@ class Manifest:
 
     @property
     def logits_shape(self) -> tuple[int, ...]:
-        """Shape of the whole logits array: ``(N, K, C)`` or ``(N, C)``."""
+        """Shape of the whole logits array: ``(N, K, C)`` or ``(N, C)``; compact rows: ``(N, row_bytes)``."""
+        if self.compact is not None:
+            return (self.num_samples, int(self.compact["row_bytes"]))
         if self.per_teacher:
             return (self.num_samples, self.num_teachers, self.num_classes)
         return (self.num_samples, self.num_classes)
@@ -138,6 +150,8 @@ class Manifest:
         for optional in ("hints", "specialists"):
             if d[optional] is None:
                 del d[optional]
+        if d.get("compact") is None:  # optional (format 3): absent for dense stores
+            d.pop("compact", None)
         for shard in d["shards"]:
             shard["files"] = [{k: v for k, v in f.items() if v is not None} for f in shard["files"]]
         if d.get("sequences") is None:  # optional fields are absent, not null
