@@ -15,15 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..math.compact import (
-    CompactSpec,
-    decode_hidden,
-    encode_hidden,
-    encode_sampled,
-    encode_topk,
-    head_logits,
-    pack_record,
-)
+from ..store.compact_rows import encode_compact_rows
 from ..store.manifest import Manifest
 
 __all__ = ["HeadCapture", "encode_rows", "head_module", "head_weights", "hidden_size_of"]
@@ -124,31 +116,4 @@ def encode_rows(
         largest log-partition error in nats at the midpoints) or ``logit_error`` (``hidden``: the largest
         ``|h W^T + b - logits|``, with ``head``).
     """
-    entry = store.compact
-    if entry is None:
-        raise ValueError("this store holds dense logits; encode_rows makes compact records")
-    spec = CompactSpec.from_dict(entry)
-    z = logits.float() if logits.dtype != torch.float64 else logits
-    if z.dim() == 2:
-        z = z[:, None, :]
-    z = z.mean(dim=1) if store.content == "geometric" else z
-    if z.dim() == 3 and z.shape[1] == 1:
-        z = z[:, 0]
-    stats: dict[str, float] = {}
-    if spec.kind == "topk":
-        fields, stats["tail_error"] = encode_topk(z, spec, measure=measure)
-    elif spec.kind == "sampled":
-        fields = encode_sampled(z, spec, generator)
-    else:
-        if hidden is None:
-            raise ValueError("a hidden store needs the teachers' head inputs (hidden=...)")
-        hs = list(hidden.unbind(1)) if isinstance(hidden, torch.Tensor) else list(hidden)
-        h = torch.cat(hs, dim=-1) if store.content == "geometric" else torch.stack(hs, dim=1)
-        if h.dim() == 3 and h.shape[1] == 1:
-            h = h[:, 0]
-        fields = encode_hidden(h, spec)
-        if head is not None:
-            recon = head_logits(decode_hidden(fields), head[0].to(z.device), None if head[1] is None
-                                else head[1].to(z.device))
-            stats["logit_error"] = float((recon - z.reshape(recon.shape)).abs().max()) if z.numel() else 0.0
-    return pack_record(fields, entry["fields"]), stats
+    return encode_compact_rows(logits, store, hidden=hidden, head=head, generator=generator, measure=measure)

@@ -12,14 +12,26 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import ChecksumError, StoreError
-from ..math.compact import CompactSpec, as_compact_spec, record_fields, row_bytes, unpack_record
+from ..math.compact import (
+    CompactSpec,
+    as_compact_spec,
+    decode_hidden,
+    encode_hidden,
+    encode_sampled,
+    encode_topk,
+    head_logits,
+    pack_record,
+    record_fields,
+    row_bytes,
+    unpack_record,
+)
 from .files import atomic_write, join, sha256_hex, unsafe_path
 from .manifest import Manifest
 
@@ -138,3 +150,39 @@ def read_head(fs: Any, root: str, url: str, m: Manifest) -> tuple[torch.Tensor, 
     weight = out[0]
     assert weight is not None
     return weight, out[1]
+
+
+def encode_compact_rows(
+    logits: torch.Tensor, store: Manifest, *, hidden: Sequence[torch.Tensor] | torch.Tensor | None = None,
+    head: tuple[torch.Tensor, torch.Tensor | None] | None = None, generator: torch.Generator | None = None,
+    measure: bool = True,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """:func:`softtargets.precompute.contents.encode_rows` (which see), for every layer above the format."""
+    entry = store.compact
+    if entry is None:
+        raise ValueError("this store holds dense logits; encode_rows makes compact records")
+    spec = CompactSpec.from_dict(entry)
+    z = logits.float() if logits.dtype != torch.float64 else logits
+    if z.dim() == 2:
+        z = z[:, None, :]
+    z = z.mean(dim=1) if store.content == "geometric" else z
+    if z.dim() == 3 and z.shape[1] == 1:
+        z = z[:, 0]
+    stats: dict[str, float] = {}
+    if spec.kind == "topk":
+        fields, stats["tail_error"] = encode_topk(z, spec, measure=measure)
+    elif spec.kind == "sampled":
+        fields = encode_sampled(z, spec, generator)
+    else:
+        if hidden is None:
+            raise ValueError("a hidden store needs the teachers' head inputs (hidden=...)")
+        hs = list(hidden.unbind(1)) if isinstance(hidden, torch.Tensor) else list(hidden)
+        h = torch.cat(hs, dim=-1) if store.content == "geometric" else torch.stack(hs, dim=1)
+        if h.dim() == 3 and h.shape[1] == 1:
+            h = h[:, 0]
+        fields = encode_hidden(h, spec)
+        if head is not None:
+            recon = head_logits(decode_hidden(fields), head[0].to(z.device), None if head[1] is None
+                                else head[1].to(z.device))
+            stats["logit_error"] = float((recon - z.reshape(recon.shape)).abs().max()) if z.numel() else 0.0
+    return pack_record(fields, entry["fields"]), stats

@@ -135,3 +135,26 @@ def test_writer_refuses_dense_rows_and_arithmetic(tmp_path, setup):
     w.close()
     with pytest.raises(ValueError, match="not arithmetic"):
         create_targets(tmp_path / "b.zarr", num_classes=C, content="arithmetic", temperature=1.0, compact=spec)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compact_rows_computed_on_cuda_match_the_cpu(tmp_path, setup):
+    """Stage one on a GPU: top-k, tail and hidden states are computed there, only records reach the host."""
+    teachers, _, ds, _ = setup
+    for spec in (CompactSpec("topk", k=16, temperatures=(0.5, 1.0, 4.0)), CompactSpec("hidden", head="fc"),
+                 CompactSpec("sampled", k=16, temperatures=(1.0, 2.0))):
+        got = {}
+        for device in ("cpu", "cuda"):
+            url = tmp_path / f"{spec.kind}-{device}.zarr"
+            precompute(teachers, ds, url, content="geometric", compact=spec, num_workers=0, progress=False,
+                       shard_rows=16, batch_size=10, device=device)
+            got[device] = open_targets(url, verify="full").compact_fields(range(N))
+        cpu, gpu = got["cpu"], got["cuda"]
+        if spec.kind == "topk":
+            assert torch.equal(cpu["ids"], gpu["ids"])
+            assert torch.allclose(cpu["values"].float(), gpu["values"].float(), atol=2e-2)
+            assert torch.allclose(cpu["tail_logz"], gpu["tail_logz"], atol=1e-3)
+        elif spec.kind == "hidden":
+            assert torch.allclose(cpu["hidden"].float(), gpu["hidden"].float(), atol=2e-3)
+        else:
+            assert (gpu["counts"].sum(-1) == 16).all()
