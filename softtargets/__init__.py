@@ -8,7 +8,7 @@ training, where the student's loss applies any temperature and ensemble rule.
 from ._version import __version__
 from .errors import JoinMismatchError, PreflightError, SofttargetsError, StorageAccessError
 from .math.compact import CompactSpec
-from .math.compact_losses import hidden_kd_loss, sampled_kd_loss, topk_kd_loss
+from .math.compact_losses import compact_kd_loss, hidden_kd_loss, sampled_kd_loss, topk_kd_loss
 from .math.hints import hint_loss
 from .math.losses import DistillationLoss, distillation_loss, kd_loss, logit_matching_loss
 from .math.specialists import (
@@ -78,6 +78,7 @@ __all__ = [
     "__version__",
     "arithmetic_log_probs",
     "attach_writer",
+    "compact_kd_loss",
     "convert_store",
     "create_sequences",
     "create_targets",

@@ -207,3 +207,33 @@ def hidden_kd_loss(student_logits: torch.Tensor, fields: Mapping[str, torch.Tens
     if scale_t2:
         per_row = per_row * float(temperature) ** 2
     return _reduce(per_row, mask, reduction)
+
+
+def compact_kd_loss(student_logits: torch.Tensor, fields: Mapping[str, torch.Tensor],
+                    compact: CompactSpec | Mapping[str, object], temperature: float = 1.0, *,
+                    divergence: Divergence = "forward", mask: torch.Tensor | None = None, reduction: str = "mean",
+                    approximate: bool = False, scale_t2: bool = True,
+                    head: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
+    """The distillation loss a compact store's rows give: :func:`topk_kd_loss`, :func:`sampled_kd_loss` or
+    :func:`hidden_kd_loss` by the store's kind (``compact``: its spec, or the manifest's ``compact`` entry).
+
+    Raises:
+        ValueError: the fields are not the kind's (rows of another store), a ``hidden`` store without its
+            ``head``, a divergence the content cannot give, or a temperature outside the store's range.
+    """
+    spec = compact if isinstance(compact, CompactSpec) else CompactSpec.from_dict(compact)
+    need = {"topk": {"ids", "values", "tail_logz", "tail_dlogz"}, "sampled": {"ids", "counts", "values", "logz"},
+            "hidden": {"hidden"}}[spec.kind]
+    if not need <= set(fields):
+        raise ValueError(f"these rows hold {sorted(fields)}, not a {spec.kind} store's fields {sorted(need)}: "
+                         "read them with the store's own compact entry")
+    if spec.kind == "topk":
+        return topk_kd_loss(student_logits, fields, spec, temperature, divergence=divergence, mask=mask,
+                            reduction=reduction, approximate=approximate, scale_t2=scale_t2)
+    if spec.kind == "sampled":
+        return sampled_kd_loss(student_logits, fields, spec, temperature, divergence=divergence, mask=mask,
+                               reduction=reduction, approximate=approximate, scale_t2=scale_t2)
+    if head is None:
+        raise ValueError("a hidden store's loss needs its output head: pass head=store.head()")
+    return hidden_kd_loss(student_logits, fields, head[0], head[1], temperature, divergence=divergence, mask=mask,
+                          reduction=reduction, scale_t2=scale_t2)

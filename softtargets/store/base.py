@@ -67,7 +67,7 @@ CARD_NAME = "README.md"
 # Manifest fields that must agree between a pending store and a run that resumes it.
 SPEC_FIELDS = (
     "layout", "num_samples", "num_classes", "content", "num_teachers", "teachers", "temperature", "dtype",
-    "normalization", "overflow", "shard_rows", "block_rows", "sample_layout", "inputs", "transfer_set",
+    "normalization", "overflow", "shard_rows", "block_rows", "sample_layout", "inputs", "transfer_set", "compact",
 )
 
 

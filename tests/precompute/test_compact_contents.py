@@ -158,3 +158,29 @@ def test_compact_rows_computed_on_cuda_match_the_cpu(tmp_path, setup):
             assert torch.allclose(cpu["hidden"].float(), gpu["hidden"].float(), atol=2e-3)
         else:
             assert (gpu["counts"].sum(-1) == 16).all()
+
+
+def test_plain_webdataset_reads_the_records_and_the_loss_refuses_other_rows(tmp_path, setup):
+    import io
+    import tarfile
+
+    from softtargets import compact_kd_loss
+
+    _, _, _, logits = setup
+    url, store = run(tmp_path, setup, CompactSpec("topk", k=8, temperatures=(1.0, 2.0)), layout="wds")
+    fields = json.loads((url / "manifest.json").read_text())["compact"]["fields"]
+    with tarfile.open(url / "shard-000000.tar") as tar:  # plain tar + numpy: no softtargets
+        member = next(m for m in tar.getmembers() if m.name.endswith(".logits.npy"))
+        block = np.load(io.BytesIO(tar.extractfile(member).read()), allow_pickle=False)
+    rows = block.view(numpy_record_dtype(fields))[:, 0]
+    assert block.dtype == np.uint8 and np.array_equal(rows["ids"], store.compact_fields(range(len(rows)))["ids"])
+    f = store.compact_fields(range(N))
+    cs = compact_spec_of(store.manifest)
+    by_kind = compact_kd_loss(logits[:, 1], f, store.manifest.compact, 2.0)
+    assert torch.equal(by_kind, topk_kd_loss(logits[:, 1], f, cs, 2.0))
+    hidden_spec = CompactSpec("hidden", head="fc")
+    with pytest.raises(ValueError, match="not a hidden store's fields"):
+        compact_kd_loss(logits[:, 1], f, hidden_spec, 2.0)
+    _, hstore = run(tmp_path, setup, hidden_spec)
+    with pytest.raises(ValueError, match="needs its output head: pass head=store.head()"):
+        compact_kd_loss(logits[:, 1], hstore.compact_fields(range(N)), hstore.manifest.compact, 2.0)
