@@ -8,6 +8,8 @@ training, where the student's loss applies any temperature and ensemble rule.
 from ._version import __version__
 from .errors import JoinMismatchError, PreflightError, SofttargetsError, StorageAccessError
 from .math.augment import RandomView
+from .math.compact import CompactSpec
+from .math.compact_losses import compact_kd_loss, hidden_kd_loss, sampled_kd_loss, topk_kd_loss
 from .math.hints import hint_loss
 from .math.losses import DistillationLoss, distillation_loss, kd_loss, logit_matching_loss
 from .math.specialists import (
@@ -27,6 +29,7 @@ from .math.temperature import (
     tempered_softmax,
 )
 from .precompute import NonFiniteError, precompute
+from .precompute.contents import encode_rows
 from .precompute.hints import add_hints
 from .precompute.specialists import add_specialists
 from .sharing.combine import merge_stores, subset_store
@@ -55,6 +58,7 @@ from .streaming.views import ViewStream, epoch_view
 __all__ = [
     "FORMAT_VERSION",
     "ChecksumError",
+    "CompactSpec",
     "DistillationLoss",
     "Manifest",
     "NonFiniteError",
@@ -67,52 +71,57 @@ __all__ = [
     "SequenceStream",
     "SequenceWriter",
     "SofttargetsError",
+    "SpecialistBatches",
     "StorageAccessError",
     "StoreError",
     "StreamLoader",
     "TargetJoin",
-    "TargetStream",
     "TargetStore",
+    "TargetStream",
     "TargetWriter",
     "VerifyReport",
     "ViewStream",
     "__version__",
+    "active_specialists",
+    "add_hints",
+    "add_specialists",
     "arithmetic_log_probs",
     "attach_writer",
+    "collapse_to_subset",
+    "combine_specialists",
+    "compact_kd_loss",
     "convert_store",
     "create_sequences",
     "create_targets",
     "distillation_loss",
+    "dustbin_corrected",
+    "encode_rows",
     "ensemble_log_probs",
     "epoch_view",
     "ensemble_probs",
     "geometric_log_probs",
+    "hidden_kd_loss",
+    "hint_loss",
     "inspect_store",
     "kd_loss",
     "logit_matching_loss",
     "merge_stores",
     "open_sequences",
     "open_targets",
+    "oversampling_factor",
+    "plan_specialists",
     "precompute",
+    "read_array",
     "reduce_teachers",
+    "sampled_kd_loss",
+    "specialist_from_generalist",
+    "specialist_labels",
     "stream",
     "stream_sequences",
     "subset_store",
     "tempered_log_softmax",
     "tempered_softmax",
+    "topk_kd_loss",
     "verify_store",
     "with_targets",
-    "hint_loss",
-    "active_specialists",
-    "collapse_to_subset",
-    "combine_specialists",
-    "dustbin_corrected",
-    "oversampling_factor",
-    "add_hints",
-    "add_specialists",
-    "plan_specialists",
-    "read_array",
-    "SpecialistBatches",
-    "specialist_from_generalist",
-    "specialist_labels",
 ]

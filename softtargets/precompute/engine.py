@@ -18,12 +18,16 @@ from typing import Any
 import torch
 
 from ..choices import Autocast, Compressor, Content, Dtype, Layout, NonFinite, Overflow
+from ..math.compact import as_compact_spec
 from ..store import BYTES_PER_DTYPE, LAYOUTS, create_targets, default_rows, layout_class, open_targets
 from ..store.access import check_writable, probe_location
 from ..store.base import MARKER_DIR, TargetWriter
+from ..store.compact_rows import write_head
 from ..store.files import atomic_write, is_local, join, url_to_fs
 from ..store.manifest import Manifest, ShardRecord
 from .cluster import LOCAL_CLUSTER, check_main_guard, dask_client, resolve_scheduler
+from .compact_run import collect_stats
+from .contents import head_weights, hidden_size_of
 from .hints import add_hints
 from .options import (
     INPUT_MEMBER,
@@ -139,6 +143,7 @@ def precompute(
     views: int | None = None,
     augment: Augment | None = None,
     seed: int = 0,
+    compact: Any = None,
 ) -> Manifest:
     """Run ``teachers`` over ``dataset`` once and write their logits to a target store at ``out``.
 
@@ -262,6 +267,9 @@ def precompute(
         # A new store in this process is created on the writer thread while the first batches compute, once the
         # teachers' fingerprints (hashed on helper threads meanwhile) are in: start-up does not wait for either.
         defer = local and not resume
+        compact_spec = None if compact is None else as_compact_spec(compact)
+        hidden_size = hidden_size_of([t.module for t in loaded], compact_spec.head, content) \
+            if compact_spec is not None and compact_spec.kind == "hidden" else None
         writer = create_targets(
             url, num_classes=num_classes, content=content, teachers=None if defer else [t.info() for t in loaded],
             num_teachers=len(loaded), layout=layout or ("wds" if pack_inputs else None), dtype=dtype,
@@ -271,6 +279,7 @@ def precompute(
             class_names=class_names, transfer_set={"name": ts.name, "fingerprint": ts.fingerprint},
             compressor=compressor, overwrite=overwrite, resume=resume, storage_options=storage_options, defer=defer,
             views=None if capture is None else capture.declaration,
+            compact=compact_spec, hidden_size=hidden_size,
         )
         spec = writer.spec
 
@@ -278,6 +287,9 @@ def precompute(
             spec.teachers = [t.info() for t in loaded]
             writer.prepare()
             _check_settings(writer, options.settings(), resumed=resume)
+            if compact_spec is not None and compact_spec.kind == "hidden":
+                write_head(writer.fs, writer.root, spec, *head_weights([t.module for t in loaded],
+                                                                      compact_spec.head, content))
 
         done = writer.completed_shards(verify=True) if resume else {}
         if not defer:
@@ -323,6 +335,7 @@ def precompute(
                     len(nonfinite_rows))
     if capture is not None:
         capture.write_params(writer)
+    collect_stats(writer)
     manifest = writer.finalize([*done.values(), *records])
     if specialists or hints:
         store = open_targets(url, storage_options=storage_options)

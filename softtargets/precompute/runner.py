@@ -45,10 +45,11 @@ from ..background import prefetched
 from ..math.temperature import reduce_teachers
 from ..store import attach_writer
 from ..store.base import MARKER_DIR, ShardStream, TargetWriter
-from ..store.encoding import NUMPY_STORAGE, NonFiniteLogits
+from ..store.encoding import NonFiniteLogits
 from ..store.files import atomic_write, join, remove_file
 from ..store.manifest import Manifest, ShardRecord
 from .cluster import TaskFailure
+from .compact_run import CompactRows
 from .options import (
     AUTOCAST,
     INPUT_MEMBER,
@@ -240,7 +241,7 @@ class _ShardWriterThread(threading.Thread):
             out = part.logits[part.rows:part.rows + rows]
         else:
             if self._encoded is None or self._encoded.shape[0] < rows:
-                self._encoded = np.empty((rows, *runner.spec.logits_shape[1:]), NUMPY_STORAGE[runner.spec.dtype])
+                self._encoded = np.empty((rows, *runner.spec.logits_shape[1:]), runner.spec.storage_dtype)
             out = self._encoded[:rows]
         try:
             runner._encode(item, part, out)
@@ -332,6 +333,8 @@ class ShardRunner:
                              f"expects {self.spec.num_samples}")
         if options.pack_inputs and not self.spec.inputs:
             raise ValueError(f"{writer.url}: pack_inputs needs a store created with inputs (wds 'sample' layout)")
+        self.compact = CompactRows(self.spec, [t.module for t in self.teachers], self.device) \
+            if self.spec.compact is not None else None
 
     # -- the compute loop -------------------------------------------------------------------------
 
@@ -422,6 +425,11 @@ class ShardRunner:
                 raise ValueError(f"teacher {t.name!r} returned {got} for a batch of {b} "
                                  f"(shard {shard}); expected logits [{b}, {c}]")
         x_host = batch.x if self.options.pack_inputs else None
+        if self.compact is not None:  # compact rows: encoded here, on the device; only the records go to the host
+            logits = torch.stack(outputs, dim=1).float()
+            bad = _nonfinite_rows(logits, self.options.nonfinite)
+            records = self.compact.encode(shard, logits)
+            return _Item(shard, batch.keys, records.cpu(), bad.cpu(), batch.labels, x_host)
         if self.device.type != "cuda":
             return _Item(shard, batch.keys, outputs, None, batch.labels, x_host)
         logits = torch.stack(outputs, dim=1).float()  # [B, K, C] float32 (autocast may give bf16/fp16)
@@ -464,7 +472,8 @@ class ShardRunner:
         bad: list[torch.Tensor] = []
         xs: list[torch.Tensor] = []
         for it in group:
-            it.event.synchronize()
+            if it.event is not None:  # None: compact records, copied already
+                it.event.synchronize()
             # CUDA items: reduced and checked on the device; x packed in all of them or none
             assert isinstance(it.logits, torch.Tensor) and it.bad is not None
             logits.append(it.logits)
@@ -503,7 +512,7 @@ class ShardRunner:
         """An array for a shard's stored logits ``[rows, K, C]`` or ``[rows, C]``: a written shard's, or new."""
         shape = (rows, *self.spec.logits_shape[1:])
         reused = _reuse(self._free_shards, shape)
-        return np.empty(shape, NUMPY_STORAGE[self.spec.dtype]) if reused is None else reused
+        return np.empty(shape, self.spec.storage_dtype) if reused is None else reused
 
     def _encode(self, item: _Item, part: _Part, out: np.ndarray) -> None:
         """Check and encode ``item`` for the store (``TargetWriter.encode``; stored logits into ``out``) and add
@@ -527,6 +536,8 @@ class ShardRunner:
             atomic_write(self.writer.fs, side, json.dumps(part.nonfinite, sort_keys=True).encode())
         else:
             remove_file(self.writer.fs, side)
+        if self.compact is not None:
+            self.compact.write_stats(self.writer, shard)
         if part.stream is not None:
             return self.writer.write_shard(shard, stream=part.stream)
         inputs = part.inputs if self.options.pack_inputs else None

@@ -25,9 +25,11 @@ from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..choices import Content, Dtype, Overflow
+from ..math.compact import as_compact_spec
 from ..math.temperature import reduce_teachers
 from ..store import TargetStore, TargetWriter, create_targets, infer_layout, layout_class, open_targets
 from ..store.base import PENDING_NAME, delete_store
+from ..store.compact_rows import encode_compact_rows
 from ..store.encoding import encode_logits
 from ..store.files import join, url_to_fs
 from ..store.manifest import MANIFEST_NAME, Manifest, utc_now
@@ -195,6 +197,7 @@ def convert_store(
     block_rows: int | None = None, sample_layout: str | None = None, compressor: str | None = None,
     overflow: Overflow | None = None, drop_inputs: bool = False, overwrite: bool = False, progress: bool | None = None,
     storage_options: dict[str, Any] | None = None,
+    compact: Any = None,
 ) -> Manifest:
     """Write a copy of store ``src`` at ``dst`` in another layout, dtype or content. Returns the new manifest.
 
@@ -210,12 +213,20 @@ def convert_store(
         compressor: zarr only (default: the source's if zarr, else ``none``).
         drop_inputs: a source with packed inputs may only go to a wds ``sample`` store unless this is set.
         storage_options: fsspec options for both ``src``'s and ``dst``'s filesystems (never written into ``dst``).
+        compact: a compact content to derive from dense logits (:class:`~softtargets.math.compact.CompactSpec`,
+            its fields as a mapping, or ``"topk"`` / ``"sampled"``); ``content`` chooses each teacher
+            (``per_teacher``, from a per_teacher source) or their geometric mean. ``hidden`` needs the
+            teachers' hidden states and is refused.
     """
     src, dst = os.fspath(src), os.fspath(dst)
     if same_location(src, dst, storage_options):
         raise ValueError(f"{dst}: the destination is the source; write the conversion elsewhere")
     store = open_targets(src, storage_options=storage_options)
     m = store.manifest
+    if compact is not None or m.compact is not None:
+        return convert_compact(store, dst, compact, content=content, layout=layout, shard_rows=shard_rows,
+                               block_rows=block_rows, sample_layout=sample_layout, compressor=compressor,
+                               drop_inputs=drop_inputs, overwrite=overwrite, progress=progress)
     content = content or m.content
     dtype = dtype or m.dtype
     t0 = check_content(m, content, temperature)
@@ -244,3 +255,50 @@ def convert_store(
             sink.add(str_array(rows["key"]), stored, rows["label"].numpy(), inputs)
 
     return derive(args, fill, dst, overwrite, storage_options)
+
+
+def convert_compact(
+    store: TargetStore, dst: str, compact: Any, *, content: Content | None, layout: str | None,
+    shard_rows: int | None, block_rows: int | None, sample_layout: str | None, compressor: str | None,
+    drop_inputs: bool, overwrite: bool, progress: bool | None,
+) -> Manifest:
+    """:func:`convert_store` to a compact content (``topk``, ``sampled``) from dense per-teacher or geometric logits."""
+    m = store.manifest
+    if m.compact is not None:
+        raise ValueError(f"{store.url} holds compact {m.compact['kind']} rows; only dense logits convert to a compact "
+                         "content (a compact store has lost the full logits)")
+    spec = as_compact_spec(compact)
+    if spec.kind == "hidden":
+        raise ValueError("a hidden store needs the teachers' hidden states, which a logit store does not hold: "
+                         "run precompute(..., compact=CompactSpec('hidden', head=...)) instead")
+    if m.content == "arithmetic":
+        raise ValueError(f"{store.url} holds arithmetic-mean log-probabilities at T0={m.temperature}, exact only at "
+                         "T0; a compact content needs per_teacher or geometric logits")
+    content = content or ("per_teacher" if m.per_teacher else "geometric")
+    if content not in ("per_teacher", "geometric") or (content == "per_teacher" and not m.per_teacher):
+        raise ValueError(f"a compact content summarises each teacher (per_teacher, from a per_teacher source) or "
+                         f"their geometric mean (geometric); cannot make {content} from {m.content}")
+    if m.inputs and not drop_inputs:
+        raise ValueError(f"{store.url} packs inputs beside its targets; a compact store does not carry them: "
+                         "pass drop_inputs=True")
+    plan = plan_layout(m, dst, layout, "block" if sample_layout is None else sample_layout, shard_rows, block_rows,
+                       compressor)
+    params = {**plan, "content": content, "compact": spec.to_dict()}
+    args = {
+        **carry_spec(m), **plan, "content": content, "num_samples": m.num_samples, "compact": spec,
+        "lineage": [*m.lineage, lineage_entry("convert", [store], params)],
+    }
+
+    def fill(sink: ShardSink) -> None:
+        worst: dict[str, float] = {}
+        for shard in tqdm(m.shards, desc="convert", unit="shard", disable=None if progress is None else not progress):
+            rows = store.rows(shard.start, shard.stop)
+            gen = torch.Generator().manual_seed((spec.seed * 1_000_003 + shard.start) % (1 << 63))
+            records, stats = encode_compact_rows(rows["logits"].float(), sink.writer.spec, generator=gen)
+            for key, value in stats.items():
+                worst[key] = max(worst.get(key, 0.0), value)
+            sink.add(str_array(rows["key"]), records.numpy(), rows["label"].numpy())
+        assert sink.writer.spec.compact is not None
+        sink.writer.spec.compact.update(worst)
+
+    return derive(args, fill, dst, overwrite)

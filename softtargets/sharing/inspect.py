@@ -24,9 +24,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..choices import Rule
+from ..math.compact import decode_hidden, head_logits
 from ..math.temperature import ensemble_log_probs
 from ..store import BYTES_PER_DTYPE, TargetStore, open_targets
+from ..store.compact_rows import unpack_rows
 from ..text import plural
+from .compact_inspect import compact_facts, compact_stats, format_compact
 
 DEFAULT_TEMPERATURES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 CONFIDENCE_BINS = 20
@@ -37,6 +40,8 @@ def describe(store: TargetStore) -> dict[str, Any]:
     m = store.manifest
     labeled = sum(s.labeled for s in m.shards)
     logit_bytes = BYTES_PER_DTYPE[m.dtype] * m.num_classes * (m.num_teachers if m.per_teacher else 1)
+    if m.compact is not None:
+        logit_bytes = int(m.compact["row_bytes"])
     return {
         "url": store.url, "layout": m.layout, "sample_layout": m.sample_layout, "format_version": m.format_version,
         "num_samples": m.num_samples, "num_classes": m.num_classes, "class_names": m.class_names,
@@ -50,6 +55,7 @@ def describe(store: TargetStore) -> dict[str, Any]:
         "logit_bytes_per_sample": logit_bytes, "labeled": labeled, "inputs": m.inputs,
         "transfer_set": m.transfer_set, "created": m.created, "softtargets_version": m.softtargets_version,
         "provenance": m.provenance, "lineage": m.lineage,
+        **({"compact": compact_facts(store)} if m.compact is not None else {}),
     }
 
 
@@ -149,12 +155,16 @@ def target_stats(
 
     Reads shard by shard; memory holds one shard. Entropies are in nats, averaged over rows.
     """
+    m = store.manifest
+    hidden = m.compact is not None and m.compact["kind"] == "hidden"
     acc = _Accumulator(store, temperatures, bins)
     n = len(store) if limit is None else min(int(limit), len(store))
     for shard in tqdm(store.shards, desc="inspect", unit="shard", disable=None if progress is None else not progress):
         if shard.start >= n:
             break
         rows = store.rows(shard.start, min(shard.stop, n))
+        if hidden:  # the exact logits, h W^T + b
+            rows["logits"] = head_logits(decode_hidden(unpack_rows(m, rows["logits"])), *store.head())
         acc.add(rows["logits"], rows["label"])
     result = acc.result()
     result["limit"] = limit
@@ -169,6 +179,12 @@ def inspect_store(
     """:func:`describe` of the store at ``url``, with ``"stats"`` from :func:`target_stats` unless ``stats=False``."""
     store = open_targets(url, storage_options=storage_options)
     report = describe(store)
+    m = store.manifest
+    if m.compact is not None and m.compact["kind"] != "hidden":  # no full distribution: the tail by temperature
+        report["stats"] = None
+        report["compact_stats"] = compact_stats(store, limit=limit, temperatures=temperatures, progress=progress) \
+            if stats else None
+        return report
     report["stats"] = target_stats(store, limit=limit, temperatures=temperatures, progress=progress) if stats else None
     return report
 
@@ -217,6 +233,8 @@ def format_report(r: dict[str, Any]) -> str:
         srcs = ", ".join(f"{s.get('url')} (manifest sha256 {str(s.get('manifest_sha256'))[:12]})"
                          for s in e.get("sources", []))
         lines.append(f"lineage       {e.get('operation')} of {srcs} on {e.get('time')}")
+    if r.get("compact"):
+        lines += format_compact(r)
     st = r.get("stats")
     if st and not st["rows"]:
         st = None

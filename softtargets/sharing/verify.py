@@ -39,7 +39,6 @@ from tqdm.auto import tqdm
 
 from ..store import layout_class
 from ..store.base import MARKER_DIR, PENDING_NAME, read_manifest
-from ..store.encoding import NUMPY_STORAGE
 from ..store.files import is_local, join, link_outside, list_sizes, local_tree, unsafe_path, url_to_fs
 from ..store.manifest import MANIFEST_NAME, FileRecord, Manifest, ManifestError, ShardRecord
 from ..store.sidecars import sidecar_files, sidecar_path_problems
@@ -218,7 +217,7 @@ class _ZarrChecker(_Checker):
     def __init__(self, *args: Any):
         super().__init__(*args)
         m = self.m
-        want = {"logits": (m.logits_shape, NUMPY_STORAGE[m.dtype]), "labels": ((m.num_samples,), np.dtype("int64")),
+        want = {"logits": (m.logits_shape, m.storage_dtype), "labels": ((m.num_samples,), np.dtype("int64")),
                 "keys": ((m.num_samples,), None)}
         self.arrays: dict[str, Any] | None = {}
         self.opened: dict[str, Any] = {}  # every array that opened, sound or not (for its paths)
@@ -384,9 +383,9 @@ class _WdsChecker(_Checker):
                 found.append(f"sample {name!r}: undecodable member ({e})")
                 return None
             n = len(kk)
-            if lg.shape[1:] != trailing or lg.dtype != NUMPY_STORAGE[m.dtype] or len(lg) != n or len(lb) != n:
+            if lg.shape[1:] != trailing or lg.dtype != m.storage_dtype or len(lg) != n or len(lb) != n:
                 found.append(f"sample {name!r}: logits {lg.dtype}{list(lg.shape)}, {len(lb)} labels, {n} keys; "
-                             f"expected {NUMPY_STORAGE[m.dtype]}[{n}, {', '.join(map(str, trailing))}]")
+                             f"expected {m.storage_dtype}[{n}, {', '.join(map(str, trailing))}]")
                 return None
             if m.sample_layout == "block" and not (0 < n <= m.block_rows and (n == m.block_rows
                                                                             or i == len(samples) - 1)):
@@ -404,7 +403,7 @@ class _WdsChecker(_Checker):
         if found:
             return None
         if not keys:
-            return np.zeros(0, str), np.zeros((0, *trailing), NUMPY_STORAGE[m.dtype]), np.zeros(0, np.int64)
+            return np.zeros(0, str), np.zeros((0, *trailing), m.storage_dtype), np.zeros(0, np.int64)
         return np.concatenate(keys).astype(str), np.concatenate(logits), np.concatenate(labels)
 
     def read_keys(self, rec: ShardRecord) -> np.ndarray:

@@ -32,6 +32,7 @@ from .base import (
     check_rule,
     read_manifest,
 )
+from .compact_rows import compact_entry
 from .files import join, url_to_fs
 from .manifest import Manifest
 from .wds_layout import WdsStore, WdsWriter
@@ -98,6 +99,8 @@ def create_targets(
     resume: bool = False,
     storage_options: dict | None = None,
     defer: bool = False,
+    compact: Any = None,
+    hidden_size: int | None = None,
 ) -> TargetWriter:
     """Begin a target store at ``url`` (a path or fsspec URL) and return its writer.
 
@@ -119,6 +122,11 @@ def create_targets(
         compressor: zarr only: ``none`` (default; logits barely compress), ``zstd`` or ``blosc``.
         views: the manifest's ``views`` (a store of augmented views, rows view-major; see :mod:`.views`).
         overwrite: replace an existing store. resume: continue an unfinished one.
+        compact: a compact content (:class:`~softtargets.math.compact.CompactSpec`, a mapping of its fields or
+            a kind name: ``topk``, ``sampled``, ``hidden``): each row is then a packed record ``uint8 [B,
+            row_bytes]`` (:func:`softtargets.precompute.contents.encode_rows`) summarising the K teachers
+            (``per_teacher``) or their geometric mean (``geometric``); ``dtype`` becomes the values' dtype.
+        hidden_size: ``hidden``: d, the length of a row's stored hidden vector.
         defer: check the arguments now, touch storage only at the writer's :meth:`~TargetWriter.prepare`
             (or its first write): a caller may fill in ``writer.spec.teachers`` meanwhile.
     """
@@ -134,6 +142,14 @@ def create_targets(
         raise ValueError(f"temperature is recorded only for arithmetic stores, not {content}")
     infos = [_teacher_info(t, i) for i, t in enumerate(teachers or ())]
     k = num_teachers or len(infos) or 1
+    entry = None
+    if compact is not None:
+        if content not in ("per_teacher", "geometric"):
+            raise ValueError(f"a compact content summarises each teacher (per_teacher) or their geometric mean "
+                             f"(geometric), not {content}")
+        entry = compact_entry(compact, int(num_classes), k if content == "per_teacher" else 1, hidden_size)
+        dtype = "float16" if entry["kind"] == "hidden" else entry["value_dtype"]
+        normalization, overflow = "none", "error"
     if infos and len(infos) != k:
         raise ValueError(f"num_teachers={k} but {len(infos)} teachers described")
     if int(num_classes) < 1:
@@ -141,6 +157,8 @@ def create_targets(
     if class_names is not None and len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
     row_bytes = BYTES_PER_DTYPE[dtype] * num_classes * (k if content == "per_teacher" else 1)
+    if entry is not None:
+        row_bytes = entry["row_bytes"]
     store_cls = layout_class(layout)
     recorded = store_cls.sample_layout_of(sample_layout)  # None where the layout has no sample layout
     auto_block, auto_shard = default_rows(row_bytes, recorded or "block")
@@ -158,7 +176,7 @@ def create_targets(
         overflow=overflow, sample_layout=recorded,
         inputs=dict(inputs) if inputs else None, class_names=list(class_names) if class_names else None,
         transfer_set=transfer_set, lineage=list(lineage or []),
-        extra=store_cls.manifest_extra(compressor), views=dict(views) if views else None,
+        extra=store_cls.manifest_extra(compressor), views=dict(views) if views else None, compact=entry,
     )
     mode = "overwrite" if overwrite else "resume" if resume else "create"
     writer_cls = LAYOUTS[layout][0]

@@ -38,8 +38,10 @@ import torch
 from .._version import __version__
 from ..choices import Rule, VerifyMode, WriteMode, parse_choice
 from ..errors import ChecksumError, StoreError
+from ..math.compact import decode_hidden, head_logits
 from ..math.temperature import ensemble_log_probs
-from .encoding import NUMPY_STORAGE, at_limit, decode_logits, encode_keys, encode_labels, encode_logits
+from .compact_rows import compact_records, read_head, unpack_rows
+from .encoding import at_limit, decode_logits, encode_keys, encode_labels, encode_logits
 from .files import (
     atomic_write,
     fsync_files,
@@ -66,6 +68,7 @@ CARD_NAME = "README.md"
 SPEC_FIELDS = (
     "layout", "num_samples", "num_classes", "content", "num_teachers", "teachers", "temperature", "dtype",
     "normalization", "overflow", "shard_rows", "block_rows", "sample_layout", "inputs", "transfer_set", "views",
+    "compact",
 )
 
 
@@ -310,8 +313,11 @@ class TargetWriter(ABC):
         ``encoded=True``).
         """
         spec = self.spec
-        stored, _ = encode_logits(logits, spec.dtype, spec.normalization, spec.overflow, out=out)
-        if spec.per_teacher and stored.ndim == 2 and spec.num_teachers == 1:
+        if spec.compact is not None:  # packed compact records, uint8 [B, row_bytes], stored as given
+            stored = compact_records(logits, spec, out)
+        else:
+            stored, _ = encode_logits(logits, spec.dtype, spec.normalization, spec.overflow, out=out)
+        if spec.per_teacher and stored.ndim == 2 and spec.compact is None and spec.num_teachers == 1:
             stored = stored[:, None, :]
         want = spec.logits_shape[1:]
         if stored.shape[1:] != want:
@@ -643,6 +649,7 @@ class TargetStore(ABC):
         self.url, self.manifest, self.fs, self.root, self.verify_mode = url, manifest, fs, root, verify
         self._verified: set[int] = set()
         self._key_index: dict[str, int] | None = None
+        self._head: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._starts = np.array([s.start for s in manifest.shards], dtype=np.int64)
         self._check_rows()
         self._check_metadata_paths()
@@ -856,7 +863,7 @@ class TargetStore(ABC):
     def _empty(self) -> dict[str, np.ndarray]:
         return {
             "key": np.zeros(0, dtype=str),
-            "logits": np.zeros((0, *self.manifest.logits_shape[1:]), NUMPY_STORAGE[self.manifest.dtype]),
+            "logits": np.zeros((0, *self.manifest.logits_shape[1:]), self.manifest.storage_dtype),
             "label": np.zeros(0, dtype=np.int64),
         }
 
@@ -942,6 +949,21 @@ class TargetStore(ABC):
         except KeyError:
             raise KeyError(f"no sample with key {key!r} in {self.url}") from None
 
+    # -- compact contents ---------------------------------------------------------------------------
+
+    def compact_fields(self, indices: Any) -> dict[str, torch.Tensor]:
+        """Rows ``indices`` of a compact store as their record's fields (:mod:`softtargets.math.compact`):
+        ``topk``: ``ids``, ``values``, ``tail_logz``, ``tail_dlogz``; ``sampled``: ``ids``, ``counts``, ``values``,
+        ``logz``, ``dlogz``; ``hidden``: ``hidden`` (and ``scale``). Refused (ValueError) for dense stores."""
+        return unpack_rows(self.manifest, self.take(indices)["logits"])
+
+    def head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A ``hidden`` store's output head ``(weight [C, d] or [K, C, d], bias [C] or [K, C] or None)``, float32,
+        checked against the manifest's sha256."""
+        if self._head is None:
+            self._head = read_head(self.fs, self.root, self.url, self.manifest)
+        return self._head
+
     # -- targets at a temperature -----------------------------------------------------------------
 
     def log_probs(
@@ -954,6 +976,13 @@ class TargetStore(ABC):
         """
         m = self.manifest
         check_rule(m, temperature, rule, approximate)
+        if m.compact is not None:
+            if m.compact["kind"] != "hidden":
+                raise ValueError(f"this {m.compact['kind']} store holds no full distribution (only k ids per row and "
+                                 "their tail); use softtargets.math.compact_losses with store.compact_fields()")
+            weight, bias = self.head()
+            logits = head_logits(decode_hidden(self.compact_fields(indices)).double(), weight, bias)
+            return ensemble_log_probs(logits, temperature, rule, per_teacher=m.per_teacher).to(dtype)
         logits = self.take(indices)["logits"].to(torch.float64)
         t0 = m.temperature  # always recorded for an arithmetic store
         if m.content == "arithmetic" and t0 is not None:

@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import numpy as np
 
 from ..choices import Content, Dtype, Layout, Normalization, Overflow, choices
 from ..errors import ManifestError
 
 # 2: zarr inner chunks end with a crc32c, and files record ``chunks_sha256``. 3: optional fields for new
 # features (``sequences``: rows grouped into token sequences; ``hints``, ``specialists``: arrays beside the
-# logits; ``views``: augmented views). Readers read 1, 2 and 3.
+# logits; ``views``: augmented views; ``compact``: packed compact rows). Readers read 1, 2 and 3.
 FORMAT_VERSION = 3
 READS_FORMATS = (1, 2, 3)
 MANIFEST_NAME = "manifest.json"
@@ -109,6 +110,15 @@ class Manifest:
     specialists: dict[str, Any] | None = None  # generalist + specialists (Hinton et al. §5), eq. 5's q
     # Optional (format 3): augmented views, rows view-major; see softtargets.store.views.
     views: dict[str, Any] | None = None
+    compact: dict[str, Any] | None = None  # compact contents (topk/sampled/hidden): the packed record's fields
+
+    @property
+    def storage_dtype(self) -> np.dtype[Any]:
+        """The numpy dtype of the stored logits array: the stored dtype's (bfloat16 as uint16), or ``uint8``
+        for compact rows (packed records)."""
+        if self.compact is not None:
+            return np.dtype("uint8")
+        return np.dtype({"float32": "float32", "float16": "float16", "bfloat16": "uint16"}[self.dtype])
 
     @property
     def per_teacher(self) -> bool:
@@ -116,7 +126,9 @@ class Manifest:
 
     @property
     def logits_shape(self) -> tuple[int, ...]:
-        """Shape of the whole logits array: ``(N, K, C)`` or ``(N, C)``."""
+        """Shape of the whole logits array: ``(N, K, C)`` or ``(N, C)``; compact rows: ``(N, row_bytes)``."""
+        if self.compact is not None:
+            return (self.num_samples, int(self.compact["row_bytes"]))
         if self.per_teacher:
             return (self.num_samples, self.num_teachers, self.num_classes)
         return (self.num_samples, self.num_classes)
@@ -140,6 +152,8 @@ class Manifest:
         for optional in ("hints", "specialists"):
             if d[optional] is None:
                 del d[optional]
+        if d.get("compact") is None:  # optional (format 3): absent for dense stores
+            d.pop("compact", None)
         for shard in d["shards"]:
             shard["files"] = [{k: v for k, v in f.items() if v is not None} for f in shard["files"]]
         for optional in ("sequences", "views"):  # optional fields are absent, not null

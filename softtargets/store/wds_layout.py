@@ -36,7 +36,6 @@ import webdataset as wds
 from ..choices import SampleLayout, VerifyMode, parse_choice
 from .base import ShardStream, StoreError, TargetStore, TargetWriter
 from .card import wds_recipe
-from .encoding import NUMPY_STORAGE
 from .files import atomic_write, file_record, is_local, join
 from .lru import Lru
 from .manifest import FileRecord, Manifest, ShardRecord
@@ -64,7 +63,7 @@ def least_tar_bytes(m: Manifest, rows: int) -> int:
     """The fewest bytes a tar shard of ``rows`` rows of store ``m`` can have: every row's logits, raw; ``block``
     samples also an int64 label and row number per row, ``sample`` samples three members per row, each behind
     a 512-byte header."""
-    row = NUMPY_STORAGE[m.dtype].itemsize * int(np.prod(m.logits_shape[1:], dtype=np.int64))
+    row = m.storage_dtype.itemsize * int(np.prod(m.logits_shape[1:], dtype=np.int64))
     return rows * (row + (16 if m.sample_layout == "block" else 3 * 512))
 
 
@@ -369,13 +368,13 @@ class WdsStore(TargetStore):
         rows = []
         for name, s in members.items():
             lg = npy_view(s["logits.npy"])
-            storage = NUMPY_STORAGE[self.manifest.dtype]
+            storage = self.manifest.storage_dtype
             if lg.dtype != storage or lg.shape != trailing:
                 self._refuse(shard_id, name, "logits", lg, f"{storage}{self._shape(trailing)}")
             rows.append(lg)
         return {
             "key": np.array([s["key.txt"].tobytes().decode() for s in samples], dtype=str),
-            "logits": [np.stack(rows) if rows else np.zeros((0, *trailing), NUMPY_STORAGE[self.manifest.dtype])],
+            "logits": [np.stack(rows) if rows else np.zeros((0, *trailing), self.manifest.storage_dtype)],
             "label": np.array([int(s["label.cls"].tobytes()) for s in samples], dtype=np.int64),
             "inputs": [{ext: v.tobytes() for ext, v in s.items() if ext in wanted} for s in samples],
         }
@@ -384,7 +383,7 @@ class WdsStore(TargetStore):
                 dtype: np.dtype | None = None, trailing: tuple[int, ...] | None = None) -> None:
         """Refuse member ``what`` of tar sample ``name`` unless it is ``dtype[rows, *trailing]`` (default: the
         manifest's stored logits)."""
-        dtype = NUMPY_STORAGE[self.manifest.dtype] if dtype is None else dtype
+        dtype = self.manifest.storage_dtype if dtype is None else dtype
         trailing = self.manifest.logits_shape[1:] if trailing is None else trailing
         if arr.dtype != dtype or arr.shape != (rows, *trailing):
             self._refuse(shard_id, name, what, arr, f"{dtype}{self._shape((rows, *trailing))}")

@@ -44,7 +44,6 @@ from ..choices import VerifyMode
 from ..errors import ChecksumError, StoreError
 from .base import ShardStream, TargetStore, TargetWriter
 from .card import dask_recipe, zarr_recipe
-from .encoding import NUMPY_STORAGE
 from .files import atomic_write, file_record, flush_and_close, is_local, join
 from .manifest import FileRecord, Manifest, ShardRecord
 from .mapped import MappedFiles
@@ -169,10 +168,10 @@ class ZarrWriter(TargetWriter):
         rows = (spec.block_rows,)
         shards = (spec.shard_rows,)
         logits = group.create_array(
-            "logits", shape=(n, *trailing), dtype=NUMPY_STORAGE[spec.dtype], chunks=rows + trailing,
+            "logits", shape=(n, *trailing), dtype=spec.storage_dtype, chunks=rows + trailing,
             shards=shards + trailing, compressors=checked, fill_value=0, config=ARRAY_CONFIG,
-            dimension_names=("sample", "teacher", "class")[-len(spec.logits_shape):] if spec.per_teacher
-            else ("sample", "class"),
+            dimension_names=("sample", "byte") if spec.compact is not None
+            else ("sample", "teacher", "class") if spec.per_teacher else ("sample", "class"),
             attributes={"dtype": spec.dtype},
         )
         labels = group.create_array(
@@ -295,7 +294,7 @@ class ZarrStore(TargetStore):
         """Array ``name``'s metadata agrees with the manifest (one :class:`StoreError` naming both)."""
         m = self.manifest
         expected: dict[str, tuple[tuple[int, ...], Any]] = {
-            "logits": (m.logits_shape, NUMPY_STORAGE[m.dtype]), "labels": ((m.num_samples,), np.int64),
+            "logits": (m.logits_shape, m.storage_dtype), "labels": ((m.num_samples,), np.int64),
             "keys": ((m.num_samples,), None),
         }
         shape, dtype = expected[name]

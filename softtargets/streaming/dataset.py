@@ -29,6 +29,7 @@ from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
+import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -94,7 +95,7 @@ class TargetStream(IterableDataset):
         self.rank, self.world_size = resolve_rank(rank, world_size)
         batch_size = int(batch_size)
         if buffer_size is None:
-            row_bytes = ITEM_BYTES[m.dtype] * int(np.prod(m.logits_shape[1:]))
+            row_bytes = m.storage_dtype.itemsize * int(np.prod(m.logits_shape[1:]))
             buffer_size = max(1, DEFAULT_BUFFER_BYTES // max(row_bytes, 1) // max(batch_size, 1)) * batch_size
         elif int(buffer_size) < batch_size:
             raise ValueError(f"buffer_size={buffer_size} must be >= batch_size={batch_size}")
@@ -110,7 +111,7 @@ class TargetStream(IterableDataset):
         self.units = Units.from_shards([(s.start, s.rows) for s in m.shards], unit_rows, grouped=layout.grouped_units)
         self.packed = bool(inputs and m.inputs and layout.packs_inputs)
         self.decode = decode
-        self._logits_dtype = TORCH_DTYPES[m.dtype]
+        self._logits_dtype = torch.uint8 if m.compact is not None else TORCH_DTYPES[m.dtype]
         if dataset is not None and self.packed:
             raise ValueError("the store packs its own inputs; pass inputs=False to join a dataset instead")
         self.join = None if dataset is None else DatasetJoin(

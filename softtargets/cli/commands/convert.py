@@ -7,6 +7,7 @@ import json
 import time
 from typing import Any
 
+from ...math.compact import DEFAULT_TEMPERATURES, CompactSpec
 from ...sharing.convert import convert_store
 from ...store.manifest import CONTENTS, DTYPES, LAYOUTS, Manifest
 from ...text import plural
@@ -60,17 +61,35 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--content", choices=CONTENTS, help="reduce per_teacher logits to geometric or arithmetic")
     p.add_argument("--temperature", type=float, help="T0 of an arithmetic reduction")
     p.add_argument("--overflow", choices=("error", "clip"), help="float16 values beyond +-65504 (default: source's)")
+    p.add_argument("--compact", choices=("topk", "sampled"), help="write a compact content from the dense logits: "
+                   "the top k with the tail's log-partition on a temperature grid, or k importance samples")
+    p.add_argument("--k", type=int, default=32, help="--compact: ids per row (topk) or draws per row (sampled)")
+    p.add_argument("--grid", type=_temperatures, metavar="T1,T2,...",
+                   help="--compact: the temperatures stored (default 0.5,0.7,1,1.4,2,3,5,8,20)")
+    p.add_argument("--proposal-temperature", type=float, default=1.0, help="--compact sampled: T0 of the draws")
     add_layout_args(p)
     p.set_defaults(run=run)
     return p
 
 
+def _temperatures(text: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"temperatures are comma-separated numbers, got {text!r}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    compact = None
+    if args.compact:
+        compact = CompactSpec(args.compact, k=args.k, proposal_temperature=args.proposal_temperature,
+                              temperatures=tuple(args.grid) if args.grid else DEFAULT_TEMPERATURES)
     m = convert_store(args.src, args.dst, dtype=args.dtype, content=args.content, temperature=args.temperature,
-                      overflow=args.overflow, **layout_kwargs(args))
+                      overflow=args.overflow, compact=compact, **layout_kwargs(args))
     if args.json:
         return print_json(m, started, src=args.src, dst=args.dst)
-    print(f"wrote {args.dst}: {plural(m.num_samples, 'sample')}, {m.layout}, {m.content}, {m.dtype}, "
+    kind = f" {m.compact['kind']} ({m.compact['row_bytes']} bytes/row)" if m.compact else ""
+    print(f"wrote {args.dst}: {plural(m.num_samples, 'sample')}, {m.layout}, {m.content}{kind}, {m.dtype}, "
           f"{plural(len(m.shards), 'shard')}, {plural(m.nbytes, 'byte')}")
     return 0
