@@ -28,6 +28,7 @@ from .math.temperature import (
 from .precompute import NonFiniteError, precompute
 from .precompute.hints import add_hints
 from .precompute.specialists import add_specialists
+from .precompute.sequences import precompute_sequences
 from .sharing.combine import merge_stores, subset_store
 from .sharing.convert import convert_store
 from .sharing.inspect import inspect_store
@@ -89,6 +90,7 @@ __all__ = [
     "open_sequences",
     "open_targets",
     "precompute",
+    "precompute_sequences",
     "reduce_teachers",
     "stream",
     "stream_sequences",
