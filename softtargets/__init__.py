@@ -27,8 +27,8 @@ from .math.temperature import (
 )
 from .precompute import NonFiniteError, precompute
 from .precompute.hints import add_hints
-from .precompute.specialists import add_specialists
 from .precompute.sequences import precompute_sequences
+from .precompute.specialists import add_specialists
 from .sharing.combine import merge_stores, subset_store
 from .sharing.convert import convert_store
 from .sharing.inspect import inspect_store
