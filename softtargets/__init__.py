@@ -31,6 +31,7 @@ from .math.temperature import (
 from .precompute import NonFiniteError, precompute
 from .precompute.contents import encode_rows
 from .precompute.hints import add_hints
+from .precompute.sequences import precompute_sequences
 from .precompute.specialists import add_specialists
 from .sharing.combine import merge_stores, subset_store
 from .sharing.convert import convert_store
@@ -111,6 +112,7 @@ __all__ = [
     "oversampling_factor",
     "plan_specialists",
     "precompute",
+    "precompute_sequences",
     "read_array",
     "reduce_teachers",
     "sampled_kd_loss",

@@ -44,6 +44,14 @@ def test_the_tour_and_the_zarr_recipe_run_as_written(tmp_path, monkeypatch, caps
     np.testing.assert_array_equal(ns["labels"], store[0:1000]["label"].numpy())
 
 
+def test_the_sequences_block_runs_as_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    runpy.run_path(str(_write(tmp_path / "sequences.py", marked_block(README, "sequences"))), run_name="__main__")
+    assert capsys.readouterr().out.split("\n")[0] == "64 100"
+    store = st.open_sequences(tmp_path / "lm.zarr")
+    assert store.num_tokens == store.manifest.num_samples and store.manifest.num_teachers == 2
+
+
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path

@@ -10,8 +10,8 @@ FULL: dict[str, Any] = {
     "heldout_every": 10,
     "vocab_size": 8192,
     "context": 64,
-    "teachers": [{"d": 128, "layers": 2, "heads": 4, "seed": 1}, {"d": 128, "layers": 2, "heads": 4, "seed": 2}],
-    "teacher_steps": 250,
+    "teachers": [{"d": 96, "layers": 2, "heads": 4, "seed": 1}, {"d": 96, "layers": 2, "heads": 4, "seed": 2}],
+    "teacher_steps": 200,
     "batch": 16,
     "lr": 3e-3,
     "transfer_sequences": 800,  # x context tokens: the transfer set every student sees

@@ -105,7 +105,8 @@ def precompute_sequences(
         url: the store to create.
         vocab_size: V, the logits' last dimension and the token ids' range.
         content: ``geometric`` (mean logits ``[V]`` per row) or ``per_teacher`` (``[K, V]`` per row).
-        dtype, layout, **store_kwargs: as :func:`~softtargets.create_targets`.
+        dtype: the storage dtype, as :func:`~softtargets.create_targets`.
+        layout: ``zarr`` or ``wds`` (default: from the URL), as :func:`~softtargets.create_targets`.
         batch_tokens: padded tokens per teacher batch.
         device: where the teachers run (moved there; default: where their parameters are).
         encode: compact rows: called with the ``[R, K, V]`` logits of a batch's real positions (and the
@@ -114,6 +115,7 @@ def precompute_sequences(
         head: the name of each teacher's output-head module (e.g. ``"lm_head"``): its input is captured with a
             forward hook and passed to ``encode``.
         overwrite: replace an existing store.
+        **store_kwargs: further :func:`~softtargets.create_targets` arguments (``shard_rows``, ``transfer_set``...).
 
     Returns:
         The store's manifest.

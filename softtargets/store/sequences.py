@@ -31,6 +31,7 @@ import torch
 from ..choices import VerifyMode
 from ..errors import ChecksumError, StoreError
 from .base import TargetStore, TargetWriter
+from .encoding import decode_logits
 from .files import atomic_write, join
 
 SEQUENCE_DIR = "sequences"
@@ -262,6 +263,28 @@ class SequenceStore:
         if self._tokens.dtype != np.int32 or self._tokens.shape != (self.num_tokens,):
             raise StoreError(f"{self.store._file_url(TOKENS_FILE)}: expected int32 [{self.num_tokens}], "
                              f"got {self._tokens.dtype} {self._tokens.shape}", path=self.store._file_url(TOKENS_FILE))
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(stored, labels)`` of rows ``[start, stop)``: the rows as stored (numpy; possibly a read-only map of
+        the file: :meth:`decode` a copy) and int64 labels, read shard by shard without their row keys."""
+        parts, labels = [], []
+        store, pos = self.store, start
+        while pos < stop:
+            sid = store.shard_of(pos)
+            shard = store.manifest.shards[sid]
+            hi = min(stop, shard.stop)
+            block = store.read_block(sid, pos - shard.start, hi - shard.start)
+            parts.append(block["logits"])
+            labels.append(np.asarray(block["label"], dtype=np.int64))
+            pos = hi
+        stored = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return stored, labels[0] if len(labels) == 1 else np.concatenate(labels)
+
+    def decode(self, stored: np.ndarray) -> torch.Tensor:
+        """Stored rows (numpy) as a tensor of the stored dtype (bfloat16 from its bits; compact records as bytes)."""
+        if stored.dtype == np.uint8:
+            return torch.from_numpy(np.ascontiguousarray(stored))
+        return decode_logits(stored, self.manifest.dtype)
 
     def rows(self, start: int, stop: int) -> dict[str, Any]:
         """Rows ``[start, stop)`` with their input ids: the store's :meth:`~TargetStore.rows` plus ``input_ids``
