@@ -11,6 +11,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipelines.finish import finish
+
 from .config import DEFAULT_CONFIG, load_config
 
 
@@ -36,11 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = pipeline.run(cfg, args.out, layout=args.layout, progress=not args.no_progress)
     results["command"] = {"quick": args.quick, "layout": args.layout, "config": str(args.config or DEFAULT_CONFIG),
                           "out": str(args.out)}
-    results["timings"]["main_seconds"] = time.perf_counter() - started
-    paths = report.write_all(results, args.out)
-    print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
-    print(f"wall time {results['timings']['main_seconds']:.1f} s")
-    return 0
+    return finish(results, args.out, started, report.write_all)
 
 
 if __name__ == "__main__":

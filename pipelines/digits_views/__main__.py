@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.digits.config import merge, read_toml
+from pipelines.finish import finish
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIG = HERE / "config.toml"
@@ -46,11 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     results = pipeline.run(cfg, args.out, layout=args.layout)
     results["command"] = {"quick": args.quick, "layout": args.layout, "out": str(args.out)}
-    results["timings"]["main_seconds"] = time.perf_counter() - started
-    paths = report.write_all(results, args.out)
-    print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
-    print(f"wall time {results['timings']['main_seconds']:.1f} s")
-    return 0
+    return finish(results, args.out, started, report.write_all)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipelines.finish import finish
+
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pipelines.textlm", description=__doc__,
@@ -30,11 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     results = pipeline.run(config(args.quick), args.out)
     results["command"] = {"quick": args.quick, "out": str(args.out)}
-    results["timings"]["main_seconds"] = time.perf_counter() - started
-    paths = report.write_all(results, args.out)
-    print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
-    print(f"wall time {results['timings']['main_seconds']:.1f} s")
-    return 0
+    return finish(results, args.out, started, report.write_all)
 
 
 if __name__ == "__main__":

@@ -133,7 +133,8 @@ class ViewStream(TargetStream):
         mine = self._fingerprint()
         for s in [state] if isinstance(state, dict) else list(state):
             saved = s.get("config", {})
-            diff = [f"{k}: saved {saved.get(k)!r}, now {mine[k]!r}" for k in ("seed", "views") if saved.get(k) != mine[k]]
+            diff = [f"{k}: saved {saved.get(k)!r}, now {mine[k]!r}" for k in ("seed", "views")
+                    if saved.get(k) != mine[k]]
             if diff:
                 raise ValueError("cannot resume a views stream with another view schedule (" + "; ".join(diff) + ")")
         super().load_state_dict(state)
