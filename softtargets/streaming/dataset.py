@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -66,6 +66,12 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
 
 class TargetStream(IterableDataset):
     """Batches of a target store for one rank, split across DataLoader workers. See :func:`stream`."""
+
+    # Fingerprint fields every saved rank must share with this run, and what a change means; the other fields
+    # (world size, batch size, buffer, seed, remainder) may change: the resume is then elastic.
+    FIXED_ON_RESUME: ClassVar[tuple[tuple[tuple[str, ...], str], ...]] = (
+        (("num_samples", "num_units"), "the store differs from the saved one"),
+    )
 
     def __init__(
         self,
@@ -210,11 +216,13 @@ class TargetStream(IterableDataset):
         for s in states:
             if s.get("format") != STATE_FORMAT:
                 raise ValueError(f"not a stream state (format {s.get('format')!r}, expected {STATE_FORMAT!r})")
-        mine, theirs = self._fingerprint(), states[0]["config"]
-        diff = [f"{k}: saved {theirs.get(k)!r}, now {mine[k]!r}" for k in ("num_samples", "num_units")
-                if theirs.get(k) != mine[k]]
-        if diff:
-            raise ValueError("cannot resume: the store differs from the saved one (" + "; ".join(diff) + ")")
+        mine = self._fingerprint()
+        for fields, why in self.FIXED_ON_RESUME:
+            for s in states:
+                diff = [f"{k}: saved {s['config'].get(k)!r}, now {mine[k]!r}" for k in fields
+                        if s["config"].get(k) != mine[k]]
+                if diff:
+                    raise ValueError(f"cannot resume: {why} (" + "; ".join(diff) + ")")
         epoch = int(states[0]["epoch"])
         same = all(s["config"] == mine and s["consumed"] == states[0]["consumed"] for s in states)
         if same:

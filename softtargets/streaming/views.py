@@ -86,6 +86,9 @@ class ViewStream(TargetStream):
         StoreError: the store holds no views.
     """
 
+    # The seed and the view count choose each epoch's view: a resumed epoch must stream the same view.
+    FIXED_ON_RESUME = (*TargetStream.FIXED_ON_RESUME, (("seed", "views"), "another view schedule"))
+
     def __init__(self, store: TargetStore, *, replay: Replay | None = None, dataset: Any = None,
                  by: JoinBy = "index", dataset_keys: Sequence[str] | Callable[[int], str] | None = None,
                  check_join: bool = True, **kwargs: Any) -> None:
@@ -126,15 +129,3 @@ class ViewStream(TargetStream):
 
     def _fingerprint(self) -> dict[str, Any]:
         return {**super()._fingerprint(), "views": self.views.count}
-
-    def load_state_dict(self, state: dict[str, Any] | Sequence[dict[str, Any]]) -> None:
-        """As :meth:`TargetStream.load_state_dict`, but the seed and the view count must be the saved run's: they
-        choose the epoch's view, and a resumed epoch must stream the same view (``ValueError`` otherwise)."""
-        mine = self._fingerprint()
-        for s in [state] if isinstance(state, dict) else list(state):
-            saved = s.get("config", {})
-            diff = [f"{k}: saved {saved.get(k)!r}, now {mine[k]!r}" for k in ("seed", "views")
-                    if saved.get(k) != mine[k]]
-            if diff:
-                raise ValueError("cannot resume a views stream with another view schedule (" + "; ".join(diff) + ")")
-        super().load_state_dict(state)
