@@ -47,6 +47,7 @@ from .store import (
     create_targets,
     open_targets,
 )
+from .store.compact_rows import unpack_rows
 from .store.manifest import FORMAT_VERSION, Manifest, ManifestError
 from .store.sequences import SequenceStore, SequenceWriter, create_sequences, open_sequences
 from .store.sidecars import read_array
@@ -124,6 +125,7 @@ __all__ = [
     "tempered_log_softmax",
     "tempered_softmax",
     "topk_kd_loss",
+    "unpack_rows",
     "verify_store",
     "with_targets",
 ]

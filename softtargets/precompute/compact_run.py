@@ -41,18 +41,33 @@ class CompactRows:
         seed = int(self.spec.compact["seed"]) if self.spec.compact else 0
         return torch.Generator(device=self.device).manual_seed((seed * 1_000_003 + first_row) % (1 << 63))
 
+    def encode_at(self, first_row: int, logits: torch.Tensor, select: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Rows ``first_row, first_row + 1, ...`` (their teachers' logits ``[R, K, C]`` on the device) -> ``(records
+        uint8 [R, row_bytes]`` on the device, measured errors). ``select``: a boolean mask picking the R rows out of
+        what the heads saw (a language model's ``[B, L]`` real positions), for ``hidden``."""
+        hidden = self.capture.take() if self.capture is not None else None
+        if hidden is not None and select is not None:
+            hidden = [h[select] for h in hidden]
+        gen = self.generator(first_row) if self.kind == "sampled" else None
+        return encode_rows(logits, self.spec, hidden=hidden, head=self.head, generator=gen)
+
     def encode(self, shard: int, logits: torch.Tensor) -> torch.Tensor:
         """A batch of ``shard`` (its teachers' logits ``[B, K, C]`` on the device, batches in row order) ->
         records ``uint8 [B, row_bytes]`` on the device; errors measured per shard."""
         first = self.spec.shard_range(shard)[0] + self._rows.get(shard, 0)
         self._rows[shard] = self._rows.get(shard, 0) + len(logits)
-        hidden = self.capture.take() if self.capture is not None else None
-        gen = self.generator(first) if self.kind == "sampled" else None
-        records, stats = encode_rows(logits, self.spec, hidden=hidden, head=self.head, generator=gen)
+        records, stats = self.encode_at(first, logits)
         seen = self._stats.setdefault(shard, {})
         for key, value in stats.items():
             seen[key] = max(seen.get(key, 0.0), value)
         return records
+
+    def close(self) -> None:
+        """Remove the head hooks from the teachers (the caller's modules)."""
+        if self.capture is not None:
+            self.capture.remove()
+            self.capture = None
 
     def write_stats(self, writer: TargetWriter, shard: int) -> None:
         """Record shard ``shard``'s measured errors beside its marker (once all its batches are encoded)."""

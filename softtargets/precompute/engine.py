@@ -311,10 +311,13 @@ def precompute(
             elif local:
                 # The runner moves the caller's modules to the device; they go back where they were afterwards.
                 homes = [module_device(t.module) for t in loaded]
+                runner = None
                 try:
                     runner = ShardRunner(loaded, ts, writer, options)
                     records = runner.run(todo, on_rows=update, prepare=prepare if defer else None)
                 finally:
+                    if runner is not None and runner.compact is not None:
+                        runner.compact.close()  # no head hooks left on the caller's modules
                     for t, home in zip(loaded, homes, strict=True):
                         if home is not None:
                             t.module.to(home)

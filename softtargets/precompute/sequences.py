@@ -6,8 +6,8 @@ Sequences are batched by length (sorted, then cut into batches of at most ``batc
 on the teachers' device under ``torch.inference_mode``, padded on the right (a causal model's logits at a real
 position do not depend on padding after it), reduced there (the geometric mean's logits, or all K), and written
 as rows of a :mod:`~softtargets.store.sequences` store. Dense content has to come to the CPU whole; a compact
-``encode`` (``[R, K, V]`` rows on the device -> per-row records) keeps ``[B, L, V]`` on the device and copies
-only the records.
+content (``compact=``: ``topk``, ``sampled``, ``hidden``; see :mod:`softtargets.math.compact`), or a caller's own
+``encode``, keeps ``[B, L, V]`` on the device and copies only the per-row records.
 
 The store holds the sequences in the order they were run: by length, ties in input order. Keys name them.
 """
@@ -23,8 +23,12 @@ import torch
 from torch import nn
 
 from ..choices import Content, Dtype, Layout
+from ..math.compact import CompactSpec, as_compact_spec
+from ..store.compact_rows import write_head
 from ..store.manifest import Manifest
 from ..store.sequences import create_sequences
+from .compact_run import CompactRows
+from .contents import head_weights, hidden_size_of
 from .teachers import TeacherSpec, load_teachers
 
 __all__ = ["lm_logits", "length_batches", "precompute_sequences"]
@@ -90,6 +94,7 @@ def precompute_sequences(
     layout: Layout | None = None,
     batch_tokens: int = 4096,
     device: str | torch.device | None = None,
+    compact: CompactSpec | dict[str, Any] | str | None = None,
     encode: Encoder | None = None,
     head: str | None = None,
     overwrite: bool = False,
@@ -109,6 +114,10 @@ def precompute_sequences(
         layout: ``zarr`` or ``wds`` (default: from the URL), as :func:`~softtargets.create_targets`.
         batch_tokens: padded tokens per teacher batch.
         device: where the teachers run (moved there; default: where their parameters are).
+        compact: a compact content (:class:`~softtargets.CompactSpec`, its fields as a mapping, or a kind name),
+            encoded per batch on the device (``hidden``: the input of the head module ``compact.head``, captured
+            by a forward hook; the head's weights stored once). The manifest's ``compact`` entry records the
+            measured ``tail_error`` (topk) or ``logit_error`` (hidden) over every row written.
         encode: compact rows: called with the ``[R, K, V]`` logits of a batch's real positions (and the
             captured hidden states ``[R, K, d]`` when ``head`` is given), on the device; its ``[R, ...]``
             records go to the store instead of the logits.
@@ -122,8 +131,12 @@ def precompute_sequences(
 
     Raises:
         TypeError: a teacher's output is not ``[B, L, V]`` logits.
-        ValueError: logits of the wrong vocabulary size, or ``head`` names no module.
+        ValueError: logits of the wrong vocabulary size, ``head`` names no module, or both ``compact`` and
+            ``encode`` given.
     """
+    if compact is not None and (encode is not None or head is not None):
+        raise ValueError("give compact= (the store's own compact content) or encode=/head= (your own records), "
+                         "not both")
     specs = [teachers] if isinstance(teachers, nn.Module) or not isinstance(teachers, Sequence) else list(teachers)
     loaded = load_teachers(specs)
     modules = [t.module for t in loaded]
@@ -134,8 +147,17 @@ def precompute_sequences(
     items = [(str(s[0]), np.asarray(s[1], dtype=np.int64).reshape(-1), s[2] if len(s) > 2 else None)
              for s in sequences]
     store_kwargs.setdefault("num_samples", sum(len(ids) for _, ids, _ in items))  # small stores get small blocks
+    spec = None if compact is None else as_compact_spec(compact)
+    hidden_size = hidden_size_of(modules, spec.head, content) if spec is not None and spec.kind == "hidden" \
+        else None
     writer = create_sequences(url, vocab_size=vocab_size, content=content, teachers=loaded, dtype=dtype,
-                              layout=layout, overwrite=overwrite, **store_kwargs)
+                              layout=layout, overwrite=overwrite, compact=spec, hidden_size=hidden_size,
+                              **store_kwargs)
+    manifest = writer.writer.spec
+    rows_enc = None if spec is None else CompactRows(manifest, modules, dev)
+    if spec is not None and spec.kind == "hidden":
+        write_head(writer.writer.fs, writer.writer.root, manifest, *head_weights(modules, spec.head, content))
+    worst: dict[str, float] = {}
     hooks = [_head_inputs(m, head) for m in modules]
     try:
         for batch in length_batches([len(ids) for _, ids, _ in items], batch_tokens):
@@ -159,7 +181,11 @@ def precompute_sequences(
                     if seen:
                         hidden.append(seen[-1][mask].float())
                 stacked = torch.stack(per_teacher, dim=1)  # [R, K, V]
-                if encode is not None:
+                if rows_enc is not None:
+                    rows, stats = rows_enc.encode_at(writer.rows_written, stacked, select=mask)
+                    for name, value in stats.items():
+                        worst[name] = max(worst.get(name, 0.0), float(value))
+                elif encode is not None:
                     rows = encode(stacked, torch.stack(hidden, dim=1) if hidden else None)
                 else:
                     rows = stacked.mean(dim=1) if content == "geometric" else stacked
@@ -175,4 +201,8 @@ def precompute_sequences(
         for _, handle in hooks:
             if handle is not None:
                 handle.remove()
+        if rows_enc is not None:
+            rows_enc.close()
+    if manifest.compact is not None:
+        manifest.compact.update(worst)  # the largest errors measured over every row
     return writer.close()

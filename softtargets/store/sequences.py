@@ -293,6 +293,10 @@ class SequenceStore:
         out["input_ids"] = torch.from_numpy(self.tokens(start, stop).astype(np.int64))
         return out
 
+    def head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A ``hidden`` store's output head ``(weight [V, d], bias [V] or None)``, float32, sha256-checked."""
+        return self.store.head()
+
     def sequence(self, s: int) -> dict[str, Any]:
         """Sequence ``s`` whole (see the class docstring)."""
         if not -len(self) <= s < len(self):

@@ -14,7 +14,9 @@ A batch holds ``input_ids`` and ``attention_mask`` (what the model takes), ``tea
 ``next_token`` ``[B, L]`` (the stored label of each position: the token after it, ``-100`` where padded or
 unknown). Targets are not shifted: position ``t``'s target is the distribution of the token after ``t``, which is
 what a causal LM's logits at ``t`` predict. The loss is ``alpha * T^2 KL(teacher || student) + (1 - alpha) *
-CE(next token)`` over the real positions (:func:`~softtargets.kd_loss`).
+CE(next token)`` over the real positions (:func:`~softtargets.kd_loss`). From a compact store (``topk``,
+``sampled``, ``hidden``) ``teacher_logits`` holds its packed records ``uint8 [B, L, row_bytes]`` and the soft term
+is :func:`~softtargets.compact_kd_loss` (``hidden``: with the store's head, moved to the logits' device).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import JoinMismatchError
+from ..math.compact import unpack_record
+from ..math.compact_losses import Divergence, compact_kd_loss
 from ..math.losses import kd_loss
 from ..store.sequences import SequenceStore
 
@@ -86,17 +90,28 @@ class SequenceCollator:
 
 
 def distillation_loss_hf(logits: torch.Tensor, inputs: dict[str, torch.Tensor], temperature: float,
-                         alpha: float) -> torch.Tensor:
-    """``alpha * T^2 KL(teacher || student) + (1 - alpha) * CE(next token)`` over real positions.
+                         alpha: float, *, compact: dict[str, Any] | None = None,
+                         head: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                         divergence: Divergence = "forward") -> torch.Tensor:
+    """``alpha * T^2 D(teacher || student) + (1 - alpha) * CE(next token)`` over real positions.
 
     Args:
         logits: the student's ``[B, L, V]``.
         inputs: a :class:`SequenceCollator` batch (``attention_mask``, ``teacher_logits``, ``next_token``).
         temperature: T > 0.
         alpha: weight of the soft term in ``[0, 1]``.
+        compact: a compact store's manifest entry (``store.manifest.compact``): ``teacher_logits`` are its records.
+        head: ``hidden`` stores: the head ``(weight [V, d], bias [V])`` on the logits' device.
+        divergence: compact stores: ``forward`` KL (dense stores: always), ``reverse`` or ``jsd``.
     """
     mask = inputs["attention_mask"].bool()
-    soft = kd_loss(logits[mask], inputs["teacher_logits"][mask], temperature) if alpha else logits.new_zeros(())
+    if not alpha:
+        soft = logits.new_zeros(())
+    elif compact is None:
+        soft = kd_loss(logits[mask], inputs["teacher_logits"][mask], temperature)
+    else:
+        fields = unpack_record(inputs["teacher_logits"][mask], compact["fields"])
+        soft = compact_kd_loss(logits[mask].float(), fields, compact, temperature, divergence=divergence, head=head)
     hard = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), inputs["next_token"].reshape(-1),
                            ignore_index=IGNORE) if alpha < 1 else logits.new_zeros(())
     return alpha * soft + (1 - alpha) * hard
@@ -104,7 +119,8 @@ def distillation_loss_hf(logits: torch.Tensor, inputs: dict[str, torch.Tensor], 
 
 def distillation_trainer() -> type:
     """A ``transformers.Trainer`` subclass (made on call: ``transformers`` is imported only then) taking
-    ``temperature`` and ``alpha`` keyword arguments, whose ``compute_loss`` is :func:`distillation_loss_hf`.
+    ``temperature``, ``alpha`` and ``divergence`` keyword arguments, whose ``compute_loss`` is
+    :func:`distillation_loss_hf` (for a compact store, the one its :class:`SequenceCollator` reads).
 
     Raises:
         ImportError: ``transformers`` (and ``accelerate``) are not installed: ``pip install softtargets[text]``.
@@ -117,16 +133,30 @@ def distillation_trainer() -> type:
     class DistillationTrainer(Trainer):
         """``Trainer`` distilling from :class:`SequenceCollator` batches (see the module docstring)."""
 
-        def __init__(self, *args: Any, temperature: float = 1.0, alpha: float = 0.5, **kwargs: Any):
+        def __init__(self, *args: Any, temperature: float = 1.0, alpha: float = 0.5,
+                     divergence: Divergence = "forward", **kwargs: Any):
             super().__init__(*args, **kwargs)
-            self.temperature, self.alpha = float(temperature), float(alpha)
+            self.temperature, self.alpha, self.divergence = float(temperature), float(alpha), divergence
+            self._head: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+        def _compact(self, device: torch.device) -> tuple[dict[str, Any] | None, Any]:
+            store = getattr(self.data_collator, "store", None)
+            compact = store.manifest.compact if store is not None else None
+            if compact is None or compact["kind"] != "hidden":
+                return compact, None
+            if self._head is None or self._head[0].device != device:
+                w, b = store.head()
+                self._head = (w.to(device), None if b is None else b.to(device))
+            return compact, self._head
 
         def compute_loss(self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
             targets = {k: inputs.pop(k) for k in ("teacher_logits", "next_token")}
             outputs = model(**inputs)
             logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
-            loss = distillation_loss_hf(logits, {**inputs, **targets}, self.temperature, self.alpha)
+            compact, head = self._compact(logits.device)
+            loss = distillation_loss_hf(logits, {**inputs, **targets}, self.temperature, self.alpha,
+                                        compact=compact, head=head, divergence=self.divergence)
             return (loss, outputs) if return_outputs else loss
 
     return DistillationTrainer

@@ -64,3 +64,32 @@ def test_collator_and_trainer(tmp_path):
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_compact_stores_through_the_collator_and_trainer(tmp_path):
+    seqs = sequences(10, seed=6)
+    teacher = _gpt2(0, 16).eval()
+    specs = {"topk": st.CompactSpec("topk", k=8, temperatures=(1.0, 2.0, 4.0)),
+             "hidden": st.CompactSpec("hidden", head="lm_head")}
+    for name, spec in specs.items():
+        precompute_sequences([teacher], seqs, tmp_path / f"{name}.zarr", vocab_size=V, compact=spec)
+        store = st.open_sequences(tmp_path / f"{name}.zarr")
+        collate = SequenceCollator(store)
+        batch = collate([{"key": "doc002"}, {"key": "doc005"}])
+        assert batch["teacher_logits"].dtype == torch.uint8
+        with torch.no_grad():
+            own = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        compact = store.manifest.compact
+        head = store.head() if name == "hidden" else None
+        for divergence in ("forward", "reverse", "jsd"):  # the teacher scores 0 under each
+            loss = distillation_loss_hf(own, batch, 2.0, 1.0, compact=compact, head=head, divergence=divergence)
+            assert abs(float(loss)) < 1e-3, (name, divergence)
+        assert float(distillation_loss_hf(torch.zeros_like(own), batch, 2.0, 1.0, compact=compact, head=head)) > 1e-3
+        args = transformers.TrainingArguments(output_dir=str(tmp_path / f"out-{name}"), max_steps=2,
+                                              per_device_train_batch_size=4, report_to=[], use_cpu=True,
+                                              save_strategy="no", remove_unused_columns=False, logging_steps=1)
+        trainer = distillation_trainer()(model=_gpt2(1, 8), args=args, data_collator=collate, temperature=2.0,
+                                         alpha=0.5, train_dataset=[{"key": k} for k in list(store.keys())])
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
