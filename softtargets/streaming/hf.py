@@ -142,7 +142,7 @@ def distillation_trainer() -> type:
         def _compact(self, device: torch.device) -> tuple[dict[str, Any] | None, Any]:
             store = getattr(self.data_collator, "store", None)
             compact = store.manifest.compact if store is not None else None
-            if compact is None or compact["kind"] != "hidden":
+            if store is None or compact is None or compact["kind"] != "hidden":
                 return compact, None
             if self._head is None or self._head[0].device != device:
                 w, b = store.head()
