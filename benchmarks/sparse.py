@@ -1,11 +1,13 @@
 """KL(dense || reconstructed) against bytes per token for the compact contents, on a language model's logits.
 
-Run: ``python benchmarks/sparse.py`` (about a minute on 2 cores; ``--quick``: seconds, for the tests).
+Run: ``python benchmarks/sparse.py --run runs/textlm`` after ``python -m pipelines.textlm`` (a minute on 2 cores);
+``--quick`` runs the pipeline's ``--quick`` variant into a temporary folder first (seconds).
 
-The teacher is a small word-level language model trained here, on CPU, on the running Python's standard
-library (a fixed, sorted file list, fingerprinted; held-out files give the evaluated positions): vocabulary
-8192 (the most frequent tokens of the training files, one ``<unk>``), context 4 tokens, last hidden state
-d = 64, output head ``nn.Linear(64, 8192)``. Its float32 logits at held-out positions are the dense reference.
+The teacher is the textlm pipeline's own ensemble, loaded from its run folder (``results.json``'s config,
+``tokenizer.json``, ``teachers/teacher-<seed>.pt``): the geometric mean of its causal transformers, whose
+logits ``[R, V]`` at positions of the held-out standard-library files (windows of the pipeline's context, evenly
+spaced) are the dense reference, in float64. ``hidden`` keeps what a geometric ``hidden`` store keeps: the
+teachers' last hidden states side by side (d = the sum of their widths) and the joined head ``[W_1, W_2] / 2``.
 
 Each content is encoded as stage one encodes it (:func:`softtargets.precompute.contents.encode_rows`, the
 stored dtypes: values float16, log-partitions float32, hidden float16 or int8) and reconstructed over the
@@ -26,89 +28,80 @@ Baselines are run at the k of each topk+tail row and at the k that costs the sam
 from __future__ import annotations
 
 import argparse
-import collections
-import hashlib
+import json
 import math
-import re
-import sysconfig
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from timing import write_report
-from torch import nn
 
 import softtargets as st
 from softtargets.math.compact import CompactSpec, decode_hidden, head_logits, unpack_record
 from softtargets.math.compact_losses import sampled_weights, topk_log_probs
+from softtargets.precompute.contents import HeadCapture, head_weights
 from softtargets.store.compact_rows import compact_entry
 from softtargets.store.manifest import Manifest
 
+ROOT = Path(__file__).resolve().parent.parent
 TEMPERATURES = (0.5, 1.0, 2.0, 4.0, 8.0, 20.0)
-VOCAB, CONTEXT, WIDTH = 8192, 4, 64
 GRID9 = (0.5, 0.7, 1.0, 1.4, 2.0, 3.0, 5.0, 8.0, 20.0)
 GRID6 = (0.5, 1.0, 2.0, 4.0, 8.0, 20.0)
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "sparse.json"
-TOKEN = re.compile(r"[A-Za-z_]\w*|\d+|\s+|[^\w\s]")
 
 
 # ---------------------------------------------------------------------------------------------------
-# The teacher: a word-level LM on the standard library's source
+# The teacher: the textlm pipeline's ensemble, from its run folder
 
 
-def corpus(files: int) -> tuple[list[str], list[str], str]:
-    """Training and held-out texts from the standard library's ``.py`` files (sorted; every 10th held out)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    paths = sorted(p for p in root.glob("*.py"))[:files]
-    digest = hashlib.sha256()
-    train, held = [], []
-    for i, p in enumerate(paths):
-        text = p.read_text(encoding="utf-8", errors="replace")
-        digest.update(p.name.encode() + b"\0" + hashlib.sha256(text.encode()).digest())
-        (held if i % 10 == 9 else train).append(text)
-    return train, held, digest.hexdigest()
+def pipeline_teacher(run: Path, rows: int) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor],
+                                                     dict[str, Any]]:
+    """The run's ensemble at ``rows`` held-out positions: mean logits ``[R, V]`` float64, the teachers' last hidden
+    states side by side ``[R, d]`` float32, the joined head ``(W [V, d], b [V])`` and a description."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from tokenizers import Tokenizer
+
+    from pipelines.textlm.data import encode_files, stdlib_corpus, stream_of
+    from pipelines.textlm.models import CausalLM
+
+    results = json.loads((run / "results.json").read_text())
+    cfg = results["config"]
+    tok = Tokenizer.from_file(str(run / "tokenizer.json"))
+    vocab, ctx = tok.get_vocab_size(), cfg["context"]
+    corpus = stdlib_corpus(cfg["max_files"], cfg["heldout_every"])
+    if corpus.fingerprint != results["text"]["fingerprint"]:
+        raise SystemExit(f"{run}: made from another standard library (fingerprint differs); rerun the pipeline here")
+    held = stream_of(encode_files(tok, corpus.heldout))
+    teachers = []
+    for spec in cfg["teachers"]:
+        model = CausalLM(vocab, spec["d"], spec["layers"], spec["heads"], ctx, seed=spec["seed"])
+        model.load_state_dict(torch.load(run / "teachers" / f"teacher-{spec['seed']}.pt", weights_only=True))
+        teachers.append(model.eval())
+    n = -(-rows // ctx)
+    starts = torch.linspace(0, len(held) - ctx - 1, n).long().tolist()
+    ids = torch.stack([held[s:s + ctx] for s in starts])  # [n, ctx]
+    capture = HeadCapture(teachers, "lm_head")
+    with torch.no_grad():
+        z = torch.stack([m(ids).double() for m in teachers]).mean(0).reshape(-1, vocab)[:rows]
+    h = torch.cat(capture.take(), -1).float().reshape(n * ctx, -1)[:rows]
+    capture.remove()
+    head = head_weights(teachers, "lm_head", "geometric")
+    info = {"kind": "textlm pipeline ensemble (geometric mean)", "run": str(run), "teachers": cfg["teachers"],
+            "vocab": vocab, "context": ctx, "held_out_tokens": len(held), "corpus_fingerprint": corpus.fingerprint,
+            "ensemble_ppl": results.get("ensemble_ppl")}
+    return z, h, head, info
 
 
-def tokenize(texts: list[str], vocab: dict[str, int] | None = None) -> tuple[torch.Tensor, dict[str, int]]:
-    tokens = [t for text in texts for t in TOKEN.findall(text)]
-    if vocab is None:
-        common = [t for t, _ in collections.Counter(tokens).most_common(VOCAB - 1)]
-        vocab = {t: i + 1 for i, t in enumerate(common)}  # 0 = <unk>
-    return torch.tensor([vocab.get(t, 0) for t in tokens], dtype=torch.long), vocab
-
-
-class WordLM(nn.Module):
-    """``[B, CONTEXT]`` token ids -> logits ``[B, VOCAB]``; ``lm_head``'s input is the last hidden state."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, 48)
-        self.body = nn.Sequential(nn.Linear(48 * CONTEXT, 256), nn.GELU(), nn.Linear(256, WIDTH), nn.Tanh())
-        self.lm_head = nn.Linear(WIDTH, VOCAB)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.body(self.embed(ids).flatten(1)))
-
-
-def windows(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    x = ids.unfold(0, CONTEXT + 1, 1)
-    return x[:, :CONTEXT], x[:, CONTEXT]
-
-
-def train_teacher(ids: torch.Tensor, steps: int, seed: int = 0) -> WordLM:
-    torch.manual_seed(seed)
-    model = WordLM()
-    x, y = windows(ids)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        pick = torch.randint(len(x), (512,), generator=g)
-        loss = nn.functional.cross_entropy(model(x[pick]), y[pick])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+def quick_run(folder: Path) -> Path:
+    """Run ``python -m pipelines.textlm --quick`` into ``folder``; the run folder."""
+    subprocess.run([sys.executable, "-m", "pipelines.textlm", "--quick", "--out", str(folder)], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL)
+    return folder
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -141,22 +134,11 @@ def encode(logits: torch.Tensor, spec: CompactSpec, hidden: torch.Tensor | None 
     return unpack_record(records, entry["fields"]), entry["row_bytes"]
 
 
-def run(quick: bool) -> dict[str, Any]:
+def run(run_dir: Path, quick: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
-    train_txt, held_txt, fingerprint = corpus(40 if quick else 120)
-    train_ids, vocab = tokenize(train_txt)
-    held_ids, _ = tokenize(held_txt, vocab)
-    teacher = train_teacher(train_ids, 40 if quick else 600)
-    x, _ = windows(held_ids)
     rows = 256 if quick else 2048
-    x = x[torch.linspace(0, len(x) - 1, rows).long()]
-    captured: list[torch.Tensor] = []
-    hook = teacher.lm_head.register_forward_hook(lambda mod, args, out: captured.append(args[0]))
-    with torch.no_grad():
-        z = teacher(x).double()
-    hook.remove()
-    h = captured[0].float()
-    head = (teacher.lm_head.weight.detach(), teacher.lm_head.bias.detach())
+    z, h, head, teacher = pipeline_teacher(run_dir, rows)
+    rows, width = len(z), h.shape[-1]
     setup_s = time.perf_counter() - t0
     lps = {t: torch.log_softmax(z / t, -1) for t in TEMPERATURES}
     results: list[dict[str, Any]] = []
@@ -211,11 +193,9 @@ def run(quick: bool) -> dict[str, Any]:
         for t in TEMPERATURES:
             lq = torch.log_softmax(recon / t, -1)
             kls.append(float((lps[t].exp() * (lps[t] - lq)).sum(-1).mean()))
-        add("hidden", {"quantization": quant, "d": WIDTH}, nbytes, kls)
-    return {"temperatures": list(TEMPERATURES), "rows": rows, "vocab": VOCAB, "hidden_size": WIDTH,
-            "teacher": {"kind": "word-level LM, context 4, trained here", "train_tokens": len(train_ids),
-                        "held_out_tokens": len(held_ids), "corpus_fingerprint": fingerprint,
-                        "setup_seconds": setup_s},
+        add("hidden", {"quantization": quant, "d": width}, nbytes, kls)
+    return {"temperatures": list(TEMPERATURES), "rows": rows, "vocab": z.shape[-1], "hidden_size": width,
+            "teacher": {**teacher, "setup_seconds": setup_s},
             "results": results, "goals": goals(results), "quick": quick, "seconds": time.perf_counter() - t0}
 
 
@@ -223,11 +203,12 @@ def goals(results: list[dict[str, Any]]) -> dict[str, Any]:
     """The issue's goals, as measured: hidden float16 KL <= 1e-4 at every T at <= 2d + 16 bytes; topk+tail below
     both baselines at every T at equal (or fewer) bytes."""
     hidden = [r for r in results if r["method"] == "hidden" and r["param"]["quantization"] == "float16"]
+    budget = 2 * hidden[0]["param"]["d"] + 16
     out: dict[str, Any] = {"hidden_float16": {
         "max_kl": max(max(r["kl"].values()) for r in hidden), "bytes": hidden[0]["bytes_per_token"],
-        "budget": 2 * WIDTH + 16}}
+        "budget": budget}}
     out["hidden_float16"]["met"] = out["hidden_float16"]["max_kl"] <= 1e-4 and \
-        out["hidden_float16"]["bytes"] <= 2 * WIDTH + 16
+        out["hidden_float16"]["bytes"] <= budget
     per_k = []
     for r in (r for r in results if r["method"] == "topk+tail"):
         k_eq = r["bytes_per_token"] // 4
@@ -277,11 +258,20 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="a smaller teacher and fewer rows (seconds)")
+    ap.add_argument("--run", type=Path, default=Path("runs/textlm"),
+                    help="a textlm run folder (python -m pipelines.textlm; default runs/textlm)")
+    ap.add_argument("--quick", action="store_true",
+                    help="the pipeline's --quick teachers, run into a temporary folder, and fewer rows (seconds)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the JSON report (a .png plot beside it)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    report = run(args.quick)
+    if args.quick:
+        with tempfile.TemporaryDirectory() as tmp:
+            report = run(quick_run(Path(tmp)), quick=True)
+    elif not (args.run / "results.json").exists():
+        raise SystemExit(f"{args.run}: no textlm run here; run `python -m pipelines.textlm --out {args.run}` first")
+    else:
+        report = run(args.run, quick=False)
     print(table(report))
     g = report["goals"]
     print(f"hidden float16: max KL {g['hidden_float16']['max_kl']:.2e} at {g['hidden_float16']['bytes']} B/token "
