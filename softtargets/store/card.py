@@ -44,10 +44,14 @@ _SOFTMAX = '''def softmax(z, T=1.0):
 
 
 def _shape(m: Manifest, rows: str = "n") -> str:
+    if m.compact is not None:
+        return f"[{rows}, {m.compact['row_bytes']}]: packed records"
     return f"[{rows}, {m.num_teachers}, {m.num_classes}]" if m.per_teacher else f"[{rows}, {m.num_classes}]"
 
 
 def _row_shape(m: Manifest) -> str:
+    if m.compact is not None:
+        return f"[{m.compact['row_bytes']}]: a packed record"
     return f"[{m.num_teachers}, {m.num_classes}]" if m.per_teacher else f"[{m.num_classes}]"
 
 
@@ -56,6 +60,58 @@ def _as_float(m: Manifest, expr: str) -> str:
     if m.dtype == "bfloat16":
         return f"({expr}.astype(np.uint32) << 16).view(np.float32)"
     return f"{expr}.astype(np.float32)"
+
+
+def _record_dtype(m: Manifest) -> str:
+    """numpy source of a compact store's record dtype (one structured item per stored row)."""
+    assert m.compact is not None
+    fields = ", ".join(f'("{f["name"]}", "{f["dtype"]}", {tuple(f["shape"])})' for f in m.compact["fields"])
+    return f"np.dtype([{fields}])"
+
+
+def _grid_index(m: Manifest) -> str:
+    assert m.compact is not None
+    temps = [float(t) for t in m.compact["temperatures"]]
+    return (f"TEMPERATURES = {temps}  # the grid; its fields hold values at 1/T, from the largest T down\n"
+            f"T = {temps[len(temps) // 2]!r}  # a grid temperature: exact there (between them: docs/compact.md)\n"
+            "j = len(TEMPERATURES) - 1 - TEMPERATURES.index(T)\n")
+
+
+def compact_recipe(m: Manifest, logits: str = "logits") -> str:
+    """numpy lines decoding a compact store's records ``logits`` (uint8 ``[n, row_bytes]``) into ``rec`` and
+    computing what its content gives at temperature ``T``."""
+    c = m.compact
+    assert c is not None
+    lead = "[n, K, " if m.per_teacher else "[n, "
+    out = (f"rec = np.ascontiguousarray({logits}).reshape(-1, {int(c['row_bytes'])}).view(\n"
+           f"    {_record_dtype(m)})[:, 0]  # one record per row\n")
+    if c["kind"] == "topk":
+        return out + _grid_index(m) + (
+            f"top = rec[\"values\"].astype(np.float64) / T            # {lead}k]: (z - z_max) / T of rec[\"ids\"]\n"
+            "tail = rec[\"tail_logz\"][..., j].astype(np.float64)  # log sum of exp((z - z_max) / T), other ids\n"
+            "logz = np.logaddexp(np.log(np.exp(top).sum(-1)), tail)\n"
+            "p_top = np.exp(top - logz[..., None])  # the teacher's probabilities of rec[\"ids\"] at T\n"
+            "p_tail = np.exp(tail - logz)           # the mass of every other id, together\n")
+    if c["kind"] == "sampled":
+        t0 = float(c["proposal_temperature"])
+        return out + _grid_index(m) + (
+            f"j0 = len(TEMPERATURES) - 1 - TEMPERATURES.index({t0!r})  # the proposal temperature T0\n"
+            f"z = rec[\"values\"].astype(np.float64)                   # {lead}k]: z - z_max of rec[\"ids\"]\n"
+            "log_p = z / T - rec[\"logz\"][..., j:j + 1]              # log p_T of each drawn id\n"
+            f"log_p0 = z / {t0!r} - rec[\"logz\"][..., j0:j0 + 1]\n"
+            f"weights = rec[\"counts\"] / {int(c['k'])} * np.exp(log_p - log_p0)  # sum_i weights_i f(id_i): "
+            "unbiased for E_p_T[f]; count-0 slots weigh 0\n")
+    files = c.get("head_files") or {}
+    scale = ' * rec["scale"]' if c.get("quantization") == "int8" else ""
+    bias = ' + np.load(URL + "/head/bias.npy")' if files.get("bias") else ""
+    if m.per_teacher:
+        logits_line = f'z = np.einsum("nkd,kcd->nkc", h, W){bias}  # [n, K, C]: every logit, exactly\n'
+    else:
+        logits_line = f"z = h @ W.T{bias}  # [n, C]: every logit, exactly\n"
+    return out + (
+        f"h = rec[\"hidden\"].astype(np.float32){scale}  # the teacher's last hidden state\n"
+        'W = np.load(URL + "/head/weight.npy")  # float32 output head, stored once (fsspec.open for a remote URL)\n'
+        + logits_line + _SOFTMAX + "T = 4.0\ntargets = softmax(z, T)\n")
 
 
 def targets_recipe(m: Manifest) -> str:
@@ -70,8 +126,21 @@ def targets_recipe(m: Manifest) -> str:
             "targets = softmax(x)                         # arithmetic-mean ensemble, exact at T0 only\n")
 
 
+def _stored(m: Manifest) -> str:
+    """What the ``logits`` array holds, as the recipes' comments name it."""
+    if m.compact is not None:
+        return "uint8"
+    return m.dtype if m.dtype != "bfloat16" else "uint16 bits of bfloat16"
+
+
+def _decode(m: Manifest, indent: str = "") -> str:
+    """numpy lines after ``logits`` is read: targets at T (dense), or the records' fields (compact)."""
+    code = compact_recipe(m) if m.compact is not None else f"x = {_as_float(m, 'logits')}\n\n{targets_recipe(m)}"
+    return "".join(indent + line if line.strip() else line for line in code.splitlines(keepends=True))
+
+
 def zarr_recipe(m: Manifest, url: str) -> str:
-    stored = m.dtype if m.dtype != "bfloat16" else "uint16 bits of bfloat16"
+    stored = _stored(m)
     return f'''```python
 import numpy as np
 import zarr
@@ -81,9 +150,7 @@ g = zarr.open_group(URL, mode="r")
 logits = g["logits"][:1000]    # {stored} {_shape(m)}
 labels = g["labels"][:1000]    # int64 [n], -1 = unlabeled
 keys = g["keys"][:1000]        # str [n]
-x = {_as_float(m, "logits")}
-
-{targets_recipe(m)}```'''
+{_decode(m)}```'''
 
 
 def dask_recipe(m: Manifest, url: str) -> str:
@@ -102,7 +169,7 @@ mean_logits = logits.mean(axis=0).compute()              # e.g. a statistic over
 
 def wds_recipe(m: Manifest, url: str) -> str:
     last = f"{max(len(m.shards) - 1, 0):06d}"
-    stored = m.dtype if m.dtype != "bfloat16" else "uint16 bits of bfloat16"
+    stored = _stored(m)
     head = f'''```python
 import io
 
@@ -122,16 +189,14 @@ def npy(data: bytes) -> np.ndarray:  # arrays only: no .decode(), which would un
     labels = npy(block["labels.npy"])   # int64 [b], -1 = unlabeled
     keys = npy(block["keys.npy"])       # str [b]
     index = npy(block["index.npy"])     # int64 [b]: the rows' numbers in the store
-    x = {_as_float(m, "logits")}
-'''
+{_decode(m, "    ") if m.compact is not None else "    x = " + _as_float(m, "logits") + chr(10)}'''
     else:
         body = f'''for sample in wds.WebDataset(shards, shardshuffle=False):  # raw bytes per member
     logits = npy(sample["logits.npy"])      # {stored} {_row_shape(m)}
     label = int(sample["label.cls"])        # -1 = unlabeled
     key = sample["key.txt"].decode()        # str
     index = int(sample["__key__"]) # the row's number in the store
-    x = {_as_float(m, "logits")}
-'''
+{_decode(m, "    ") if m.compact is not None else "    x = " + _as_float(m, "logits") + chr(10)}'''
     return head + body + "```"
 
 
@@ -206,6 +271,58 @@ def front_matter(m: Manifest) -> str:
     ])
 
 
+_COMPACT = {
+    "topk": "the k largest logits (minus the row's largest) and their ids, and the log-partition of the other "
+    "ids with its derivative at a grid of temperatures: the top-k probabilities and the rest's mass together, "
+    "exact at the grid's temperatures",
+    "sampled": "ids drawn from `softmax(z / T0)` with their counts and logits, and the full log-partition with its "
+    "derivative at a grid of temperatures: an unbiased estimate of the distillation loss at each of them",
+    "hidden": "the teacher's last hidden state; the output head (`head/weight.npy`, `head/bias.npy`) is stored "
+    "once: every logit is `h W^T + b`, at any temperature",
+}
+
+
+def _content_lines(m: Manifest, t0: str, bf16: str) -> str:
+    """The card's bullets on what a row holds and how it is stored."""
+    labels = "present (-1 = unlabeled)" if m.has_labels else "absent (all -1)"
+    c = m.compact
+    if c is None:
+        return (f"- Content: **{m.content}**{t0}: {_MEANING[m.content]}.\n"
+                f"- Stored as {m.dtype}{bf16}; rows {'zero-meaned' if m.normalization == 'zero_mean' else 'as given'}"
+                f"\n  (softmax is shift invariant); labels {labels}.")
+    of = f"each of the K = {m.num_teachers} teachers" if m.per_teacher else "the teachers' mean logits (geometric)"
+    size = f"k = {c['k']}, " if c["kind"] != "hidden" else f"d = {c.get('hidden_size')}, {c.get('quantization')}, "
+    low, high = c.get("temperature_range") or (0, 0)
+    grid = "" if c["kind"] == "hidden" else f" Temperatures served: {low:g} to {high:g} (grid {c['temperatures']})."
+    errors = "".join(f" Measured `{name}`: {c[name]:.3g}." for name in ("tail_error", "logit_error")
+                     if c.get(name) is not None)
+    fields = ", ".join(f"`{f['name']}` {f['dtype']} {f['shape']}" for f in c["fields"])
+    return (f"- Content: **{c['kind']}** ({size}of {of}): {_COMPACT[c['kind']]}.{grid}{errors}\n"
+            f"- Stored as packed records, `logits` uint8 `[N, {c['row_bytes']}]`, fields in order (little-endian): "
+            f"{fields}; labels {labels}. Not logits: decode them as below.")
+
+
+def _feature_lines(m: Manifest) -> str:
+    """The card's bullets on sequences, views and arrays beside the logits."""
+    lines = []
+    if m.sequences:
+        lines.append(f"- **Sequences**: the rows are the token positions of {m.sequences['count']} sequences (longest "
+                     f"{m.sequences.get('max_length')}); row t holds the teacher's distribution of the token after "
+                     "position t. `sequences/offsets.npy` (int64 `[S + 1]`: sequence s is rows `offsets[s]` to "
+                     "`offsets[s + 1]`), `sequences/tokens.npy` (int32 `[N]`: the input token at each row), "
+                     "`sequences/keys.npy` (str `[S]`).")
+    if m.views:
+        names = ", ".join(p["name"] for p in m.views.get("params", []))
+        lines.append(f"- **Views**: {m.views['count']} augmented views of each of {m.views['samples']} samples, rows "
+                     "view-major (row r: view `r // samples` of sample `r % samples`, key `sample#view`); each "
+                     f"view's parameters ({names}) in `views/params-NNNNNN.npy`, one structured array per shard.")
+    for name, kind in ((m.hints, "hints"), (m.specialists, "specialists")):
+        if name:
+            lines.append(f"- **{kind.capitalize()}**: arrays beside the logits ({', '.join(sorted(name))}); "
+                         "their files, sizes and sha256 are in `manifest.json`.")
+    return "".join("\n" + line for line in lines)
+
+
 def dataset_card(m: Manifest, url: str, cwd: str | None = None) -> str:
     """Markdown describing store ``m`` (written at ``url``): what it is, how it was made, how to read it.
 
@@ -235,6 +352,11 @@ def dataset_card(m: Manifest, url: str, cwd: str | None = None) -> str:
               f"{', '.join(f'`{k}` ({v})' for k, v in m.inputs.items())}." if m.inputs else "")
     probs = ("store.probs([0, 1], temperature=4.0, rule=\"geometric\")" if m.content != "arithmetic" else
              f"store.probs([0, 1], temperature={m.temperature!r}, rule=\"arithmetic\")  # exact at T0 only")
+    if m.compact is not None:
+        probs = ("fields = store.compact_fields([0, 1])  # the records' fields as tensors; losses: "
+                 "st.compact_kd_loss (docs/compact.md)")
+        if m.compact["kind"] == "hidden":
+            probs += "\nstore.log_probs([0, 1], 4.0)          # every class, exactly"
     url = URL_PLACEHOLDER
     from . import layout_class  # the layouts import this module for its recipes
 
@@ -249,13 +371,11 @@ targets at any temperature without running the teachers.
 ## What it holds
 
 - **{m.num_samples}** samples, **{m.num_classes}** classes{classes}, K = {m.num_teachers} teachers.
-- Content: **{m.content}**{t0}: {_MEANING[m.content]}.
-- Stored as {m.dtype}{bf16}; rows {"zero-meaned" if m.normalization == "zero_mean" else "as given"}
-  (softmax is shift invariant); labels {"present (-1 = unlabeled)" if m.has_labels else "absent (all -1)"}.
+{_content_lines(m, t0, bf16)}
 - Layout: **{m.layout}**{_SAMPLES.get(m.sample_layout or "", "")}, format version
   {m.format_version}; {len(m.shards)} shards of up to {m.shard_rows} rows, read in units of {m.block_rows} rows;
   {m.nbytes} bytes of data.{inputs}
-- Transfer set: {ts.get("name", "(not recorded)")} (fingerprint `{ts.get("fingerprint", "-")}`).
+- Transfer set: {ts.get("name", "(not recorded)")} (fingerprint `{ts.get("fingerprint", "-")}`).{_feature_lines(m)}
 
 | teacher | weights sha256 | parameters |
 |---|---|---|

@@ -261,7 +261,8 @@ class ZarrStore(TargetStore):
     @classmethod
     def card_recipes(cls, m: Manifest, url: str) -> list[str]:
         """Reading the store with zarr alone, and with dask.array."""
-        return [f"### Plain zarr\n\n{zarr_recipe(m, url)}", f"### dask.array\n\n{dask_recipe(m, url)}"]
+        plain = [f"### Plain zarr\n\n{zarr_recipe(m, url)}"]
+        return plain if m.compact is not None else [*plain, f"### dask.array\n\n{dask_recipe(m, url)}"]
 
     def __init__(self, url: str, manifest: Manifest, fs: Any, root: str, verify: VerifyMode = "lazy"):
         self._meta: dict[int, tuple[np.ndarray, np.ndarray]] = {}
