@@ -39,8 +39,10 @@ from tqdm.auto import tqdm
 
 from ..store import layout_class
 from ..store.base import MARKER_DIR, PENDING_NAME, read_manifest
+from ..store.compact_rows import HEAD_FILES
 from ..store.files import is_local, join, link_outside, list_sizes, local_tree, unsafe_path, url_to_fs
 from ..store.manifest import MANIFEST_NAME, FileRecord, Manifest, ManifestError, ShardRecord
+from ..store.sequences import KEYS_FILE, OFFSETS_FILE, TOKENS_FILE, offsets_problem
 from ..store.sidecars import sidecar_files, sidecar_path_problems
 from ..store.views import params_problems
 from ..store.wds_layout import WdsStore, least_tar_bytes, npy_load, shard_name
@@ -490,10 +492,46 @@ def verify_store(
                         "(almost surely duplicate keys) left unlisted")
     for rel, message in params_problems(fs, root, m):  # a views store's parameter files (format 3)
         checker.problem(rel, message)
+    _check_named_files(checker)
     if report.rows_checked < m.num_samples:
         report.warnings.append(f"keys checked for uniqueness in {report.rows_checked} of {m.num_samples} rows "
                                "(those of the shards that passed their checks)")
     return report
+
+
+def _named_files(m: Manifest) -> list[tuple[str, dict[str, Any] | None]]:
+    """Files at fixed paths beside the rows (format 3): a sequence store's ``sequences/*.npy`` and a ``hidden``
+    store's output head ``head/*.npy``, as ``(expected path, manifest record or None)``."""
+    out: list[tuple[str, dict[str, Any] | None]] = []
+    if m.sequences is not None:
+        listed = {f.get("path"): f for f in m.sequences.get("files", [])}
+        out += [(rel, listed.get(rel)) for rel in (OFFSETS_FILE, TOKENS_FILE, KEYS_FILE)]
+    if m.compact is not None and m.compact.get("kind") == "hidden":
+        heads = m.compact.get("head_files") or {}
+        out.append((HEAD_FILES["weight"], heads.get("weight")))
+        if heads.get("bias") is not None:
+            out.append((HEAD_FILES["bias"], heads["bias"]))
+    return out
+
+
+def _check_named_files(checker: _Checker) -> None:
+    """Each named file (:func:`_named_files`) exists with its recorded size and sha256; a sequence store's offsets
+    cut its rows into its sequences."""
+    ok = True
+    for rel, rec in _named_files(checker.m):
+        if rec is None or rec.get("path") != rel:
+            checker.problem(MANIFEST_NAME, f"the manifest does not list {rel} at its path")
+            ok = False
+        else:
+            ok = checker.hash_file(FileRecord(rel, int(rec["bytes"]), str(rec["sha256"]))) and ok
+    if ok and checker.m.sequences is not None:
+        data = checker.fs.cat_file(join(checker.root, OFFSETS_FILE))
+        try:
+            problem = offsets_problem(np.load(io.BytesIO(data), allow_pickle=False).astype(np.int64), checker.m)
+        except ValueError as e:
+            problem = f"not a numpy array ({e})"
+        if problem:
+            checker.problem(OFFSETS_FILE, problem)
 
 
 def _shard_file(checker: _Checker, row: int) -> str:

@@ -150,6 +150,14 @@ def create_sequences(url: str | os.PathLike[str], *, vocab_size: int, **kwargs: 
     return SequenceWriter(create_targets(url, num_classes=int(vocab_size), **kwargs))
 
 
+def offsets_problem(offsets: np.ndarray, m: Any) -> str | None:
+    """What is wrong with a sequence store's ``offsets`` (int ``[S + 1]``) against its manifest ``m``, or None."""
+    count = int(m.sequences["count"])
+    if offsets.shape != (count + 1,) or offsets[0] != 0 or offsets[-1] != m.num_samples or (np.diff(offsets) < 1).any():
+        return f"offsets do not cut the store's {m.num_samples} rows into {count} non-empty sequences"
+    return None
+
+
 class SequenceStore:
     """A finished sequence store, read-only. Use :func:`open_sequences`.
 
@@ -171,11 +179,9 @@ class SequenceStore:
                 raise StoreError(f"{self.url}: the manifest's sequences lack {rel}", path=self.url)
         self._checked: set[str] = set()
         self.offsets = self._load(OFFSETS_FILE).astype(np.int64)
-        count = int(m.sequences["count"])
-        if self.offsets.shape != (count + 1,) or self.offsets[0] != 0 or self.offsets[-1] != m.num_samples \
-                or (np.diff(self.offsets) < 1).any():
-            raise StoreError(f"{store._file_url(OFFSETS_FILE)}: offsets do not cut the store's {m.num_samples} rows "
-                             f"into {count} non-empty sequences", path=store._file_url(OFFSETS_FILE))
+        problem = offsets_problem(self.offsets, m)
+        if problem:
+            raise StoreError(f"{store._file_url(OFFSETS_FILE)}: {problem}", path=store._file_url(OFFSETS_FILE))
         self.lengths = np.diff(self.offsets)
         self._keys: list[str] | None = None
         self._tokens: np.ndarray | None = None
