@@ -277,4 +277,5 @@ class ViewParams:
     def take(self, rows: Any) -> dict[str, torch.Tensor]:
         """``{name: tensor [B]}`` of the parameters of store rows ``rows`` (torch dtypes as declared)."""
         arr = self.rows(rows)
-        return {name: torch.from_numpy(np.ascontiguousarray(arr[name])) for name in self.views.names}
+        # a copy per field: a structured field's strides are the row's size, which torch refuses (even for 1 row)
+        return {name: torch.from_numpy(arr[name].copy()) for name in self.views.names}
