@@ -3,7 +3,8 @@
 Both stream shard by shard through :class:`softtargets.sharing.convert.ShardSink` and copy the
 stored bits exactly. ``merge`` first checks, in bounded memory, that no key is in two
 stores (:mod:`softtargets.sharing.unique_keys`); ``subset`` by keys first finds the rows, so each
-writes only once it knows the destination's size.
+writes only once it knows the destination's size. Views stores: ``subset`` by sample keys keeps every view
+of each sample, with its parameters; ``merge`` and row ranges are refused (rows are view-major per store).
 """
 
 from __future__ import annotations
@@ -18,7 +19,18 @@ from tqdm.auto import tqdm
 
 from ..store import TargetStore, open_targets
 from ..store.manifest import Manifest
-from .convert import ShardSink, carry_spec, derive, encode_rows, lineage_entry, plan_layout, same_location
+from ..store.views import VIEW_SEP, Views, split_view_key, views_of
+from .convert import (
+    ShardSink,
+    carry_spec,
+    carry_views,
+    derive,
+    encode_rows,
+    lineage_entry,
+    plan_layout,
+    same_location,
+    views_declaration,
+)
 from .unique_keys import KeyChecker, str_array
 
 # Fields that must agree between merged stores (teachers are compared by name and sha256).
@@ -121,6 +133,10 @@ def merge_stores(
         if same_location(u, dst, storage_options):
             raise ValueError(f"{dst}: the destination is one of the sources; merge into a new store")
     stores = [open_targets(u, storage_options=storage_options) for u in urls]
+    viewed = [str(s.url) for s in stores if views_of(s.manifest) is not None]
+    if viewed:
+        raise ValueError(f"cannot merge views stores ({', '.join(viewed)}): each store's rows are view-major over "
+                         "its own samples, and concatenated rows would not be; precompute the joined transfer set")
     check_compatible(stores)
     ms = [s.manifest for s in stores]
     first = ms[0]
@@ -193,6 +209,9 @@ def subset_store(
     """Write rows of ``src`` chosen by ``keys`` (any order; rows keep the source's order) or by
     ``row_range`` ``(A, B)`` / ``"A:B"`` to a new store at ``dst``. Every key must exist.
 
+    A views store is subset by sample keys (``"k"``, not a view's ``"k#v"``): every view of each chosen sample
+    is kept, with its parameters, and the new store is a views store of those samples.
+
     ``keys_source`` (e.g. the keys file's path) is recorded in the lineage. Returns the new manifest.
     """
     src, dst = os.fspath(src), os.fspath(dst)
@@ -202,16 +221,23 @@ def subset_store(
         raise ValueError(f"{dst}: the destination is the source; write the subset elsewhere")
     store = open_targets(src, storage_options=storage_options)
     m = store.manifest
-    if row_range is not None:
+    views, samples = views_of(m), 0
+    wanted = None if keys is None else np.unique(str_array(list(keys)))
+    if wanted is None:
+        assert row_range is not None  # exactly one of keys and row_range, checked above
+        if views is not None:
+            raise ValueError(f"{src} is a views store (rows view-major): subset it by sample keys, which keeps all "
+                             f"{views.count} views of each sample; a row range would cut the views apart")
         lo, hi = parse_range(row_range, len(store)) if isinstance(row_range, str) else parse_range(
             f"{row_range[0]}:{row_range[1]}", len(store))
         picks = {s.id: np.arange(max(lo, s.start), min(hi, s.stop)) - s.start for s in m.shards
                  if max(lo, s.start) < min(hi, s.stop)}
         params: dict[str, Any] = {"range": [lo, hi]}
     else:
-        assert keys is not None  # exactly one of keys and row_range, checked above
-        wanted = np.unique(str_array(list(keys)))
-        picks = _find_keys(store, wanted, progress)
+        if views is None:
+            picks = _find_keys(store, wanted, progress)
+        else:
+            picks, samples = _find_samples(store, views, wanted)
         digest = hashlib.sha256("\n".join(wanted.tolist()).encode()).hexdigest()
         params = {"keys": int(wanted.size), "keys_sha256": digest, "keys_source": keys_source}
     n = int(sum(len(p) for p in picks.values()))
@@ -224,13 +250,36 @@ def subset_store(
         **carry_spec(m), **plan, "content": m.content, "dtype": m.dtype, "temperature": m.temperature,
         "overflow": m.overflow, "num_samples": n, "inputs": m.inputs if carry_inputs else None,
         "lineage": [*m.lineage, lineage_entry("subset", [store], {**params, **plan})],
+        "views": None if views is None else views_declaration(m, samples),
     }
 
     def fill(sink: ShardSink) -> None:
         for sid in tqdm(sorted(picks), desc="subset", unit="shard", disable=None if progress is None else not progress):
             _copy_rows(sink, store, sid, picks[sid], carry_inputs)
+        if views is not None:
+            carry_views(store, sink, np.concatenate([m.shards[sid].start + picks[sid] for sid in sorted(picks)]))
 
     return derive(args, fill, dst, overwrite, storage_options)
+
+
+def _find_samples(store: TargetStore, views: Views, wanted: np.ndarray) -> tuple[dict[int, np.ndarray], int]:
+    """``(shard id -> row offsets, number of samples)`` of every view of the samples whose keys are in sorted
+    ``wanted``, rows in the source's (view-major) order; refuses keys that are not sample keys."""
+    a, b = views.rows_of_view(0)
+    sample_keys = str_array([split_view_key(k)[0] for k in store.take(np.arange(a, b))["key"]])
+    hit = np.isin(wanted, sample_keys)
+    if not hit.all():
+        missing = wanted[~hit]
+        viewish = [k for k in missing[:5].tolist() if VIEW_SEP in k]
+        hint = f" (views stores are subset by sample keys, not view keys like {viewish[0]!r})" if viewish else ""
+        raise ValueError(f"{int(missing.size)} of {wanted.size} keys are not sample keys of {store.url}, e.g. "
+                         f"{missing[:5].tolist()}{hint}")
+    samples = np.flatnonzero(np.isin(sample_keys, wanted))
+    rows = (np.arange(views.count)[:, None] * views.samples + samples[None, :]).reshape(-1)
+    starts = np.array([s.start for s in store.shards], dtype=np.int64)
+    sids = np.searchsorted(starts, rows, side="right") - 1
+    picks = {int(sid): rows[sids == sid] - int(starts[sid]) for sid in np.unique(sids)}
+    return picks, int(samples.size)
 
 
 def _find_keys(store: TargetStore, wanted: np.ndarray, progress: bool | None) -> dict[int, np.ndarray]:
