@@ -257,13 +257,14 @@ class ViewParams:
         self.store, self.views = store, views
         self.dtype = params_dtype(views.params)
         self._shards: dict[int, np.ndarray] = {}
+        self._columns: dict[int, dict[str, np.ndarray]] = {}
         m = store.manifest
         if len(views.files) != m.num_shards:
             raise StoreError(f"{store.url}: the manifest lists {len(views.files)} view parameter files for "
                              f"{m.num_shards} shards", path=str(store.url))
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_shards": {}}
+        return {**self.__dict__, "_shards": {}, "_columns": {}}
 
     def shard(self, shard_id: int) -> np.ndarray:
         """Shard ``shard_id``'s parameters, structured ``[rows]``."""
@@ -305,8 +306,22 @@ class ViewParams:
             out[at] = self.shard(int(sid))[idx[at] - int(sid) * m.shard_rows]
         return out
 
+    def columns(self, shard_id: int) -> dict[str, np.ndarray]:
+        """Shard ``shard_id``'s parameters as one contiguous array ``[rows]`` per name."""
+        got = self._columns.get(shard_id)
+        if got is None:
+            arr = self.shard(shard_id)
+            got = self._columns[shard_id] = {name: np.ascontiguousarray(arr[name]) for name in self.views.names}
+        return got
+
     def take(self, rows: Any) -> dict[str, torch.Tensor]:
         """``{name: tensor [B]}`` of the parameters of store rows ``rows`` (torch dtypes as declared)."""
-        arr = self.rows(rows)
+        idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+        shard_rows = self.store.manifest.shard_rows
+        if len(idx) and idx.min() // shard_rows == idx.max() // shard_rows:  # one shard (a batch, mostly)
+            sid = int(idx[0]) // shard_rows
+            local = idx - sid * shard_rows
+            return {name: torch.from_numpy(col[local]) for name, col in self.columns(sid).items()}
+        arr = self.rows(idx)
         # a copy per field: a structured field's strides are the row's size, which torch refuses (even for 1 row)
         return {name: torch.from_numpy(arr[name].copy()) for name in self.views.names}
