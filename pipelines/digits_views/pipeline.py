@@ -10,6 +10,7 @@ augmented inputs: a fresh random view per step (hard, clean, online) or the epoc
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -199,7 +200,7 @@ def environment() -> dict[str, Any]:
         commit = None
     return {"python": platform.python_version(), "torch": torch.__version__, "softtargets": st.__version__,
             "machine": platform.machine(), "processor": platform.processor(), "cpus": torch.get_num_threads(),
-            "commit": commit}
+            "cores": os.cpu_count(), "commit": commit}
 
 
 def run(cfg: dict[str, Any], out: Path, layout: str = "zarr") -> dict[str, Any]:
@@ -230,6 +231,7 @@ def run(cfg: dict[str, Any], out: Path, layout: str = "zarr") -> dict[str, Any]:
     variants = ["hard", "clean", *(f"views{v}" for v in views), "online"]
     header(3, 4, f"students: {', '.join(variants)} x seeds {cfg['student']['seeds']}")
     t2 = time.perf_counter()
+    load = [os.getloadavg()[0]]  # the machine's 1-minute load average around the timed students
     runs = []
     for seed in cfg["student"]["seeds"]:  # variants interleaved per seed: their wall times share the machine's load
         runs.append(train_variant(cfg, "hard", hard_batches(cfg, split, aug, seed), seed, False, split))
@@ -241,6 +243,7 @@ def run(cfg: dict[str, Any], out: Path, layout: str = "zarr") -> dict[str, Any]:
         runs.append(train_variant(cfg, "online", online_batches(cfg, split, aug, seed, teachers), seed, True, split))
         print("   seed", seed, {r["variant"]: r["test_errors"] for r in runs if r["seed"] == seed}, flush=True)
     timings["students"] = time.perf_counter() - t2
+    load.append(os.getloadavg()[0])
 
     header(4, 4, "summary")
     summary = summarize(runs, variants)
@@ -249,7 +252,8 @@ def run(cfg: dict[str, Any], out: Path, layout: str = "zarr") -> dict[str, Any]:
         "split": {"seed": split.seed, "sizes": split.sizes(), "indices": split.indices()},
         "teachers": {"test_errors": teacher_test, "ensemble_test_errors": ens_test},
         "stores": stores, "students": runs, "summary": summary, "gaps": gaps(summary, views),
-        "ml_dr_bytes_per_view": ML_DR_BYTES_PER_VIEW, "timings": timings, "environment": environment(),
+        "ml_dr_bytes_per_view": ML_DR_BYTES_PER_VIEW, "timings": timings,
+        "environment": {**environment(), "load_average_students": load},
     }
     return results
 
