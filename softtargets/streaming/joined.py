@@ -151,7 +151,9 @@ class ViewTargetJoin(TargetJoin):
         views = views_of(store.manifest)
         if views is None:
             raise StoreError(f"{store.url}: not a views store (its manifest declares no views)", path=str(store.url))
-        self.views, self.replay, self.seed, self.epoch = views, replay, int(seed), 0
+        self.views, self.replay, self.seed = views, replay, int(seed)
+        # In shared memory: DataLoader workers (persistent ones too) see the epoch set_epoch writes.
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         super().__init__(dataset, store, by, keys, cache_bytes, check_join)
         self.params = ViewParams(store)
 
@@ -162,10 +164,15 @@ class ViewTargetJoin(TargetJoin):
         a, b = self.views.rows_of_view(0)
         return [split_view_key(k)[0] for k in self.store.take(np.arange(a, b))["key"]]
 
+    @property
+    def epoch(self) -> int:
+        """The epoch whose views items join (see :meth:`set_epoch`)."""
+        return int(self._epoch[0])
+
     def set_epoch(self, epoch: int) -> None:
-        """Join the views of epoch ``epoch`` (call before each epoch, as with a ``DistributedSampler``; a
-        ``DataLoader`` with ``persistent_workers=True`` keeps the epoch its workers started with)."""
-        self.epoch = int(epoch)
+        """Join the views of epoch ``epoch``: call it before each epoch's ``iter(loader)``, as with a
+        ``DistributedSampler``; the loader's workers, persistent or not, read it from shared memory."""
+        self._epoch[0] = int(epoch)
 
     @property
     def view(self) -> int:

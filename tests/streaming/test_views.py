@@ -132,6 +132,9 @@ def test_with_targets_joins_and_replays_the_view_stream_gives(views_store):
     ds = dataset()
     joined = st.with_targets(ds, views_store, replay=AUG.replay, seed=7)
     assert isinstance(joined, st.ViewTargetJoin) and len(joined) == N
+    # workers that persist across epochs follow set_epoch (the epoch is in shared memory)
+    loader = torch.utils.data.DataLoader(joined, batch_size=B, num_workers=2, multiprocessing_context="fork",
+                                         persistent_workers=True)
     for epoch in (0, 1, 5):
         s = st.stream(views_store, batch_size=B, seed=7, dataset=ds, replay=AUG.replay)
         s.set_epoch(epoch)
@@ -140,7 +143,6 @@ def test_with_targets_joins_and_replays_the_view_stream_gives(views_store):
         joined.set_epoch(epoch)
         assert joined.view == epoch_view(7, epoch, V)
         # through DataLoader workers, in batches (__getitems__), and one item at a time (__getitem__)
-        loader = torch.utils.data.DataLoader(joined, batch_size=B, num_workers=2, multiprocessing_context="fork")
         batched = [(x, lg) for xb, _, lb in loader for x, lg in zip(xb, lb, strict=True)]
         assert len(batched) == N
         for i in range(N):
