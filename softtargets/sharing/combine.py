@@ -4,7 +4,8 @@ Both stream shard by shard through :class:`softtargets.sharing.convert.ShardSink
 stored bits exactly. ``merge`` first checks, in bounded memory, that no key is in two
 stores (:mod:`softtargets.sharing.unique_keys`); ``subset`` by keys first finds the rows, so each
 writes only once it knows the destination's size. Views stores: ``subset`` by sample keys keeps every view
-of each sample, with its parameters; ``merge`` and row ranges are refused (rows are view-major per store).
+of each sample, with its parameters; ``merge`` interleaves views stores view by view (rows stay view-major
+over all their samples); a row range is refused.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..store import TargetStore, open_targets
 from ..store.manifest import Manifest
-from ..store.views import VIEW_SEP, Views, split_view_key, views_of
+from ..store.views import VIEW_SEP, ViewParams, Views, split_view_key, views_of, write_params_files
 from .convert import (
     ShardSink,
     carry_spec,
@@ -124,6 +125,10 @@ def merge_stores(
     The stores must hold disjoint keys and agree in teachers (names and sha256), classes,
     content, dtype, temperature and normalisation. Layout arguments default to the first
     source's (see :func:`softtargets.sharing.convert.plan_layout`). Returns the new manifest.
+
+    Views stores merge with views stores of the same views (count, seed, parameters, augmentation): the merged
+    rows are view-major over all their samples (view ``v`` of each store's samples in turn, then view ``v + 1``),
+    with their parameters; a views store and a store of one target per sample are refused.
     """
     urls = [os.fspath(u) for u in srcs]
     dst = os.fspath(dst)
@@ -133,10 +138,7 @@ def merge_stores(
         if same_location(u, dst, storage_options):
             raise ValueError(f"{dst}: the destination is one of the sources; merge into a new store")
     stores = [open_targets(u, storage_options=storage_options) for u in urls]
-    viewed = [str(s.url) for s in stores if views_of(s.manifest) is not None]
-    if viewed:
-        raise ValueError(f"cannot merge views stores ({', '.join(viewed)}): each store's rows are view-major over "
-                         "its own samples, and concatenated rows would not be; precompute the joined transfer set")
+    views = merged_views(stores)
     check_compatible(stores)
     ms = [s.manifest for s in stores]
     first = ms[0]
@@ -154,16 +156,68 @@ def merge_stores(
     args = {
         **carry_spec(first), **plan, "content": first.content, "dtype": first.dtype, "temperature": first.temperature,
         "overflow": first.overflow, "num_samples": total, "inputs": first.inputs if carry_inputs else None,
-        "transfer_set": merged_transfer_set(ms, total), "lineage": [entry],
+        "transfer_set": merged_transfer_set(ms, total), "lineage": [entry], "views": views,
     }
 
     def fill(sink: ShardSink) -> None:
+        if views is not None:
+            _fill_views(sink, stores, carry_inputs, progress)
+            return
         for i, store in enumerate(stores):
             for shard in tqdm(store.shards, desc=f"merge {i + 1}/{len(stores)}", unit="shard",
                               disable=None if progress is None else not progress):
                 _copy_rows(sink, store, shard.id, None, carry_inputs)
 
     return derive(args, fill, dst, overwrite, storage_options)
+
+
+def merged_views(stores: Sequence[TargetStore]) -> dict[str, Any] | None:
+    """The ``views`` declaration of merged stores (their views, over all their samples); None when none holds views.
+
+    Raises:
+        ValueError: some stores hold views and others not, or their views differ in count, seed, parameters or
+            augmentation.
+    """
+    views = [views_of(s.manifest) for s in stores]
+    first = views[0]
+    if first is None and all(v is None for v in views):
+        return None
+    if first is None or any(v is None for v in views):
+        plain = [str(s.url) for s, v in zip(stores, views, strict=True) if v is None]
+        raise ValueError(f"cannot merge views stores with stores of one target per sample ({', '.join(plain)})")
+    problems = [f"{field}: {stores[0].url} has {getattr(first, field)!r}, {s.url} has {getattr(v, field)!r}"
+                for s, v in zip(stores[1:], views[1:], strict=True) for field in ("count", "seed", "params", "augment")
+                if v is not None and getattr(v, field) != getattr(first, field)]
+    if problems:
+        raise ValueError("cannot merge views stores whose views differ in " + "; ".join(problems))
+    return first.declaration(sum(v.samples for v in views if v is not None))
+
+
+def _fill_views(sink: ShardSink, stores: Sequence[TargetStore], inputs: bool, progress: bool | None) -> None:
+    """Merged views stores, view-major over all their samples: view ``v`` of the first store's samples, of the
+    second's, ..., then view ``v + 1``; then the parameter files of the merged rows."""
+    views = [v for v in (views_of(s.manifest) for s in stores) if v is not None]  # all (merged_views checked)
+    pieces: list[tuple[TargetStore, int, int]] = []  # (store, first source row, rows) in destination order
+    for v in range(views[0].count):
+        for store, vw in zip(stores, views, strict=True):
+            a, b = vw.rows_of_view(v)
+            pieces.append((store, a, b - a))
+    quiet = None if progress is None else not progress
+    for store, a, n in tqdm(pieces, desc="merge views", unit="part", disable=quiet):
+        for shard in store.shards:
+            lo, hi = max(a, shard.start), min(a + n, shard.stop)
+            if lo < hi:
+                _copy_rows(sink, store, shard.id, np.arange(lo, hi) - shard.start, inputs)
+    params = {id(s): ViewParams(s) for s in stores}
+    starts = np.cumsum([0] + [n for _, _, n in pieces])[:-1].tolist()  # each piece's first destination row
+
+    def rows(a: int, b: int) -> np.ndarray:
+        """Parameters of destination rows ``[a, b)``, from the pieces they fall in."""
+        parts = [params[id(store)].rows(np.arange(max(a, lo), min(b, lo + n)) - lo + src)
+                 for (store, src, n), lo in zip(pieces, starts, strict=True) if max(a, lo) < min(b, lo + n)]
+        return np.concatenate(parts)
+
+    write_params_files(sink.writer, rows)
 
 
 def _copy_rows(sink: ShardSink, store: TargetStore, shard_id: int, local: np.ndarray | None, inputs: bool) -> None:

@@ -1,6 +1,6 @@
 """``convert``, ``merge`` and ``subset`` of views stores: convert carries the views (parameter files cut at the new
-shards), subset by sample keys keeps every view of each sample with its parameters, merge and row ranges are
-refused in one line."""
+shards), subset by sample keys keeps every view of each sample with its parameters, merge interleaves views stores
+view by view; row ranges, view keys and mixed or differing views are refused in one line."""
 
 from __future__ import annotations
 
@@ -100,9 +100,29 @@ def test_subset_refuses_view_keys_and_row_ranges(views_store, tmp_path):
     assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "b.zarr").exists()
 
 
-def test_merge_refuses_views_stores_in_one_line(views_store, tmp_path, cli):
+def test_merge_interleaves_views_stores_view_by_view(views_store, tmp_path):
+    src = st.open_targets(views_store)
+    odd, even = [str(i) for i in range(1, N, 2)], [str(i) for i in range(0, N, 2)]
+    st.subset_store(views_store, tmp_path / "odd.zarr", keys=odd, shard_rows=16, progress=False)
+    st.subset_store(views_store, tmp_path / "even.wds", keys=even, progress=False)
+    st.merge_stores([tmp_path / "odd.zarr", tmp_path / "even.wds"], tmp_path / "m.wds", shard_rows=24,
+                    progress=False)
+    merged = st.open_targets(tmp_path / "m.wds")
+    samples = [int(k) for k in odd + even]  # view v of the odd samples, of the even ones, then view v + 1
+    rows = np.array([v * N + i for v in range(V) for i in samples])
+    _same_views(src, merged, rows, N)
+    assert merged.keys()[N:N + 2] == ["1#1", "3#1"]
+
+
+def test_merge_refuses_a_views_store_with_a_plain_one_or_other_views(views_store, tmp_path, cli):
+    plain = tmp_path / "plain.zarr"
+    st.precompute([nn.Linear(D, C)], torch.utils.data.TensorDataset(torch.rand(4, D)), plain, progress=False,
+                  num_workers=0)
+    rc, out, err = cli("merge", views_store, plain, tmp_path / "m.zarr")
+    assert rc != 0 and "cannot merge views stores with stores of one target per sample" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "m.zarr").exists()
     other = tmp_path / "other.zarr"
-    st.convert_store(views_store, other, progress=False)
-    rc, out, err = cli("merge", views_store, other, tmp_path / "m.zarr")
-    assert rc != 0 and "cannot merge views stores" in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "m.zarr").exists()
+    st.precompute([nn.Linear(D, C)], torch.utils.data.TensorDataset(torch.rand(4, D)), other, views=2,
+                  augment=AUG, seed=5, progress=False, num_workers=0)
+    with pytest.raises(ValueError, match="views differ in count: .* has 3, .* has 2"):
+        st.merge_stores([views_store, other], tmp_path / "n.zarr", progress=False)
