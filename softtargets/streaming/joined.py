@@ -3,7 +3,8 @@
 For random access by a ``DataLoader`` sampler. Rows are read a whole unit (zarr inner chunk,
 wds block) at a time into an LRU cache; ``__getitems__`` groups a batch's rows by unit. Random
 access touches a unit per row when the store is larger than the cache, so for big stores prefer
-:func:`softtargets.stream` (sequential unit reads), joined to the dataset there.
+:func:`softtargets.stream` (sequential unit reads), joined to the dataset there. Over a views store
+(:class:`ViewTargetJoin`) item ``i`` is sample ``i`` in the view the epoch streams, replayed.
 """
 
 from __future__ import annotations
