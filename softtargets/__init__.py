@@ -52,7 +52,7 @@ from .store.manifest import FORMAT_VERSION, Manifest, ManifestError
 from .store.sequences import SequenceStore, SequenceWriter, create_sequences, open_sequences
 from .store.sidecars import read_array
 from .streaming import StreamLoader, TargetStream, stream
-from .streaming.joined import TargetJoin, with_targets
+from .streaming.joined import TargetJoin, ViewTargetJoin, with_targets
 from .streaming.sequences import SequenceLoader, SequenceStream, stream_sequences
 from .streaming.specialists import SpecialistBatches, specialist_from_generalist, specialist_labels
 from .streaming.views import ViewStream, epoch_view
@@ -83,6 +83,7 @@ __all__ = [
     "TargetWriter",
     "VerifyReport",
     "ViewStream",
+    "ViewTargetJoin",
     "__version__",
     "active_specialists",
     "add_hints",

@@ -10,6 +10,7 @@ augmented inputs: a fresh random view per step (hard, clean, online) or the epoc
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -21,12 +22,16 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 import softtargets as st
 from pipelines.digits import models as M
 from pipelines.digits.data import DigitsRows, DigitsSplit, load_split
 from softtargets.math.augment import RandomView
 
+# Students' streams arrange batches on the training thread: 9 batches of 128 tiny rows an epoch, read from the
+# page cache, cost less than handing each over from a thread (docs/views.md has both, measured).
+READ_AHEAD = False
 ML_DR_BYTES_PER_VIEW = 73  # ml-dr's ImageNet+ views: parameters + top-10 probabilities, as published
 
 
@@ -123,10 +128,17 @@ def online_batches(cfg: dict[str, Any], split: DigitsSplit, aug: RandomView, see
         yield x, ensemble(teachers, x), y
 
 
-def clean_batches(cfg: dict[str, Any], url: str, rows: DigitsRows, aug: RandomView, seed: int) -> Iterator[tuple]:
+def student_inputs(rows: DigitsRows) -> TensorDataset:
+    """The transfer set's images and labels as the students' joined dataset: in memory, as the hard and online
+    students read them, so a stream joins a batch with one gather."""
+    return TensorDataset(rows.x, rows.y)
+
+
+def clean_batches(cfg: dict[str, Any], url: str, rows: TensorDataset, aug: RandomView, seed: int
+                  ) -> Iterator[tuple]:
     """Clean targets from the store, the student's input a fresh random view of the clean image."""
     s = cfg["student"]
-    stream = st.stream(url, batch_size=s["batch_size"], seed=seed, dataset=rows)
+    stream = st.stream(url, batch_size=s["batch_size"], seed=seed, dataset=rows, read_ahead=READ_AHEAD)
     g = torch.Generator().manual_seed(int(seed) + 10_000)
     for epoch in range(s["epochs"]):
         stream.set_epoch(epoch)
@@ -134,10 +146,11 @@ def clean_batches(cfg: dict[str, Any], url: str, rows: DigitsRows, aug: RandomVi
             yield random_views(aug, b["input"], g), b["teacher_logits"], b["label"]
 
 
-def view_batches(cfg: dict[str, Any], url: str, rows: DigitsRows, aug: RandomView, seed: int) -> Iterator[tuple]:
+def view_batches(cfg: dict[str, Any], url: str, rows: TensorDataset, aug: RandomView, seed: int) -> Iterator[tuple]:
     """The epoch's stored view of every sample: its targets, and its input replayed from its parameters."""
     s = cfg["student"]
-    stream = st.stream(url, batch_size=s["batch_size"], seed=seed, dataset=rows, replay=aug.replay)
+    stream = st.stream(url, batch_size=s["batch_size"], seed=seed, dataset=rows, replay=aug.replay,
+                       read_ahead=READ_AHEAD)
     for epoch in range(s["epochs"]):
         stream.set_epoch(epoch)
         for b in stream:
@@ -187,7 +200,7 @@ def environment() -> dict[str, Any]:
         commit = None
     return {"python": platform.python_version(), "torch": torch.__version__, "softtargets": st.__version__,
             "machine": platform.machine(), "processor": platform.processor(), "cpus": torch.get_num_threads(),
-            "commit": commit}
+            "cores": os.cpu_count(), "commit": commit}
 
 
 def run(cfg: dict[str, Any], out: Path, layout: str = "zarr") -> dict[str, Any]:
@@ -196,6 +209,7 @@ def run(cfg: dict[str, Any], out: Path, layout: str = "zarr") -> dict[str, Any]:
     t0 = time.perf_counter()
     split = load_split(cfg["split"]["seed"], cfg["split"]["fractions"])
     rows = DigitsRows(split.idx_train, name="digits-train")
+    inputs = student_inputs(rows)
     aug = make_augment(cfg)
 
     header(1, 4, f"{len(cfg['teacher']['seeds'])} teachers, trained with augmentation")
@@ -217,17 +231,19 @@ def run(cfg: dict[str, Any], out: Path, layout: str = "zarr") -> dict[str, Any]:
     variants = ["hard", "clean", *(f"views{v}" for v in views), "online"]
     header(3, 4, f"students: {', '.join(variants)} x seeds {cfg['student']['seeds']}")
     t2 = time.perf_counter()
+    load = [os.getloadavg()[0]]  # the machine's 1-minute load average around the timed students
     runs = []
     for seed in cfg["student"]["seeds"]:  # variants interleaved per seed: their wall times share the machine's load
         runs.append(train_variant(cfg, "hard", hard_batches(cfg, split, aug, seed), seed, False, split))
-        runs.append(train_variant(cfg, "clean", clean_batches(cfg, stores["clean"]["url"], rows, aug, seed), seed,
+        runs.append(train_variant(cfg, "clean", clean_batches(cfg, stores["clean"]["url"], inputs, aug, seed), seed,
                                   True, split))
         for v in views:
-            runs.append(train_variant(cfg, f"views{v}", view_batches(cfg, stores[f"views{v}"]["url"], rows, aug,
+            runs.append(train_variant(cfg, f"views{v}", view_batches(cfg, stores[f"views{v}"]["url"], inputs, aug,
                                                                      seed), seed, True, split))
         runs.append(train_variant(cfg, "online", online_batches(cfg, split, aug, seed, teachers), seed, True, split))
         print("   seed", seed, {r["variant"]: r["test_errors"] for r in runs if r["seed"] == seed}, flush=True)
     timings["students"] = time.perf_counter() - t2
+    load.append(os.getloadavg()[0])
 
     header(4, 4, "summary")
     summary = summarize(runs, variants)
@@ -236,7 +252,8 @@ def run(cfg: dict[str, Any], out: Path, layout: str = "zarr") -> dict[str, Any]:
         "split": {"seed": split.seed, "sizes": split.sizes(), "indices": split.indices()},
         "teachers": {"test_errors": teacher_test, "ensemble_test_errors": ens_test},
         "stores": stores, "students": runs, "summary": summary, "gaps": gaps(summary, views),
-        "ml_dr_bytes_per_view": ML_DR_BYTES_PER_VIEW, "timings": timings, "environment": environment(),
+        "ml_dr_bytes_per_view": ML_DR_BYTES_PER_VIEW, "timings": timings,
+        "environment": {**environment(), "load_average_students": load},
     }
     return results
 

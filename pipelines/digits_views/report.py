@@ -30,7 +30,10 @@ def table(results: dict[str, Any]) -> str:
         f"{results['teachers']['ensemble_test_errors']}. "
         f"Students: MLP {tuple(s['hidden'])}, {s['epochs']} epochs, T = {s['temperature']:g}, α = {s['alpha']:g}, "
         f"geometric rule; mean ± std over seeds {seeds}; test errors on the clean test images. "
-        f"{results['layout']} stores; machine {env['machine']} ({env['cpus']} torch threads), commit {env['commit']}.",
+        f"{results['layout']} stores; machine {env['machine']} ({env['cpus']} torch threads"
+        + (f", {env['cores']} cores" if "cores" in env else "") + f"), commit {env['commit']}"
+        + (", load average {:.2f} -> {:.2f} over the students".format(*env["load_average_students"])
+           if "load_average_students" in env else "") + ".",
         "",
         f"| student | test errors (of {n_test}) | val errors | wall s / epoch | vs online | gap closed | bytes / view "
         "(targets + params) | bytes / view on disk |",

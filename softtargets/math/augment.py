@@ -128,10 +128,11 @@ class RandomView:
     def theta(self, params: Mapping[str, Any], batch: int) -> torch.Tensor:
         """The affine maps ``[B, 2, 3]`` float32 (output to input, normalised coordinates) of ``params``, computed
         in float64 with numpy (one path for one view and for a batch) and rounded once."""
-        def get(name: str, default: float) -> np.ndarray:
-            v = params.get(name, default)
-            a = (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)).astype(np.float64).reshape(-1)
-            return np.broadcast_to(a, (batch,))
+        def get(name: str, default: float) -> np.ndarray | float:
+            v = params.get(name)
+            if v is None:
+                return default
+            return (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)).astype(np.float64).reshape(-1)
 
         a = np.deg2rad(get("angle", 0.0))
         cos, sin = np.cos(a), np.sin(a)
@@ -139,9 +140,10 @@ class RandomView:
         sw, sh = get("crop_w", 1.0), get("crop_h", 1.0)
         cx, cy = get("crop_x", 0.0), get("crop_y", 0.0)
         tx, ty = get("tx", 0.0), get("ty", 0.0)
-        row0 = np.stack([sw * fx * cos, -sw * fx * sin, sw * fx * tx + cx], axis=-1)
-        row1 = np.stack([sh * sin, sh * cos, sh * ty + cy], axis=-1)
-        return torch.from_numpy(np.stack([row0, row1], axis=1).astype(np.float32))
+        out = np.empty((batch, 2, 3), np.float64)  # each entry broadcast from a number or a [B] array
+        out[:, 0, 0], out[:, 0, 1], out[:, 0, 2] = sw * fx * cos, -sw * fx * sin, sw * fx * tx + cx
+        out[:, 1, 0], out[:, 1, 1], out[:, 1, 2] = sh * sin, sh * cos, sh * ty + cy
+        return torch.from_numpy(out.astype(np.float32))
 
     def replay(self, x: torch.Tensor, params: Mapping[str, Any]) -> torch.Tensor:
         """The views of ``x`` (one input, or a batch ``[B, ...]``) with parameters ``params`` (numbers, or

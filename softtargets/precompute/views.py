@@ -20,9 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..store.base import TargetWriter
-from ..store.files import atomic_write, join, sha256_hex
-from ..store.manifest import FileRecord
-from ..store.views import ORDER, declare_params, encode_params, npy_file, params_file, view_generator, view_key
+from ..store.views import ORDER, declare_params, encode_params, view_generator, view_key, write_params_files
 from .transfer import TransferSet
 
 CACHE_ROWS = 1 << 20
@@ -143,14 +141,4 @@ class ViewCapture:
     def write_params(self, writer: TargetWriter) -> None:
         """Write every shard's parameter file (atomically; the same bytes on every run) and record them in
         ``writer.spec.views["files"]``, for the manifest written next."""
-        spec = writer.spec
-        files = []
-        for sid in range(spec.num_shards):
-            blob = npy_file(self.shard_params(*spec.shard_range(sid)))
-            rel = params_file(sid)
-            path = join(writer.root, rel)
-            writer.fs.makedirs(join(writer.root, rel.rsplit("/", 1)[0]), exist_ok=True)
-            atomic_write(writer.fs, path, blob)
-            files.append(FileRecord(path=rel, bytes=len(blob), sha256=sha256_hex(blob)))
-        assert spec.views is not None  # created with the declaration
-        spec.views["files"] = [{"path": f.path, "bytes": f.bytes, "sha256": f.sha256} for f in files]
+        write_params_files(writer, self.shard_params)

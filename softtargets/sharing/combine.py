@@ -3,7 +3,9 @@
 Both stream shard by shard through :class:`softtargets.sharing.convert.ShardSink` and copy the
 stored bits exactly. ``merge`` first checks, in bounded memory, that no key is in two
 stores (:mod:`softtargets.sharing.unique_keys`); ``subset`` by keys first finds the rows, so each
-writes only once it knows the destination's size.
+writes only once it knows the destination's size. Views stores: ``subset`` by sample keys keeps every view
+of each sample, with its parameters; ``merge`` interleaves views stores view by view (rows stay view-major
+over all their samples); a row range is refused.
 """
 
 from __future__ import annotations
@@ -18,7 +20,18 @@ from tqdm.auto import tqdm
 
 from ..store import TargetStore, open_targets
 from ..store.manifest import Manifest
-from .convert import ShardSink, carry_spec, derive, encode_rows, lineage_entry, plan_layout, same_location
+from ..store.views import VIEW_SEP, ViewParams, Views, split_view_key, views_of, write_params_files
+from .convert import (
+    ShardSink,
+    carry_spec,
+    carry_views,
+    derive,
+    encode_rows,
+    lineage_entry,
+    plan_layout,
+    same_location,
+    views_declaration,
+)
 from .unique_keys import KeyChecker, str_array
 
 # Fields that must agree between merged stores (teachers are compared by name and sha256).
@@ -112,6 +125,10 @@ def merge_stores(
     The stores must hold disjoint keys and agree in teachers (names and sha256), classes,
     content, dtype, temperature and normalisation. Layout arguments default to the first
     source's (see :func:`softtargets.sharing.convert.plan_layout`). Returns the new manifest.
+
+    Views stores merge with views stores of the same views (count, seed, parameters, augmentation): the merged
+    rows are view-major over all their samples (view ``v`` of each store's samples in turn, then view ``v + 1``),
+    with their parameters; a views store and a store of one target per sample are refused.
     """
     urls = [os.fspath(u) for u in srcs]
     dst = os.fspath(dst)
@@ -121,6 +138,7 @@ def merge_stores(
         if same_location(u, dst, storage_options):
             raise ValueError(f"{dst}: the destination is one of the sources; merge into a new store")
     stores = [open_targets(u, storage_options=storage_options) for u in urls]
+    views = merged_views(stores)
     check_compatible(stores)
     ms = [s.manifest for s in stores]
     first = ms[0]
@@ -138,16 +156,68 @@ def merge_stores(
     args = {
         **carry_spec(first), **plan, "content": first.content, "dtype": first.dtype, "temperature": first.temperature,
         "overflow": first.overflow, "num_samples": total, "inputs": first.inputs if carry_inputs else None,
-        "transfer_set": merged_transfer_set(ms, total), "lineage": [entry],
+        "transfer_set": merged_transfer_set(ms, total), "lineage": [entry], "views": views,
     }
 
     def fill(sink: ShardSink) -> None:
+        if views is not None:
+            _fill_views(sink, stores, carry_inputs, progress)
+            return
         for i, store in enumerate(stores):
             for shard in tqdm(store.shards, desc=f"merge {i + 1}/{len(stores)}", unit="shard",
                               disable=None if progress is None else not progress):
                 _copy_rows(sink, store, shard.id, None, carry_inputs)
 
     return derive(args, fill, dst, overwrite, storage_options)
+
+
+def merged_views(stores: Sequence[TargetStore]) -> dict[str, Any] | None:
+    """The ``views`` declaration of merged stores (their views, over all their samples); None when none holds views.
+
+    Raises:
+        ValueError: some stores hold views and others not, or their views differ in count, seed, parameters or
+            augmentation.
+    """
+    views = [views_of(s.manifest) for s in stores]
+    first = views[0]
+    if first is None and all(v is None for v in views):
+        return None
+    if first is None or any(v is None for v in views):
+        plain = [str(s.url) for s, v in zip(stores, views, strict=True) if v is None]
+        raise ValueError(f"cannot merge views stores with stores of one target per sample ({', '.join(plain)})")
+    problems = [f"{field}: {stores[0].url} has {getattr(first, field)!r}, {s.url} has {getattr(v, field)!r}"
+                for s, v in zip(stores[1:], views[1:], strict=True) for field in ("count", "seed", "params", "augment")
+                if v is not None and getattr(v, field) != getattr(first, field)]
+    if problems:
+        raise ValueError("cannot merge views stores whose views differ in " + "; ".join(problems))
+    return first.declaration(sum(v.samples for v in views if v is not None))
+
+
+def _fill_views(sink: ShardSink, stores: Sequence[TargetStore], inputs: bool, progress: bool | None) -> None:
+    """Merged views stores, view-major over all their samples: view ``v`` of the first store's samples, of the
+    second's, ..., then view ``v + 1``; then the parameter files of the merged rows."""
+    views = [v for v in (views_of(s.manifest) for s in stores) if v is not None]  # all (merged_views checked)
+    pieces: list[tuple[TargetStore, int, int]] = []  # (store, first source row, rows) in destination order
+    for v in range(views[0].count):
+        for store, vw in zip(stores, views, strict=True):
+            a, b = vw.rows_of_view(v)
+            pieces.append((store, a, b - a))
+    quiet = None if progress is None else not progress
+    for store, a, n in tqdm(pieces, desc="merge views", unit="part", disable=quiet):
+        for shard in store.shards:
+            lo, hi = max(a, shard.start), min(a + n, shard.stop)
+            if lo < hi:
+                _copy_rows(sink, store, shard.id, np.arange(lo, hi) - shard.start, inputs)
+    params = {id(s): ViewParams(s) for s in stores}
+    starts = np.cumsum([0] + [n for _, _, n in pieces])[:-1].tolist()  # each piece's first destination row
+
+    def rows(a: int, b: int) -> np.ndarray:
+        """Parameters of destination rows ``[a, b)``, from the pieces they fall in."""
+        parts = [params[id(store)].rows(np.arange(max(a, lo), min(b, lo + n)) - lo + src)
+                 for (store, src, n), lo in zip(pieces, starts, strict=True) if max(a, lo) < min(b, lo + n)]
+        return np.concatenate(parts)
+
+    write_params_files(sink.writer, rows)
 
 
 def _copy_rows(sink: ShardSink, store: TargetStore, shard_id: int, local: np.ndarray | None, inputs: bool) -> None:
@@ -193,6 +263,9 @@ def subset_store(
     """Write rows of ``src`` chosen by ``keys`` (any order; rows keep the source's order) or by
     ``row_range`` ``(A, B)`` / ``"A:B"`` to a new store at ``dst``. Every key must exist.
 
+    A views store is subset by sample keys (``"k"``, not a view's ``"k#v"``): every view of each chosen sample
+    is kept, with its parameters, and the new store is a views store of those samples.
+
     ``keys_source`` (e.g. the keys file's path) is recorded in the lineage. Returns the new manifest.
     """
     src, dst = os.fspath(src), os.fspath(dst)
@@ -202,16 +275,23 @@ def subset_store(
         raise ValueError(f"{dst}: the destination is the source; write the subset elsewhere")
     store = open_targets(src, storage_options=storage_options)
     m = store.manifest
-    if row_range is not None:
+    views, samples = views_of(m), 0
+    wanted = None if keys is None else np.unique(str_array(list(keys)))
+    if wanted is None:
+        assert row_range is not None  # exactly one of keys and row_range, checked above
+        if views is not None:
+            raise ValueError(f"{src} is a views store (rows view-major): subset it by sample keys, which keeps all "
+                             f"{views.count} views of each sample; a row range would cut the views apart")
         lo, hi = parse_range(row_range, len(store)) if isinstance(row_range, str) else parse_range(
             f"{row_range[0]}:{row_range[1]}", len(store))
         picks = {s.id: np.arange(max(lo, s.start), min(hi, s.stop)) - s.start for s in m.shards
                  if max(lo, s.start) < min(hi, s.stop)}
         params: dict[str, Any] = {"range": [lo, hi]}
     else:
-        assert keys is not None  # exactly one of keys and row_range, checked above
-        wanted = np.unique(str_array(list(keys)))
-        picks = _find_keys(store, wanted, progress)
+        if views is None:
+            picks = _find_keys(store, wanted, progress)
+        else:
+            picks, samples = _find_samples(store, views, wanted)
         digest = hashlib.sha256("\n".join(wanted.tolist()).encode()).hexdigest()
         params = {"keys": int(wanted.size), "keys_sha256": digest, "keys_source": keys_source}
     n = int(sum(len(p) for p in picks.values()))
@@ -224,13 +304,36 @@ def subset_store(
         **carry_spec(m), **plan, "content": m.content, "dtype": m.dtype, "temperature": m.temperature,
         "overflow": m.overflow, "num_samples": n, "inputs": m.inputs if carry_inputs else None,
         "lineage": [*m.lineage, lineage_entry("subset", [store], {**params, **plan})],
+        "views": None if views is None else views_declaration(m, samples),
     }
 
     def fill(sink: ShardSink) -> None:
         for sid in tqdm(sorted(picks), desc="subset", unit="shard", disable=None if progress is None else not progress):
             _copy_rows(sink, store, sid, picks[sid], carry_inputs)
+        if views is not None:
+            carry_views(store, sink, np.concatenate([m.shards[sid].start + picks[sid] for sid in sorted(picks)]))
 
     return derive(args, fill, dst, overwrite, storage_options)
+
+
+def _find_samples(store: TargetStore, views: Views, wanted: np.ndarray) -> tuple[dict[int, np.ndarray], int]:
+    """``(shard id -> row offsets, number of samples)`` of every view of the samples whose keys are in sorted
+    ``wanted``, rows in the source's (view-major) order; refuses keys that are not sample keys."""
+    a, b = views.rows_of_view(0)
+    sample_keys = str_array([split_view_key(k)[0] for k in store.take(np.arange(a, b))["key"]])
+    hit = np.isin(wanted, sample_keys)
+    if not hit.all():
+        missing = wanted[~hit]
+        viewish = [k for k in missing[:5].tolist() if VIEW_SEP in k]
+        hint = f" (views stores are subset by sample keys, not view keys like {viewish[0]!r})" if viewish else ""
+        raise ValueError(f"{int(missing.size)} of {wanted.size} keys are not sample keys of {store.url}, e.g. "
+                         f"{missing[:5].tolist()}{hint}")
+    samples = np.flatnonzero(np.isin(sample_keys, wanted))
+    rows = (np.arange(views.count)[:, None] * views.samples + samples[None, :]).reshape(-1)
+    starts = np.array([s.start for s in store.shards], dtype=np.int64)
+    sids = np.searchsorted(starts, rows, side="right") - 1
+    picks = {int(sid): rows[sids == sid] - int(starts[sid]) for sid in np.unique(sids)}
+    return picks, int(samples.size)
 
 
 def _find_keys(store: TargetStore, wanted: np.ndarray, progress: bool | None) -> dict[int, np.ndarray]:

@@ -2,9 +2,10 @@
 
 Everything streams shard by shard: a source shard is read, re-encoded, and cut into
 whole destination shards (:class:`ShardSink`), so memory holds about one source shard
-and one destination shard whatever the store's size. Keys, labels, teachers, class names
-and the transfer set carry over; the new manifest's ``lineage`` gains one entry naming the
-source URL, the sha256 of its ``manifest.json``, the operation and its parameters.
+and one destination shard whatever the store's size. Keys, labels, teachers, class names,
+the transfer set and a views store's views (parameter files cut at the new shards) carry over;
+the new manifest's ``lineage`` gains one entry naming the source URL, the sha256 of its
+``manifest.json``, the operation and its parameters.
 
 Same content, same dtype: the stored bits are copied exactly (no re-normalisation), so a
 conversion and its inverse give back the original bits.
@@ -33,6 +34,7 @@ from ..store.compact_rows import encode_compact_rows
 from ..store.encoding import encode_logits
 from ..store.files import join, url_to_fs
 from ..store.manifest import MANIFEST_NAME, Manifest, utc_now
+from ..store.views import ViewParams, views_of, write_params_files
 from .unique_keys import str_array
 
 
@@ -131,6 +133,21 @@ def carry_spec(m: Manifest) -> dict[str, Any]:
         "num_classes": m.num_classes, "num_teachers": m.num_teachers, "teachers": m.teachers or None,
         "normalization": m.normalization, "class_names": m.class_names, "transfer_set": m.transfer_set,
     }
+
+
+def views_declaration(m: Manifest, samples: int | None = None) -> dict[str, Any] | None:
+    """``create_targets``' ``views=`` for a store derived from ``m`` (its views, of ``samples`` samples), or None."""
+    views = views_of(m)
+    return None if views is None else views.declaration(samples)
+
+
+def carry_views(store: TargetStore, sink: ShardSink, rows: np.ndarray | None = None) -> None:
+    """Write the parameter files of a store derived from views store ``store``: destination row ``j`` is source row
+    ``rows[j]`` (default ``j``). Nothing for a store without views."""
+    if views_of(store.manifest) is None:
+        return
+    params = ViewParams(store)
+    write_params_files(sink.writer, lambda a, b: params.rows(np.arange(a, b) if rows is None else rows[a:b]))
 
 
 def encode_rows(logits: torch.Tensor, src: Manifest, content: Content, dtype: Dtype, overflow: Overflow,
@@ -241,7 +258,7 @@ def convert_store(
     args = {
         **carry_spec(m), **plan, "content": content, "dtype": dtype, "temperature": t0, "overflow": overflow,
         "num_samples": m.num_samples, "inputs": m.inputs if carry_inputs else None,
-        "lineage": [*m.lineage, lineage_entry("convert", [store], params)],
+        "lineage": [*m.lineage, lineage_entry("convert", [store], params)], "views": views_declaration(m),
     }
 
     def fill(sink: ShardSink) -> None:
@@ -253,6 +270,7 @@ def convert_store(
             except OverflowError as e:
                 raise ValueError(f"{src}: shard {shard.id} (rows {shard.start}-{shard.stop - 1}): {e}") from None
             sink.add(str_array(rows["key"]), stored, rows["label"].numpy(), inputs)
+        carry_views(store, sink)
 
     return derive(args, fill, dst, overwrite, storage_options)
 
@@ -286,7 +304,7 @@ def convert_compact(
     params = {**plan, "content": content, "compact": spec.to_dict()}
     args = {
         **carry_spec(m), **plan, "content": content, "num_samples": m.num_samples, "compact": spec,
-        "lineage": [*m.lineage, lineage_entry("convert", [store], params)],
+        "lineage": [*m.lineage, lineage_entry("convert", [store], params)], "views": views_declaration(m),
     }
 
     def fill(sink: ShardSink) -> None:
@@ -298,6 +316,7 @@ def convert_compact(
             for key, value in stats.items():
                 worst[key] = max(worst.get(key, 0.0), value)
             sink.add(str_array(rows["key"]), records.numpy(), rows["label"].numpy())
+        carry_views(store, sink)
         assert sink.writer.spec.compact is not None
         sink.writer.spec.compact.update(worst)
 

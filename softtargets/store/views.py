@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import posixpath
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Number
 from typing import Any
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import ChecksumError, StoreError
-from .files import join, sha256_hex
+from .files import atomic_write, join, sha256_hex
 from .manifest import FileRecord, Manifest
 
 VIEW_SEP = "#"
@@ -44,7 +44,7 @@ PARAM_DTYPES = ("float32", "float16", "float64", "int32", "int16", "int8", "uint
 
 __all__ = [
     "PARAM_DTYPES", "ViewParams", "Views", "params_file", "params_problems", "split_view_key", "view_generator",
-    "view_key", "view_seed", "views_of",
+    "view_key", "view_seed", "views_of", "write_params_files",
 ]
 
 
@@ -141,6 +141,31 @@ def npy_file(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def write_params_files(writer: Any, shard_params: Callable[[int, int], np.ndarray]) -> None:
+    """Write each shard's parameter file of a views store being written, and list them in
+    ``writer.spec.views["files"]`` for the manifest written next.
+
+    Args:
+        writer: an open ``TargetWriter`` created with ``views=`` (the declaration).
+        shard_params: ``(start, stop) -> structured [stop - start]``, the parameters of rows ``[start, stop)``.
+    """
+    spec = writer.spec
+    dtype = params_dtype(spec.views["params"])
+    files = []
+    for sid in range(spec.num_shards):
+        start, stop = spec.shard_range(sid)
+        arr = np.asarray(shard_params(start, stop))
+        if arr.dtype != dtype or arr.shape != (stop - start,):
+            raise ValueError(f"parameters of rows {start}-{stop - 1}: {arr.dtype} {arr.shape}, expected {dtype} "
+                             f"({stop - start},)")
+        blob = npy_file(arr)
+        rel = params_file(sid)
+        writer.fs.makedirs(join(writer.root, PARAMS_DIR), exist_ok=True)
+        atomic_write(writer.fs, join(writer.root, rel), blob)
+        files.append({"path": rel, "bytes": len(blob), "sha256": sha256_hex(blob)})
+    spec.views["files"] = files
+
+
 @dataclass(frozen=True)
 class Views:
     """The manifest's ``views``: ``count`` V views of each of ``samples`` N samples, rows view-major."""
@@ -167,6 +192,12 @@ class Views:
     def split(self, rows: Any) -> tuple[Any, Any]:
         """``(sample, view)`` of rows (ints, numpy or torch integer arrays)."""
         return rows % self.samples, rows // self.samples
+
+    def declaration(self, samples: int | None = None) -> dict[str, Any]:
+        """The manifest's ``views`` of a store derived from this one, without its files (written with the store):
+        the same views, of ``samples`` samples (default the same)."""
+        return {"count": self.count, "samples": self.samples if samples is None else int(samples), "seed": self.seed,
+                "order": ORDER, "params": [dict(p) for p in self.params], "augment": self.augment}
 
 
 def views_of(manifest: Manifest) -> Views | None:
@@ -226,13 +257,14 @@ class ViewParams:
         self.store, self.views = store, views
         self.dtype = params_dtype(views.params)
         self._shards: dict[int, np.ndarray] = {}
+        self._columns: dict[int, dict[str, np.ndarray]] = {}
         m = store.manifest
         if len(views.files) != m.num_shards:
             raise StoreError(f"{store.url}: the manifest lists {len(views.files)} view parameter files for "
                              f"{m.num_shards} shards", path=str(store.url))
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_shards": {}}
+        return {**self.__dict__, "_shards": {}, "_columns": {}}
 
     def shard(self, shard_id: int) -> np.ndarray:
         """Shard ``shard_id``'s parameters, structured ``[rows]``."""
@@ -274,7 +306,22 @@ class ViewParams:
             out[at] = self.shard(int(sid))[idx[at] - int(sid) * m.shard_rows]
         return out
 
+    def columns(self, shard_id: int) -> dict[str, np.ndarray]:
+        """Shard ``shard_id``'s parameters as one contiguous array ``[rows]`` per name."""
+        got = self._columns.get(shard_id)
+        if got is None:
+            arr = self.shard(shard_id)
+            got = self._columns[shard_id] = {name: np.ascontiguousarray(arr[name]) for name in self.views.names}
+        return got
+
     def take(self, rows: Any) -> dict[str, torch.Tensor]:
         """``{name: tensor [B]}`` of the parameters of store rows ``rows`` (torch dtypes as declared)."""
-        arr = self.rows(rows)
-        return {name: torch.from_numpy(np.ascontiguousarray(arr[name])) for name in self.views.names}
+        idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+        shard_rows = self.store.manifest.shard_rows
+        if len(idx) and idx.min() // shard_rows == idx.max() // shard_rows:  # one shard (a batch, mostly)
+            sid = int(idx[0]) // shard_rows
+            local = idx - sid * shard_rows
+            return {name: torch.from_numpy(col[local]) for name, col in self.columns(sid).items()}
+        arr = self.rows(idx)
+        # a copy per field: a structured field's strides are the row's size, which torch refuses (even for 1 row)
+        return {name: torch.from_numpy(arr[name].copy()) for name in self.views.names}

@@ -162,13 +162,12 @@ class DatasetJoin:
     def __call__(self, index: torch.Tensor, keys: list[str], labels: torch.Tensor | None = None) -> dict[str, Any]:
         """``{"input": ...}`` for the batch's store rows ``index`` int64 [B] / ``keys``; ``labels`` int64 [B]
         (the store's, -1 = unlabelled) are checked against the dataset's when given and ``check`` is on."""
-        positions = self.positions(index, keys)
         if isinstance(self.dataset, TensorDataset):  # one gather, not a Python call per row
-            at = torch.as_tensor(positions)
+            at = index if self._position is None else torch.as_tensor(self.positions(index, keys))
             out = {"input": self.dataset.tensors[0][at]}
             given = self._tensor_labels(at) if self.check and labels is not None else None
         else:
-            items = fetch(self.dataset, positions)
+            items = fetch(self.dataset, self.positions(index, keys))
             out = {"input": default_collate([first_item(it) for it in items])}
             given = item_labels(items) if self.check and labels is not None else None
         if given is not None and labels is not None:

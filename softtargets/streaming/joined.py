@@ -3,7 +3,8 @@
 For random access by a ``DataLoader`` sampler. Rows are read a whole unit (zarr inner chunk,
 wds block) at a time into an LRU cache; ``__getitems__`` groups a batch's rows by unit. Random
 access touches a unit per row when the store is larger than the cache, so for big stores prefer
-:func:`softtargets.stream` (sequential unit reads), joined to the dataset there.
+:func:`softtargets.stream` (sequential unit reads), joined to the dataset there. Over a views store
+(:class:`ViewTargetJoin`) item ``i`` is sample ``i`` in the view the epoch streams, replayed.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ import torch
 from torch.utils.data import Dataset
 
 from ..choices import JoinBy, VerifyMode, parse_choice
+from ..errors import StoreError
 from ..store import TargetStore, open_targets
+from ..store.views import ViewParams, split_view_key, views_of
 from .inputs import check_labels, dataset_keys, fetch, item_labels
 from .plan import Units, unit_rows_for
+from .views import Replay, epoch_view
 
 
 class TargetJoin(Dataset):
@@ -36,14 +40,15 @@ class TargetJoin(Dataset):
         self.store = store  # pickles as "open again" in each worker
         m = store.manifest
         self.rows: np.ndarray | None = None
+        count, what = self._joinable()
         if by == "index":
-            if len(dataset) != len(store):
+            if len(dataset) != count:
                 raise ValueError(
-                    f"cannot join by index: the dataset has {len(dataset)} items, {store.url} has {len(store)} rows"
+                    f"cannot join by index: the dataset has {len(dataset)} items, {store.url} has {count} {what}"
                 )
         else:
             wanted = dataset_keys(dataset, keys)
-            table = {k: i for i, k in enumerate(store.keys())}
+            table = {k: i for i, k in enumerate(self._joinable_keys())}
             missing = [k for k in wanted if k not in table]
             if missing:
                 raise KeyError(f"{len(missing)} dataset keys are not in {store.url}, e.g. {missing[:5]}")
@@ -52,6 +57,14 @@ class TargetJoin(Dataset):
         self.units = Units.from_shards([(s.start, s.rows) for s in m.shards], unit_rows, grouped=False)
         self._cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._cached_bytes = 0
+
+    def _joinable(self) -> tuple[int, str]:
+        """How many store entries items join to, and what they are called (for messages)."""
+        return len(self.store), "rows"
+
+    def _joinable_keys(self) -> list[str]:
+        """The keys items join to by key, in entry order."""
+        return self.store.keys()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -106,6 +119,10 @@ class TargetJoin(Dataset):
             return item[0], item[1], logits
         return (item[0] if isinstance(item, (tuple, list)) else item), label, logits
 
+    def _join(self, rows: list[int], items: list[Any], targets: list[tuple[torch.Tensor, int]]) -> list[tuple]:
+        """The ``(x, y, teacher_logits)`` items of store rows ``rows``."""
+        return [self._assemble(it, t) for it, t in zip(items, targets, strict=True)]
+
     def __getitem__(self, i: int) -> tuple[Any, Any, torch.Tensor]:
         if not -len(self) <= int(i) < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} items")
@@ -113,14 +130,65 @@ class TargetJoin(Dataset):
         item, rows = self.dataset[i], [self.row_of(i)]
         targets = self._targets(rows)
         self._check(rows, targets, [item])
-        return self._assemble(item, targets[0])
+        return self._join(rows, [item], targets)[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[tuple[Any, Any, torch.Tensor]]:
         indices = [int(i) for i in indices]
         rows = [self.row_of(i) for i in indices]
         targets, items = self._targets(rows), fetch(self.dataset, indices)
         self._check(rows, targets, items)
-        return [self._assemble(it, t) for it, t in zip(items, targets, strict=True)]
+        return self._join(rows, items, targets)
+
+
+class ViewTargetJoin(TargetJoin):
+    """:class:`TargetJoin` over a views store: item ``i`` is sample ``i`` (or the sample of its key), joined to
+    the targets of the view the epoch streams (:func:`~softtargets.streaming.views.epoch_view` of ``seed``
+    and the epoch set by :meth:`set_epoch`, as ``stream(..., replay=...)`` chooses it), its ``x`` replayed into
+    that view when ``replay`` is given. See :func:`with_targets`."""
+
+    def __init__(self, dataset: Any, store: TargetStore, by: JoinBy = "index",
+                 keys: Sequence[str] | Callable[[int], str] | None = None, cache_bytes: int = 256 << 20,
+                 check_join: bool = True, *, replay: Replay | None = None, seed: int = 0) -> None:
+        views = views_of(store.manifest)
+        if views is None:
+            raise StoreError(f"{store.url}: not a views store (its manifest declares no views)", path=str(store.url))
+        self.views, self.replay, self.seed = views, replay, int(seed)
+        # In shared memory: DataLoader workers (persistent ones too) see the epoch set_epoch writes.
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        super().__init__(dataset, store, by, keys, cache_bytes, check_join)
+        self.params = ViewParams(store)
+
+    def _joinable(self) -> tuple[int, str]:
+        return self.views.samples, f"samples ({self.views.count} views each)"
+
+    def _joinable_keys(self) -> list[str]:
+        a, b = self.views.rows_of_view(0)
+        return [split_view_key(k)[0] for k in self.store.take(np.arange(a, b))["key"]]
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose views items join (see :meth:`set_epoch`)."""
+        return int(self._epoch[0])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Join the views of epoch ``epoch``: call it before each epoch's ``iter(loader)``, as with a
+        ``DistributedSampler``; the loader's workers, persistent or not, read it from shared memory."""
+        self._epoch[0] = int(epoch)
+
+    @property
+    def view(self) -> int:
+        """The view every item joins in the current epoch."""
+        return epoch_view(self.seed, self.epoch, self.views.count)
+
+    def row_of(self, i: int) -> int:
+        return int(self.views.row(super().row_of(i), self.view))
+
+    def _join(self, rows: list[int], items: list[Any], targets: list[tuple[torch.Tensor, int]]) -> list[tuple]:
+        out = super()._join(rows, items, targets)
+        if self.replay is None:
+            return out
+        xs = self.replay(torch.stack([x for x, _, _ in out]), self.params.take(rows))
+        return [(x, y, logits) for x, (_, y, logits) in zip(xs.unbind(0), out, strict=True)]
 
 
 def with_targets(
@@ -132,8 +200,15 @@ def with_targets(
     cache_bytes: int = 256 << 20,
     verify: VerifyMode = "lazy",
     check_join: bool = True,
+    replay: Replay | None = None,
+    seed: int = 0,
 ) -> TargetJoin:
     """A map-style dataset whose item ``i`` is ``(x, y, teacher_logits)``.
+
+    Over a views store (:mod:`softtargets.store.views`) item ``i`` is sample ``i``, joined to the targets of the
+    view the epoch streams and, with ``replay``, its ``x`` replayed into that view (a :class:`ViewTargetJoin`:
+    call its ``set_epoch(e)`` before each epoch; the views follow ``seed`` and the epoch exactly as
+    ``stream(..., seed=seed, replay=replay)``'s do).
 
     ``x``, ``y`` come from ``dataset[i]`` (an ``(x, y, ...)`` tuple); when the item is not a
     tuple, ``x`` is the item and ``y`` the store's label (int, -1 = unlabelled).
@@ -149,11 +224,19 @@ def with_targets(
         check_join: refuse items whose label ``y`` (an integer) disagrees with the store's label of the
             joined row, where both are labelled: stored labels are copies of the transfer set's, so any
             disagreement means another dataset, or the same one in another order. ``False`` skips it.
+        replay: views stores: ``replay(x, params)`` over a batch (``x`` the items' ``x`` stacked ``[B, ...]``,
+            ``params`` ``{name: tensor [B]}``) gives the views the joined targets belong to.
+        seed: views stores: the seed of the epoch-to-view schedule (as ``stream``'s ``seed``).
 
     Raises:
+        ValueError: ``replay`` for a store of one target per sample, or lengths that do not join by index.
         JoinMismatchError: (a ``ValueError``, when an item is read) a joined item's label disagrees with
             the store's; the message counts the rows and names the first keys.
     """
     if not isinstance(store, TargetStore):
         store = open_targets(store, verify=verify)
+    if views_of(store.manifest) is not None:
+        return ViewTargetJoin(dataset, store, by, keys, cache_bytes, check_join, replay=replay, seed=seed)
+    if replay is not None:
+        raise ValueError(f"replay= is for views stores; {store.url} holds one target per sample")
     return TargetJoin(dataset, store, by, keys, cache_bytes, check_join)

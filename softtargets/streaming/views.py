@@ -15,6 +15,7 @@ is sample ``i``, or by key), and ``replay(input, view_params)`` rebuilds each ro
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -34,10 +35,16 @@ Replay = Callable[[torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
 __all__ = ["Replay", "ViewStream", "epoch_view", "view_schedule"]
 
 
+@functools.lru_cache(maxsize=64)
+def _cycle(seed: int, cycle: int, count: int) -> tuple[int, ...]:
+    """The order of the views in cycle ``cycle`` (kept: a generator costs more than an epoch's batches of digits)."""
+    return tuple(np.random.default_rng([seed, cycle, 2]).permutation(count).tolist())
+
+
 def epoch_view(seed: int, epoch: int, count: int) -> int:
     """The view every sample gets in epoch ``epoch`` (see the module docstring)."""
     cycle, step = divmod(int(epoch), int(count))
-    return int(np.random.default_rng([int(seed), cycle, 2]).permutation(int(count))[step])
+    return _cycle(int(seed), cycle, int(count))[step]
 
 
 def view_schedule(seed: int, epochs: int, count: int) -> list[int]:

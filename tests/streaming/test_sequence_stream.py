@@ -3,18 +3,16 @@ across ranks and DataLoader workers, resume (softtargets.streaming.sequences).""
 
 from __future__ import annotations
 
-import datetime
 import json
-import socket
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import softtargets as st
+from tests.ddp import init_gloo, spawn_ranks
 from tests.sequence_data import sequences, write_sequences
 from tests.store_data import LAYOUTS, store_path
 
@@ -104,15 +102,8 @@ def test_resume_mid_epoch_with_workers(stores):
         other.load_state_dict(state)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _rank_main(rank: int, port: int, urls: dict[str, str], out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
+    init_gloo(rank, port, WORLD)
     try:
         result = {}
         for name, url in urls.items():
@@ -135,7 +126,7 @@ def _rank_main(rank: int, port: int, urls: dict[str, str], out: str) -> None:
 
 def test_ddp_two_ranks_two_workers_exactly_once(stores, tmp_path):
     out = tmp_path / "result.json"
-    mp.spawn(_rank_main, args=(_free_port(), stores, str(out)), nprocs=WORLD, join=True)
+    spawn_ranks(_rank_main, stores, str(out), world=WORLD)
     result = json.loads(out.read_text())
     for name, ranks in result.items():
         n = ranks[0]["num_items"]

@@ -9,11 +9,9 @@ error goes out as a warning."""
 
 from __future__ import annotations
 
-import datetime
 import faulthandler
 import json
 import signal
-import socket
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -21,23 +19,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
 import softtargets as st
 from softtargets.streaming import stream
+from tests.ddp import init_gloo, spawn_ranks
 from tests.store_data import LAYOUTS, keys, store_path, write_store
 
 C, WORLD, BATCH = 10, 2, 16
 ODD_N = 301  # the remainder policy matters
 EXACT_N = 320  # = WORLD * BATCH * 10: no padding, nothing dropped
 WATCHDOG_S, LOADER_TIMEOUT_S, GLOO_TIMEOUT_S = 20, 30, 60  # a stuck rank reports, then raises, before gloo
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _epoch(store: str, remainder: str) -> dict:
@@ -67,10 +59,7 @@ def _arm_watchdog(worker_id: int) -> None:
 def _rank_main(rank: int, port: int, stores: dict[str, str], out: str) -> None:
     stacks = open(f"{out}.stacks", "a")  # noqa: SIM115 (faulthandler writes to it until the process ends)
     faulthandler.register(signal.SIGALRM, file=stacks, all_threads=True)  # dump the threads, do not exit
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-        timeout=datetime.timedelta(seconds=GLOO_TIMEOUT_S),
-    )
+    init_gloo(rank, port, WORLD, timeout_s=GLOO_TIMEOUT_S)
     try:
         result = {}
         for name, store in stores.items():
@@ -102,7 +91,7 @@ def ddp_result(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
     out = root / "result.json"
 
     def ranks() -> None:
-        mp.spawn(_rank_main, args=(_free_port(), stores, str(out)), nprocs=WORLD, join=True)
+        spawn_ranks(_rank_main, stores, str(out), world=WORLD)
 
     try:
         ranks()

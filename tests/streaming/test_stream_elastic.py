@@ -4,32 +4,23 @@ DataLoader worker counts; every row of the epoch is consumed once (padding aside
 
 from __future__ import annotations
 
-import datetime
 import json
-import socket
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from softtargets.streaming import stream
+from tests.ddp import init_gloo, spawn_ranks
 from tests.store_data import LAYOUTS, store_path, write_store
 
 C, N, WORLD = 10, 301, 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_main(rank: int, port: int, stores: dict[str, str], saved: dict[str, dict], out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
+    init_gloo(rank, port, WORLD)
     try:
         result: dict[str, dict] = {}
         for layout, store in stores.items():
@@ -73,7 +64,7 @@ def elastic(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict, dict]
         before[layout] = [i for _ in range(7) for i in next(it)["index"].tolist()]
         saved[layout] = ds.state_dict()
     out = root / "result.json"
-    mp.spawn(_rank_main, args=(_free_port(), stores, saved, str(out)), nprocs=WORLD, join=True)
+    spawn_ranks(_rank_main, stores, saved, str(out), world=WORLD)
     return stores, before, json.loads(out.read_text())
 
 

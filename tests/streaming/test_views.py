@@ -126,3 +126,52 @@ def test_batches_without_a_dataset_carry_views_and_parameters(views_store):
     assert batch["view_params"]["flip"].dtype == torch.uint8
     assert batch["view_params"]["angle"].dtype == torch.float16
     assert np.isin(batch["view_params"]["flip"].numpy(), [0, 1]).all()
+
+
+def test_with_targets_joins_and_replays_the_view_stream_gives(views_store):
+    ds = dataset()
+    joined = st.with_targets(ds, views_store, replay=AUG.replay, seed=7)
+    assert isinstance(joined, st.ViewTargetJoin) and len(joined) == N
+    # workers that persist across epochs follow set_epoch (the epoch is in shared memory)
+    loader = torch.utils.data.DataLoader(joined, batch_size=B, num_workers=2, multiprocessing_context="fork",
+                                         persistent_workers=True)
+    for epoch in (0, 1, 5):
+        s = st.stream(views_store, batch_size=B, seed=7, dataset=ds, replay=AUG.replay)
+        s.set_epoch(epoch)
+        streamed = {int(i): (x, lg) for b in s for i, x, lg in zip(b["sample"], b["input"], b["teacher_logits"],
+                                                                   strict=True)}
+        joined.set_epoch(epoch)
+        assert joined.view == epoch_view(7, epoch, V)
+        # through DataLoader workers, in batches (__getitems__), and one item at a time (__getitem__)
+        batched = [(x, lg) for xb, _, lb in loader for x, lg in zip(xb, lb, strict=True)]
+        assert len(batched) == N
+        for i in range(N):
+            x, y, lg = joined[i]
+            assert y == i % C
+            for got_x, got_lg in ((x, lg), batched[i]):
+                torch.testing.assert_close(got_x, streamed[i][0], atol=0, rtol=0)
+                torch.testing.assert_close(got_lg, streamed[i][1], atol=0, rtol=0)
+
+
+def test_with_targets_over_a_views_store_joins_by_sample_key_and_refuses_replay_elsewhere(views_store, tmp_path):
+    ds = dataset()
+    keys = [str(i) for i in range(N)]
+    by_key = st.with_targets(list(zip(*ds.tensors, strict=True))[::-1], views_store, by="key", keys=keys[::-1],
+                             replay=AUG.replay, seed=3)
+    by_index = st.with_targets(ds, views_store, replay=AUG.replay, seed=3)
+    for j in (by_key, by_index):
+        j.set_epoch(2)
+    for i in (0, 17, N - 1):
+        x, _, lg = by_key[N - 1 - i]
+        want_x, _, want_lg = by_index[i]
+        torch.testing.assert_close(x, want_x, atol=0, rtol=0)
+        torch.testing.assert_close(lg, want_lg, atol=0, rtol=0)
+    raw = st.with_targets(ds, views_store, seed=3)  # no replay: the targets of the epoch's view, the clean input
+    raw.set_epoch(2)
+    assert torch.equal(raw[5][0], ds.tensors[0][5]) and torch.equal(raw[5][2], by_index[5][2])
+    with pytest.raises(ValueError, match="48 samples"):
+        st.with_targets(torch.utils.data.TensorDataset(torch.zeros(N * V, D)), views_store)
+    plain = tmp_path / "plain.zarr"
+    st.precompute(teachers(), ds, plain, progress=False, num_workers=0)
+    with pytest.raises(ValueError, match="views stores"):
+        st.with_targets(ds, plain, replay=AUG.replay)
