@@ -20,6 +20,7 @@ sha256 like any data file's.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import os
@@ -148,6 +149,35 @@ def create_sequences(url: str | os.PathLike[str], *, vocab_size: int, **kwargs: 
     from . import create_targets
 
     return SequenceWriter(create_targets(url, num_classes=int(vocab_size), **kwargs))
+
+
+def copy_sequence_files(src: TargetStore, writer: TargetWriter) -> None:
+    """Give the store ``writer`` makes the sequences of ``src`` (its rows in the same order: a conversion): the
+    three ``sequences/*.npy`` files, each checked against ``src``'s manifest, and the manifest's ``sequences``.
+    Nothing for a store without sequences.
+
+    Raises:
+        StoreError: a file is missing; ChecksumError: a file does not match its sha256.
+    """
+    if src.manifest.sequences is None:
+        return
+    writer.prepare()
+    writer.fs.makedirs(join(writer.root, SEQUENCE_DIR), exist_ok=True)
+    for rec in src.manifest.sequences["files"]:
+        rel = rec["path"]
+        if rel not in (OFFSETS_FILE, TOKENS_FILE, KEYS_FILE):
+            raise StoreError(f"{src._file_url(rel)}: not a sequence file's path; refused", path=src._file_url(rel))
+        try:
+            data = src.fs.cat_file(join(src.root, rel))
+        except FileNotFoundError:
+            raise StoreError(f"{src._file_url(rel)}: missing (listed in the manifest's sequences)",
+                             path=src._file_url(rel)) from None
+        found = hashlib.sha256(data).hexdigest()
+        if len(data) != rec["bytes"] or found != rec["sha256"]:
+            raise ChecksumError(f"{src._file_url(rel)}: sha256 {found} does not match the manifest's {rec['sha256']}",
+                                path=src._file_url(rel), expected=rec["sha256"], found=found)
+        atomic_write(writer.fs, join(writer.root, rel), data)
+    writer.spec.sequences = copy.deepcopy(src.manifest.sequences)
 
 
 def offsets_problem(offsets: np.ndarray, m: Any) -> str | None:
