@@ -114,6 +114,16 @@ def check_disjoint(stores: Sequence[TargetStore], *, tmpdir: str | None = None, 
                          + "; ".join(examples))
 
 
+def refuse_sequences(stores: Sequence[TargetStore], operation: str) -> None:
+    """Sequence stores are refused by ``merge`` and ``subset``: their rows are cut into sequences by offsets that
+    a concatenation or a choice of rows would have to rewrite."""
+    for s in stores:
+        seqs = s.manifest.sequences
+        if seqs is not None:
+            raise ValueError(f"{s.url} is a sequence store (rows are token positions of {seqs['count']} sequences): "
+                             f"{operation} does not take sequence stores; convert keeps them whole")
+
+
 def merge_stores(
     srcs: Sequence[str | os.PathLike[str]], dst: str | os.PathLike[str], *, layout: str | None = None,
     sample_layout: str | None = None, shard_rows: int | None = None, block_rows: int | None = None,
@@ -138,6 +148,7 @@ def merge_stores(
         if same_location(u, dst, storage_options):
             raise ValueError(f"{dst}: the destination is one of the sources; merge into a new store")
     stores = [open_targets(u, storage_options=storage_options) for u in urls]
+    refuse_sequences(stores, "merge")
     views = merged_views(stores)
     check_compatible(stores)
     ms = [s.manifest for s in stores]
@@ -274,6 +285,7 @@ def subset_store(
     if same_location(src, dst, storage_options):
         raise ValueError(f"{dst}: the destination is the source; write the subset elsewhere")
     store = open_targets(src, storage_options=storage_options)
+    refuse_sequences([store], "subset")
     m = store.manifest
     views, samples = views_of(m), 0
     wanted = None if keys is None else np.unique(str_array(list(keys)))

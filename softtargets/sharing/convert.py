@@ -3,7 +3,8 @@
 Everything streams shard by shard: a source shard is read, re-encoded, and cut into
 whole destination shards (:class:`ShardSink`), so memory holds about one source shard
 and one destination shard whatever the store's size. Keys, labels, teachers, class names,
-the transfer set and a views store's views (parameter files cut at the new shards) carry over;
+the transfer set, a views store's views (parameter files cut at the new shards) and a sequence store's
+sequences (its ``sequences/*.npy``, checked, as the rows keep their order) carry over;
 the new manifest's ``lineage`` gains one entry naming the source URL, the sha256 of its
 ``manifest.json``, the operation and its parameters.
 
@@ -34,6 +35,7 @@ from ..store.compact_rows import encode_compact_rows
 from ..store.encoding import encode_logits
 from ..store.files import join, url_to_fs
 from ..store.manifest import MANIFEST_NAME, Manifest, utc_now
+from ..store.sequences import copy_sequence_files
 from ..store.views import ViewParams, views_of, write_params_files
 from .unique_keys import str_array
 
@@ -271,6 +273,7 @@ def convert_store(
                 raise ValueError(f"{src}: shard {shard.id} (rows {shard.start}-{shard.stop - 1}): {e}") from None
             sink.add(str_array(rows["key"]), stored, rows["label"].numpy(), inputs)
         carry_views(store, sink)
+        copy_sequence_files(store, sink.writer)
 
     return derive(args, fill, dst, overwrite, storage_options)
 
@@ -317,6 +320,7 @@ def convert_compact(
                 worst[key] = max(worst.get(key, 0.0), value)
             sink.add(str_array(rows["key"]), records.numpy(), rows["label"].numpy())
         carry_views(store, sink)
+        copy_sequence_files(store, sink.writer)
         assert sink.writer.spec.compact is not None
         sink.writer.spec.compact.update(worst)
 

@@ -1,5 +1,6 @@
-"""``verify`` checks the files a store keeps at fixed paths beside its rows: a sequence store's
-``sequences/*.npy`` (sizes, sha256, offsets that cut the rows) and a hidden store's output head ``head/*.npy``."""
+"""The files a store keeps at fixed paths beside its rows: ``verify`` checks a sequence store's ``sequences/*.npy``
+(sizes, sha256, offsets that cut the rows) and a hidden store's output head ``head/*.npy``; ``convert`` carries a
+sequence store's files, ``merge`` and ``subset`` refuse sequence stores."""
 
 from __future__ import annotations
 
@@ -69,3 +70,19 @@ def test_a_changed_output_head_is_reported(tmp_path):
     flip(url / "head" / "bias.npy")
     report = st.verify_store(url)
     assert not report.ok and report.bad_files == [str(url / "head" / "bias.npy")]
+
+
+@pytest.mark.parametrize("kw", [{"layout": "wds"}, {"dtype": "float32"},
+                                {"compact": st.CompactSpec("topk", k=4, temperatures=(1.0, 2.0))}])
+def test_convert_keeps_a_sequence_store_whole_and_merge_subset_refuse_it(lm_store, kw):
+    dst = lm_store.parent / ("out.wds" if kw.get("layout") == "wds" else "out.zarr")
+    st.convert_store(lm_store, dst, **kw)
+    src, out = st.open_sequences(lm_store), st.open_sequences(dst)
+    assert out.keys() == src.keys() and np.array_equal(out.offsets, src.offsets)
+    for i in range(len(src)):
+        assert torch.equal(out[i]["input_ids"], src[i]["input_ids"]) and torch.equal(out[i]["label"], src[i]["label"])
+    assert st.verify_store(dst).ok
+    with pytest.raises(ValueError, match="is a sequence store"):
+        st.subset_store(lm_store, lm_store.parent / "sub.zarr", keys=["s0/0"])
+    with pytest.raises(ValueError, match="merge does not take sequence stores"):
+        st.merge_stores([lm_store, dst], lm_store.parent / "m.zarr")
