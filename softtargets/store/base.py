@@ -59,6 +59,7 @@ from .files import (
     url_to_fs,
 )
 from .manifest import MANIFEST_NAME, FileRecord, Manifest, ManifestError, ShardRecord, provenance, utc_now
+from .remote import RemoteFiles, ShortRead
 from .verified import is_verified, record_verified
 
 PENDING_NAME = ".softtargets-pending.json"
@@ -651,13 +652,22 @@ class TargetStore(ABC):
         self._key_index: dict[str, int] | None = None
         self._head: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._starts = np.array([s.start for s in manifest.shards], dtype=np.int64)
+        # Remote filesystems: the bytes fetched, each range once (concurrently), and kept while they fit.
+        self._remote = None if is_local(fs) else RemoteFiles(fs, root)
         self._check_rows()
         self._check_metadata_paths()
         self._open_layout()
         self._check_files()
-        if verify == "full":
+        if verify == "full" and self._remote is not None:
+            self.check_shards(s.id for s in manifest.shards)  # fetched together, a group at a time
+        elif verify == "full":
             for s in manifest.shards:
                 self.check_shard(s.id, self._held_files(s.id))
+
+    @property
+    def remote(self) -> bool:
+        """Whether the store is read from a remote filesystem (not a local one): reads then fetch bytes."""
+        return self._remote is not None
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickle as "open again" (for DataLoader workers): no caches, zarr handles or file handles travel."""
@@ -760,6 +770,8 @@ class TargetStore(ABC):
     def _check_file(self, shard_id: int, f: FileRecord, blob: Any) -> None:
         """File ``f`` of shard ``shard_id`` has its recorded size and sha256 (``blob``: its bytes, or None
         to read them)."""
+        if blob is None and self._remote is not None:
+            blob = self._fetched([(shard_id, f.path, 0, f.bytes)])[0]
         if blob is None:
             try:
                 blob = self.fs.cat_file(join(self.root, f.path))
@@ -777,15 +789,66 @@ class TargetStore(ABC):
 
     def check_shards(self, shard_ids: Iterable[int]) -> None:
         """:meth:`check_shard` for several shards at once, hashed on parallel threads (hashlib releases
-        the GIL): what a shuffle window that starts in many shards waits for, divided by the cores."""
+        the GIL): what a shuffle window that starts in many shards waits for, divided by the cores. A
+        remote store fetches the shards' files first, together (:meth:`fetch_shards`)."""
         todo = sorted({int(s) for s in shard_ids} - self._verified) if self.verify_mode != "none" else []
-        held = {s: self._held_files(s) for s in todo}  # maps are made here, on one thread
-        if len(todo) <= 1:
-            for s in todo:
-                self.check_shard(s, held[s])
-            return
-        with ThreadPoolExecutor(min(len(todo), os.cpu_count() or 1), thread_name_prefix="softtargets-sha256") as pool:
-            list(pool.map(lambda s: self.check_shard(s, held[s]), todo))
+        for group in self._fetch_groups(todo):
+            # Maps are made here, on one thread; remote files are fetched in one round of requests.
+            held = {s: self._held_files(s) for s in group} if self._remote is None else self.fetch_shards(group)
+            if len(group) <= 1:
+                for s in group:
+                    self.check_shard(s, held[s])
+                continue
+            with ThreadPoolExecutor(min(len(group), os.cpu_count() or 1),
+                                    thread_name_prefix="softtargets-sha256") as pool:
+                list(pool.map(self.check_shard, group, [held[s] for s in group]))
+
+    def prefetch(self, pieces: Sequence[tuple[int, int, int]]) -> None:
+        """Make ready to read pieces ``(shard id, a, b)`` (store rows ``[a, b)`` of that shard): their shards are
+        checked, all at once (:meth:`check_shards`); a remote store also fetches the bytes they need that it
+        does not hold, in one round of concurrent requests. Reading works without it, a request at a time."""
+        self.check_shards(sid for sid, _, _ in pieces)
+
+    def _fetch_groups(self, shard_ids: list[int]) -> list[list[int]]:
+        """``shard_ids`` cut into runs whose files a remote reader can hold at once (half its capacity); one run
+        for a local store."""
+        if self._remote is None or not shard_ids:
+            return [shard_ids] if shard_ids else []
+        groups: list[list[int]] = [[]]
+        size = 0
+        for sid in shard_ids:
+            nbytes = sum(f.bytes for f in self.manifest.shards[sid].files)
+            if groups[-1] and size + nbytes > self._remote.capacity // 2:
+                groups.append([])
+                size = 0
+            groups[-1].append(sid)
+            size += nbytes
+        return groups
+
+    def fetch_shards(self, shard_ids: Sequence[int]) -> dict[int, dict[str, np.ndarray]]:
+        """Remote stores: the whole files of shards ``shard_ids``, by shard id and relative path (``uint8``),
+        fetched in one round of concurrent requests (those held already are not fetched again)."""
+        wanted = [(sid, f.path, 0, f.bytes) for sid in shard_ids for f in self.manifest.shards[sid].files]
+        out: dict[int, dict[str, np.ndarray]] = {int(sid): {} for sid in shard_ids}
+        for (sid, rel, _, _), data in zip(wanted, self._fetched(wanted), strict=True):
+            out[sid][rel] = data
+        return out
+
+    def _fetched(self, wanted: Sequence[tuple[int, str, int, int]]) -> list[np.ndarray]:
+        """A remote store's bytes ``[a, b)`` of each file ``(shard id, relative path, a, b)``; a missing or short
+        file refused (:class:`StoreError` naming it and its shard)."""
+        assert self._remote is not None  # remote stores only
+        shard_of = {rel: sid for sid, rel, _, _ in wanted}
+        try:
+            return self._remote.get([(rel, a, b) for _, rel, a, b in wanted])
+        except FileNotFoundError as e:
+            url = self._file_url(str(e.filename))
+            raise StoreError(f"{url}: missing (shard {shard_of.get(e.filename)})", path=url,
+                             shard=shard_of.get(e.filename)) from None
+        except ShortRead as e:
+            url = self._file_url(e.rel)
+            raise StoreError(f"{url}: asked for bytes {e.start}-{e.end - 1}, got {e.got}: shorter than the manifest "
+                             f"says (truncated or replaced)", path=url, shard=shard_of.get(e.rel)) from None
 
     # -- layout hooks -----------------------------------------------------------------------------
 

@@ -21,7 +21,11 @@ file's ``chunks_sha256``, so a reader checks a chunk when it reads it (see ``sto
 
 Reading a local store: shard files are memory-mapped and decoded by :mod:`.zarr_shards`
 (uncompressed logits, the default, are viewed in place: no read at all); keys and labels are
-decoded once per shard and kept. Remote stores are read through zarr.
+decoded once per shard and kept. A remote store (:mod:`.remote`) is decoded the same way from
+bytes fetched: a shard's files whole when it is first read (checked as a local lazy reader checks
+its maps, and their chunk index and crc32c trailers kept), then only the inner chunks a read needs
+(ranges merged per file, fetched concurrently), each checked against its kept crc32c. Arrays
+in codec chains :mod:`.zarr_shards` does not decode (blosc) are read through zarr.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -47,7 +51,7 @@ from .card import dask_recipe, zarr_recipe
 from .files import atomic_write, file_record, flush_and_close, is_local, join
 from .manifest import FileRecord, Manifest, ShardRecord
 from .mapped import MappedFiles
-from .zarr_shards import ShardFileWriter, ShardFormat, file_chunks_digest
+from .zarr_shards import ShardFileWriter, ShardFormat, crc32c, file_chunks_digest
 
 ARRAYS = ("logits", "labels", "keys")
 COMPRESSORS = {
@@ -269,6 +273,9 @@ class ZarrStore(TargetStore):
         self._maps = MappedFiles()
         # Files checked by chunks_sha256 (lazy, format 2): relative path -> chunks not yet checked (bool [chunks]).
         self._unchecked: dict[str, np.ndarray] = {}
+        # Remote files read once whole: relative path -> (offset, bytes) of each inner chunk [chunks, 2], and
+        # their crc32c trailers where checked against the manifest (None: not checked, or no trailers).
+        self._spans: dict[str, tuple[np.ndarray, list[bytes] | None]] = {}
         super().__init__(url, manifest, fs, root, verify)
 
     @property
@@ -287,8 +294,8 @@ class ZarrStore(TargetStore):
         for name, arr in self.arrays.items():
             self._check_array(name, arr)
         self._layouts = {name: ShardFormat.of(arr) for name, arr in self.arrays.items()}
-        # Local stores: shard files mapped and decoded here; None where zarr must decode an array.
-        self._formats = self._layouts if is_local(self.fs) else {}
+        # Shard files decoded here (local: mapped; remote: fetched); None where zarr must decode an array.
+        self._formats = self._layouts
 
     def _check_array(self, name: str, arr: zarr.Array) -> None:
         """Array ``name``'s metadata agrees with the manifest (one :class:`StoreError` naming both)."""
@@ -344,26 +351,40 @@ class ZarrStore(TargetStore):
     def _check_file(self, shard_id: int, f: FileRecord, blob: Any) -> None:
         """Lazily, a mapped format-2 file is checked by its chunk checksums and index here, and its chunks as
         they are read (:meth:`_check_chunks`); otherwise by its sha256, and (``full``, format 2) by its chunk
-        checksums, index and every inner chunk's crc32c too: ``full`` checks all that ``lazy`` does."""
+        checksums, index and every inner chunk's crc32c too: ``full`` checks all that ``lazy`` does. A remote
+        file is checked from the bytes fetched, which then tell where its chunks are (:meth:`_learn`)."""
         name = f.path.split("/", 1)[0]
         shard_format = self._formats.get(name)
+        if blob is None and self._remote is not None:
+            blob = self._fetched([(shard_id, f.path, 0, f.bytes)])[0]
         chunked = blob is not None and f.chunks_sha256 is not None and shard_format is not None and shard_format.crc
         if not chunked or self.verify_mode != "lazy":
             super()._check_file(shard_id, f, blob)
-        if not chunked:
-            return
-        assert shard_format is not None  # chunked
-        if len(blob) != f.bytes:
-            raise StoreError(f"{self._file_url(f.path)}: {len(blob)} bytes, the manifest says {f.bytes}")
-        if file_chunks_digest(blob, shard_format.chunks_per_shard) != f.chunks_sha256:
-            raise ChecksumError(f"{self._file_url(f.path)}: chunk checksums or shard index do not match the manifest "
-                                f"(corrupt or altered file)", path=self._file_url(f.path), shard=shard_id,
-                                expected=f.chunks_sha256)
-        todo = np.ones(shard_format.chunks_per_shard, dtype=bool)
-        if self.verify_mode == "lazy":
-            self._unchecked[f.path] = todo
-        else:
-            self._check_chunk_ids(f.path, shard_format, shard_id, blob, list(range(len(todo))), todo)
+        if chunked:
+            assert shard_format is not None  # chunked
+            if len(blob) != f.bytes:
+                raise StoreError(f"{self._file_url(f.path)}: {len(blob)} bytes, the manifest says {f.bytes}")
+            if file_chunks_digest(blob, shard_format.chunks_per_shard) != f.chunks_sha256:
+                raise ChecksumError(f"{self._file_url(f.path)}: chunk checksums or shard index do not match the "
+                                    f"manifest (corrupt or altered file)", path=self._file_url(f.path),
+                                    shard=shard_id, expected=f.chunks_sha256)
+            todo = np.ones(shard_format.chunks_per_shard, dtype=bool)
+            if self.verify_mode != "lazy":
+                self._check_chunk_ids(f.path, shard_format, shard_id, blob, list(range(len(todo))), todo)
+            elif self._remote is None:
+                self._unchecked[f.path] = todo
+        if self._remote is not None and shard_format is not None:
+            self._learn(f.path, shard_format, shard_id, blob, checked=True)
+
+    def _learn(self, rel: str, shard_format: ShardFormat, shard_id: int, blob: np.ndarray, checked: bool) -> None:
+        """Keep where remote file ``rel``'s inner chunks lie, from its bytes ``blob``, and (``checked``: ``blob``
+        matched the manifest) their crc32c trailers, against which later reads of single chunks are checked."""
+        spans = shard_format.spans(blob, self.manifest.shards[shard_id].rows)
+        if spans is None:
+            return  # a damaged index: zarr reads the file, and reports it
+        trailers = [blob[o + n - 4:o + n].tobytes() for o, n in spans.tolist()] if checked and shard_format.crc \
+            else None
+        self._spans[rel] = (spans, trailers)
 
     def _check_chunks(self, name: str, shard_id: int, buf: np.ndarray, lo: int, hi: int) -> None:
         """The inner chunks of array ``name`` holding rows ``[lo, hi)`` of shard ``shard_id`` (file bytes
@@ -383,13 +404,17 @@ class ZarrStore(TargetStore):
         ids = [i for i in ids if i < -(-rows // shard_format.chunk_rows) and todo[i]]
         bad = shard_format.bad_chunks(buf, rows, ids) if ids else []
         if bad:
-            a = bad[0] * shard_format.chunk_rows
-            b = min(rows, a + shard_format.chunk_rows)
-            raise ChecksumError(f"{self._file_url(rel)}: inner chunk {bad[0]} (rows {a}-{b - 1} of shard {shard_id}) "
-                                f"does not match its crc32c (corrupt file)", path=self._file_url(rel), shard=shard_id)
+            self._refuse_chunk(rel, shard_format, shard_id, bad[0])
         todo[ids] = False
         if not todo[:-(-rows // shard_format.chunk_rows)].any():  # every chunk of the file checked: remember it
             self._remember(next(f for f in self.manifest.shards[shard_id].files if f.path == rel))
+
+    def _refuse_chunk(self, rel: str, shard_format: ShardFormat, shard_id: int, chunk: int) -> None:
+        """Raise the :class:`ChecksumError` of inner chunk ``chunk`` of file ``rel`` (shard ``shard_id``)."""
+        a = chunk * shard_format.chunk_rows
+        b = min(self.manifest.shards[shard_id].rows, a + shard_format.chunk_rows)
+        raise ChecksumError(f"{self._file_url(rel)}: inner chunk {chunk} (rows {a}-{b - 1} of shard {shard_id}) "
+                            f"does not match its crc32c (corrupt file)", path=self._file_url(rel), shard=shard_id)
 
     def _mapped(self, shard_id: int) -> dict[str, np.ndarray]:
         """Array name -> the bytes of its shard ``shard_id`` file, memory-mapped (arrays with a decoder only);
@@ -415,10 +440,14 @@ class ZarrStore(TargetStore):
         cost = s.rows * META_BYTES_PER_ROW
         if self._meta_bytes + cost > self.meta_cache_bytes:
             return None
-        maps = self._mapped(shard_id)
-        for name in maps.keys() & {"keys", "labels"}:
-            self._check_chunks(name, shard_id, maps[name], 0, s.rows)
-        keys, labels = self._decoded("keys", shard_id, maps), self._decoded("labels", shard_id, maps)
+        if self._remote is not None:
+            keys, labels = self._remote_rows("keys", shard_id, 0, s.rows), self._remote_rows("labels", shard_id, 0,
+                                                                                              s.rows)
+        else:
+            maps = self._mapped(shard_id)
+            for name in maps.keys() & {"keys", "labels"}:
+                self._check_chunks(name, shard_id, maps[name], 0, s.rows)
+            keys, labels = self._decoded("keys", shard_id, maps), self._decoded("labels", shard_id, maps)
         meta = (
             np.asarray(self.arrays["keys"][s.start:s.stop]).astype(object) if keys is None else keys,
             np.asarray(self.arrays["labels"][s.start:s.stop]) if labels is None else labels,
@@ -428,6 +457,8 @@ class ZarrStore(TargetStore):
         return meta
 
     def read_block(self, shard_id: int, lo: int, hi: int) -> dict[str, np.ndarray]:
+        if self._remote is not None:
+            return self._read_remote(shard_id, lo, hi)
         maps = self._mapped(shard_id)
         self.check_shard(shard_id)
         start = self.manifest.shards[shard_id].start
@@ -453,3 +484,79 @@ class ZarrStore(TargetStore):
         if meta is not None:
             return meta[0].tolist()
         return self.read_block(shard_id, 0, self.manifest.shards[shard_id].rows)["key"].tolist()
+
+    # -- remote stores ----------------------------------------------------------------------------
+
+    def prefetch(self, pieces: Sequence[tuple[int, int, int]]) -> None:
+        """Checks the pieces' shards (a remote shard's files fetched whole the first time), then fetches the inner
+        chunks the pieces need that are not held, all in one round of requests."""
+        super().prefetch(pieces)
+        if self._remote is None:
+            return
+        fresh = sorted({sid for sid, _, _ in pieces if self._unlearnt(sid)})  # not checked: verify="none"
+        for sid, files in self.fetch_shards(fresh).items():
+            self._learn_shard(sid, files)
+        wanted = []
+        for sid, a, b in pieces:
+            start = self.manifest.shards[sid].start
+            names = ("logits",) if sid in self._meta else ARRAYS
+            for name in names:
+                wanted += self._chunk_ranges(name, sid, a - start, b - start)[1]
+        self._fetched(wanted)
+
+    def _unlearnt(self, shard_id: int) -> bool:
+        return any(rel not in self._spans for rel in self._files(shard_id).values())
+
+    def _learn_shard(self, shard_id: int, files: dict[str, np.ndarray]) -> None:
+        for name, rel in self._files(shard_id).items():
+            if rel not in self._spans:
+                fmt = self._formats[name]
+                assert fmt is not None  # self._files: arrays with a format only
+                self._learn(rel, fmt, shard_id, files[rel], checked=False)
+
+    def _read_remote(self, shard_id: int, lo: int, hi: int) -> dict[str, np.ndarray]:
+        """Rows ``[lo, hi)`` of shard ``shard_id`` of a remote store (see :meth:`read_block`)."""
+        self.check_shards([shard_id])
+        meta = self._shard_meta(shard_id)
+        if meta is not None:
+            keys, labels = meta[0][lo:hi], meta[1][lo:hi]
+        else:
+            keys, labels = self._remote_rows("keys", shard_id, lo, hi), self._remote_rows("labels", shard_id, lo, hi)
+        return {"key": keys, "logits": self._remote_rows("logits", shard_id, lo, hi), "label": labels}
+
+    def _chunk_ranges(self, name: str, shard_id: int, lo: int, hi: int) -> tuple[list[int], list[tuple[int, str, int,
+                                                                                                       int]]]:
+        """The inner chunks of array ``name``'s shard ``shard_id`` file holding rows ``[lo, hi)``, and their byte
+        ranges ``(shard id, relative path, start, end)``; none where the file's chunks are not known here."""
+        rel = shard_file(name, self.arrays[name], shard_id)
+        known = self._spans.get(rel)
+        shard_format = self._formats.get(name)
+        if known is None or shard_format is None or lo >= hi:
+            return [], []
+        ids = list(shard_format.chunks_of(lo, hi))
+        return ids, [(shard_id, rel, int(o), int(o + n)) for o, n in known[0][ids].tolist()]
+
+    def _remote_rows(self, name: str, shard_id: int, lo: int, hi: int) -> np.ndarray:
+        """Rows ``[lo, hi)`` of array ``name`` in shard ``shard_id`` of a remote store: the inner chunks holding
+        them (held, or fetched), each checked against its crc32c kept when the file was checked, decoded here;
+        through zarr where :mod:`.zarr_shards` does not decode the array or its file's chunks are not known."""
+        shard_format = self._formats.get(name)
+        if shard_format is not None and self._unlearnt(shard_id):
+            self._learn_shard(shard_id, self.fetch_shards([shard_id])[shard_id])
+        ids, wanted = self._chunk_ranges(name, shard_id, lo, hi)
+        out = None
+        if shard_format is not None and wanted:
+            blobs = self._fetched(wanted)
+            trailers = self._spans[wanted[0][1]][1]
+            if trailers is not None:
+                bad = [i for i, blob in zip(ids, blobs, strict=True) if crc32c(blob[:-4]) != trailers[i]]
+                if bad:
+                    self._refuse_chunk(wanted[0][1], shard_format, shard_id, bad[0])
+            out = shard_format.decode_chunks([blob[:len(blob) - 4 * shard_format.crc] for blob in blobs], ids[0],
+                                             lo, hi)
+        if out is None and lo < hi or shard_format is None:
+            start = self.manifest.shards[shard_id].start
+            out = np.asarray(self.arrays[name][start + lo:start + hi])
+        elif out is None:
+            out = np.zeros((0, *self.arrays[name].shape[1:]), self.arrays[name].dtype)
+        return out.astype(object) if name == "keys" and out.dtype != object else out

@@ -23,6 +23,7 @@ Progress and resumption: see :meth:`TargetStream.state_dict`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
@@ -42,7 +43,7 @@ from .elastic import RestPlan, rest_of_epoch
 from .inputs import DatasetJoin, Decoder, collate_packed
 from .plan import EpochPlan, SplitConfig, Units, batches_per_rank, unit_rows_for
 from .progress import BatchSet
-from .window import Arranged, Buffers, Window
+from .window import Arranged, Buffers, Window, window_pieces
 
 STATE_FORMAT = "softtargets.stream/2"  # 2: windows ramp up at the start of an epoch
 DEFAULT_BUFFER_BYTES = 64 << 20
@@ -315,7 +316,8 @@ class TargetStream(IterableDataset):
             else None
         run = ahead if self.read_ahead else in_order
 
-        arrange_next = self._arranger(buffers)
+        windows = [(p, int(p.window_of(int(group[0])))) for p, group in items]
+        arrange_next = self._arranger(buffers, [w for i, w in enumerate(windows) if i == 0 or w != windows[i - 1]])
 
         def arrange(item: tuple[EpochPlan, np.ndarray]) -> Arranged:
             if early is not None and item is items[0]:
@@ -338,10 +340,14 @@ class TargetStream(IterableDataset):
                     group.tolist(), functools.partial(self._batch, plan, arranged)):
                 yield batch
 
-    def _arranger(self, buffers: Buffers | None) -> Callable[[tuple[EpochPlan, np.ndarray]], Arranged]:
+    def _arranger(self, buffers: Buffers | None, windows: Sequence[tuple[EpochPlan, int]] = ()
+                  ) -> Callable[[tuple[EpochPlan, np.ndarray]], Arranged]:
         """A function of ``(plan, batch numbers of one slab)`` giving that slab arranged; it keeps the window it
-        read last, so the slabs of a window read it once (one such function per thread)."""
+        read last, so the slabs of a window read it once (one such function per thread). ``windows``: the
+        ``(plan, window)`` s to be read, in order; from a remote store, the bytes of the one after the window
+        being read are fetched meanwhile, on a thread of their own (the store holds them until read)."""
         last: dict[tuple[int, int], tuple[Window, np.ndarray | None]] = {}
+        following = {(p.epoch, k): nxt for (p, k), nxt in zip(windows, windows[1:], strict=False)}
 
         def arrange(item: tuple[EpochPlan, np.ndarray]) -> Arranged:
             p, group = item
@@ -351,11 +357,20 @@ class TargetStream(IterableDataset):
                 last.clear()  # the window before is done with: its views of the store go
                 last[(p.epoch, k)] = (Window.read(self.store, p.segments(lo, hi), self.packed),
                                       p.window_permutation(k))
+                if self.store.remote and self.read_ahead and (p.epoch, k) in following:
+                    in_background(self._prefetch, following[(p.epoch, k)], name="softtargets-fetch")
             window, perm = last[(p.epoch, k)]
             a = (int(group[0]) * p.cfg.batch_size - lo) // self.slab_rows * self.slab_rows
             return window.arrange(perm, self._logits_dtype, buffers, a, min(a + self.slab_rows, hi - lo))
 
         return arrange
+
+    def _prefetch(self, window: tuple[EpochPlan, int]) -> None:
+        """Fetch the bytes of ``(plan, window)`` from a remote store, to be held until the window is read. An error
+        is left to that read, which meets it again."""
+        p, k = window
+        with contextlib.suppress(Exception):
+            self.store.prefetch(window_pieces(self.store, p.segments(*p.window_range(k))))
 
     def _groups(self, plan: EpochPlan, share: np.ndarray) -> list[np.ndarray]:
         """``share`` (ascending batch numbers) cut where a new slab starts (a window is cut into slabs of
