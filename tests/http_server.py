@@ -96,15 +96,17 @@ class RangeRequestHandler(SimpleHTTPRequestHandler):
         super().end_headers()
 
     def copyfile(self, source, outputfile) -> None:  # type: ignore[override]
+        """The file's bytes from where ``send_head`` left it (the whole file, or the range), sent by the kernel."""
         remaining, self._remaining = self._remaining, None
+        offset = source.tell()
         if remaining is None:
-            return super().copyfile(source, outputfile)
+            remaining = os.fstat(source.fileno()).st_size - offset
+        outputfile.flush()
         while remaining > 0:
-            chunk = source.read(min(remaining, 1 << 16))
-            if not chunk:
+            sent = self.connection.sendfile(source, offset, remaining)
+            if not sent:
                 break
-            outputfile.write(chunk)
-            remaining -= len(chunk)
+            offset, remaining = offset + sent, remaining - sent
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - quiet in tests
         pass

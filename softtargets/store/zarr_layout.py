@@ -285,7 +285,9 @@ class ZarrStore(TargetStore):
     def _open_layout(self) -> None:
         """The group's arrays, each checked against the manifest: shape, dtype, shard and inner chunk rows."""
         _refuse_ignored_ranges(self.fs, self.root, self._file_url("zarr.json"))
-        group = zarr.open_group(_zarr_store(self.fs, self.root, read_only=True), mode="r")
+        # zarr v3, never consolidated: no requests for format-2 or consolidated metadata (a round trip each, remote)
+        group = zarr.open_group(_zarr_store(self.fs, self.root, read_only=True), mode="r", zarr_format=3,
+                                use_consolidated=False)
         try:
             self.arrays = {name: _array(group, name) for name in ARRAYS}
         except KeyError as e:
