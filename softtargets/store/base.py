@@ -59,7 +59,7 @@ from .files import (
     url_to_fs,
 )
 from .manifest import MANIFEST_NAME, FileRecord, Manifest, ManifestError, ShardRecord, provenance, utc_now
-from .remote import RemoteFiles, ShortRead
+from .remote import CACHE_BYTES, RemoteFiles, ShortRead
 from .verified import is_verified, record_verified
 
 PENDING_NAME = ".softtargets-pending.json"
@@ -611,10 +611,15 @@ class TargetStore(ABC):
     targets), ``compresses`` (a compressor is recorded in the manifest's ``extra``), ``checker`` (the class
     ``softtargets verify`` checks the layout's files with; filled in by the sharing part), and the
     classmethods below.
+
+    A store on a remote filesystem (object storage, http: :attr:`remote`) fetches the bytes it reads with
+    ``cat_ranges`` (many ranges per round trip, concurrently), checks them as a local reader checks its files,
+    and holds up to ``remote_cache_bytes`` of them (:mod:`.remote`), so each range is downloaded once.
     """
 
     grouped_units: ClassVar[bool] = False
     packs_inputs: ClassVar[bool] = False
+    remote_cache_bytes: ClassVar[int] = CACHE_BYTES  # bytes of a remote store a reader holds (store/remote.py)
     compresses: ClassVar[bool] = False
     checker: ClassVar[type | None] = None
 
@@ -653,7 +658,7 @@ class TargetStore(ABC):
         self._head: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._starts = np.array([s.start for s in manifest.shards], dtype=np.int64)
         # Remote filesystems: the bytes fetched, each range once (concurrently), and kept while they fit.
-        self._remote = None if is_local(fs) else RemoteFiles(fs, root)
+        self._remote = None if is_local(fs) else RemoteFiles(fs, root, self.remote_cache_bytes)
         self._check_rows()
         self._check_metadata_paths()
         self._open_layout()
