@@ -31,9 +31,11 @@ in codec chains :mod:`.zarr_shards` does not decode (blosc) are read through zar
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import numpy as np
@@ -284,15 +286,18 @@ class ZarrStore(TargetStore):
 
     def _open_layout(self) -> None:
         """The group's arrays, each checked against the manifest: shape, dtype, shard and inner chunk rows."""
-        _refuse_ignored_ranges(self.fs, self.root, self._file_url("zarr.json"))
-        # zarr v3, never consolidated: no requests for format-2 or consolidated metadata (a round trip each, remote)
-        group = zarr.open_group(_zarr_store(self.fs, self.root, read_only=True), mode="r", zarr_format=3,
-                                use_consolidated=False)
-        try:
-            self.arrays = {name: _array(group, name) for name in ARRAYS}
-        except KeyError as e:
-            raise StoreError(f"{self._file_url('zarr.json')}: the group lacks array {e}; not a softtargets store?") \
-                from None
+        # Remote, each metadata read is a round trip: the Range probe beside the group, the arrays side by side.
+        with ThreadPoolExecutor(len(ARRAYS), thread_name_prefix="softtargets-open") as pool:
+            probe = pool.submit(_refuse_ignored_ranges, self.fs, self.root, self._file_url("zarr.json"))
+            # zarr v3, never consolidated: no requests for format-2 or consolidated metadata
+            group = zarr.open_group(_zarr_store(self.fs, self.root, read_only=True), mode="r", zarr_format=3,
+                                    use_consolidated=False)
+            probe.result()
+            try:
+                self.arrays = dict(zip(ARRAYS, pool.map(functools.partial(_array, group), ARRAYS), strict=True))
+            except KeyError as e:
+                raise StoreError(f"{self._file_url('zarr.json')}: the group lacks array {e}; not a softtargets "
+                                 "store?") from None
         for name, arr in self.arrays.items():
             self._check_array(name, arr)
         self._layouts = {name: ShardFormat.of(arr) for name, arr in self.arrays.items()}
