@@ -16,7 +16,8 @@ shuffle still mixes a whole window: :attr:`TargetStream.memory_bound_bytes` stat
 while its current one is handed out (the main process also arranges the next epoch's first slab
 during an epoch's last). In the main process the batches themselves (slices of the slab, keys,
 joined inputs) are made on a helper thread too, two ahead of the training loop: ``next()`` takes a
-finished batch off a queue.
+finished batch off a queue. From a remote store, the next window's bytes are fetched while a window is
+read and handed out, on a thread of their own (one round of concurrent requests per window).
 
 Progress and resumption: see :meth:`TargetStream.state_dict`.
 """
@@ -260,7 +261,8 @@ class TargetStream(IterableDataset):
         rows of ``row_bytes`` -- the one handed out, the next (read ahead), the next epoch's first, one a caller
         still holds a batch of, and one piece's rows in flight while arranging -- plus index, label and key
         references (24 B a row) of three windows of ``buffer_size`` rows. Not counted: the store's own caches
-        (a zarr store keeps whole shards' keys and labels, up to its ``meta_cache_bytes``), packed inputs or a
+        (a zarr store keeps whole shards' keys and labels, up to its ``meta_cache_bytes``; a remote store the bytes
+        it fetched, up to its ``remote_cache_bytes``), packed inputs or a
         joined dataset's items, and batches a caller keeps beyond one earlier slab's."""
         slab = min(self.slab_rows, self.config.window_rows)
         return SLABS_ALIVE * slab * self.row_bytes + 3 * self.config.window_rows * 24
