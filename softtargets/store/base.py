@@ -26,6 +26,7 @@ import os
 import posixpath
 import shutil
 import sys
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,6 +39,7 @@ import torch
 from .._version import __version__
 from ..choices import Rule, VerifyMode, WriteMode, parse_choice
 from ..errors import ChecksumError, StoreError
+from ..forksafe import ForkSafeLock
 from ..math.compact import decode_hidden, head_logits
 from ..math.temperature import ensemble_log_probs
 from .compact_rows import compact_records, read_head, unpack_rows
@@ -654,6 +656,8 @@ class TargetStore(ABC):
         parse_choice("verify mode", verify, VerifyMode)
         self.url, self.manifest, self.fs, self.root, self.verify_mode = url, manifest, fs, root, verify
         self._verified: set[int] = set()
+        self._checking: dict[int, threading.Event] = {}  # shards a thread is checking (check_shards)
+        self._checking_lock, self._checking_pid = ForkSafeLock(), os.getpid()
         self._key_index: dict[str, int] | None = None
         self._head: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._starts = np.array([s.start for s in manifest.shards], dtype=np.int64)
@@ -797,16 +801,39 @@ class TargetStore(ABC):
         the GIL): what a shuffle window that starts in many shards waits for, divided by the cores. A
         remote store fetches the shards' files first, together (:meth:`fetch_shards`)."""
         todo = sorted({int(s) for s in shard_ids} - self._verified) if self.verify_mode != "none" else []
-        for group in self._fetch_groups(todo):
-            # Maps are made here, on one thread; remote files are fetched in one round of requests.
-            held = {s: self._held_files(s) for s in group} if self._remote is None else self.fetch_shards(group)
-            if len(group) <= 1:
-                for s in group:
-                    self.check_shard(s, held[s])
-                continue
-            with ThreadPoolExecutor(min(len(group), os.cpu_count() or 1),
-                                    thread_name_prefix="softtargets-sha256") as pool:
-                list(pool.map(self.check_shard, group, [held[s] for s in group]))
+        mine, others = self._claim(todo)
+        try:
+            for group in self._fetch_groups(mine):
+                # Maps are made here, on one thread; remote files are fetched in one round of requests.
+                held = {s: self._held_files(s) for s in group} if self._remote is None else self.fetch_shards(group)
+                if len(group) <= 1:
+                    for s in group:
+                        self.check_shard(s, held[s])
+                    continue
+                with ThreadPoolExecutor(min(len(group), os.cpu_count() or 1),
+                                        thread_name_prefix="softtargets-sha256") as pool:
+                    list(pool.map(self.check_shard, group, [held[s] for s in group]))
+        finally:
+            self._release(mine)
+        for done in others:  # a failed check is met again by the read (the shard is not marked checked)
+            done.wait()
+
+    def _claim(self, shard_ids: list[int]) -> tuple[list[int], list[threading.Event]]:
+        """Shards ``shard_ids`` this thread checks (no other thread is checking them), and the events of those
+        another thread is checking (a read-ahead thread's window): each shard is hashed once."""
+        with self._checking_lock:
+            if self._checking_pid != os.getpid():  # a forked child: the parent's threads are not here
+                self._checking, self._checking_pid = {}, os.getpid()
+            mine = [s for s in shard_ids if s not in self._checking]
+            others = [self._checking[s] for s in shard_ids if s in self._checking]
+            for s in mine:
+                self._checking[s] = threading.Event()
+        return mine, others
+
+    def _release(self, shard_ids: list[int]) -> None:
+        with self._checking_lock:
+            for s in shard_ids:
+                self._checking.pop(s).set()
 
     def prefetch(self, pieces: Sequence[tuple[int, int, int]]) -> None:
         """Make ready to read pieces ``(shard id, a, b)`` (store rows ``[a, b)`` of that shard): their shards are
