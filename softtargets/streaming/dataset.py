@@ -50,6 +50,7 @@ STATE_FORMAT = "softtargets.stream/2"  # 2: windows ramp up at the start of an e
 DEFAULT_BUFFER_BYTES = 64 << 20
 SLAB_BYTES = 16 << 20  # a window is arranged in slabs of about this many bytes (whole batches, at least one)
 SLABS_ALIVE = 5  # see TargetStream.memory_bound_bytes
+FETCH_AHEAD = 2  # windows whose bytes a remote store fetches while one is read (one round of requests)
 ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -346,10 +347,10 @@ class TargetStream(IterableDataset):
                   ) -> Callable[[tuple[EpochPlan, np.ndarray]], Arranged]:
         """A function of ``(plan, batch numbers of one slab)`` giving that slab arranged; it keeps the window it
         read last, so the slabs of a window read it once (one such function per thread). ``windows``: the
-        ``(plan, window)`` s to be read, in order; from a remote store, the bytes of the one after the window
-        being read are fetched meanwhile, on a thread of their own (the store holds them until read)."""
+        ``(plan, window)`` s to be read, in order; from a remote store, the bytes of the ``FETCH_AHEAD`` after the
+        window being read are fetched meanwhile, on a thread of their own (the store holds them until read)."""
         last: dict[tuple[int, int], tuple[Window, np.ndarray | None]] = {}
-        following = {(p.epoch, k): nxt for (p, k), nxt in zip(windows, windows[1:], strict=False)}
+        following = {(p.epoch, k): windows[i + 1:i + 1 + FETCH_AHEAD] for i, (p, k) in enumerate(windows)}
 
         def arrange(item: tuple[EpochPlan, np.ndarray]) -> Arranged:
             p, group = item
@@ -359,7 +360,7 @@ class TargetStream(IterableDataset):
                 last.clear()  # the window before is done with: its views of the store go
                 last[(p.epoch, k)] = (Window.read(self.store, p.segments(lo, hi), self.packed),
                                       p.window_permutation(k))
-                if self.store.remote and self.read_ahead and (p.epoch, k) in following:
+                if self.store.remote and self.read_ahead and following.get((p.epoch, k)):
                     in_background(self._prefetch, following[(p.epoch, k)], name="softtargets-fetch")
             window, perm = last[(p.epoch, k)]
             a = (int(group[0]) * p.cfg.batch_size - lo) // self.slab_rows * self.slab_rows
@@ -367,12 +368,12 @@ class TargetStream(IterableDataset):
 
         return arrange
 
-    def _prefetch(self, window: tuple[EpochPlan, int]) -> None:
-        """Fetch the bytes of ``(plan, window)`` from a remote store, to be held until the window is read. An error
-        is left to that read, which meets it again."""
-        p, k = window
+    def _prefetch(self, windows: Sequence[tuple[EpochPlan, int]]) -> None:
+        """Fetch the bytes of ``(plan, window)`` s from a remote store in one round of requests, to be held until
+        they are read (those held already are not fetched again). An error is left to the read, which meets it."""
         with contextlib.suppress(Exception):
-            self.store.prefetch(window_pieces(self.store, p.segments(*p.window_range(k))))
+            self.store.prefetch([piece for p, k in windows for piece in window_pieces(self.store,
+                                                                                     p.segments(*p.window_range(k)))])
 
     def _groups(self, plan: EpochPlan, share: np.ndarray) -> list[np.ndarray]:
         """``share`` (ascending batch numbers) cut where a new slab starts (a window is cut into slabs of
