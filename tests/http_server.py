@@ -28,11 +28,18 @@ class Requests:
 
     def __init__(self) -> None:
         self._counts: Counter[tuple[str, str]] = Counter()
+        self._ranges: dict[str, list[str | None]] = {}
         self._lock = threading.Lock()
 
-    def add(self, method: str, path: str) -> None:
+    def add(self, method: str, path: str, byte_range: str | None = None) -> None:
         with self._lock:
             self._counts[(method, path)] += 1
+            self._ranges.setdefault(path, []).append(byte_range)
+
+    def ranges(self, path: str) -> list[str | None]:
+        """The ``Range`` header of each request for ``path`` (None: the whole file), in order."""
+        with self._lock:
+            return list(self._ranges.get(path, []))
 
     def count(self, method: str = "GET", under: str = "") -> int:
         """Requests of ``method`` for paths starting with ``under``."""
@@ -46,6 +53,7 @@ class Requests:
     def clear(self) -> None:
         with self._lock:
             self._counts.clear()
+            self._ranges.clear()
 
 
 class RangeRequestHandler(SimpleHTTPRequestHandler):
@@ -57,7 +65,7 @@ class RangeRequestHandler(SimpleHTTPRequestHandler):
 
     def send_head(self):  # type: ignore[override]
         if self.requests is not None:
-            self.requests.add(self.command, self.path)
+            self.requests.add(self.command, self.path, self.headers.get("Range"))
         if self.delay:
             time.sleep(self.delay)
         self._remaining: int | None = None

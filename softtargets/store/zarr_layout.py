@@ -36,7 +36,7 @@ import hashlib
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import numpy as np
 import zarr
@@ -53,7 +53,7 @@ from .card import dask_recipe, zarr_recipe
 from .files import atomic_write, file_record, flush_and_close, is_local, join
 from .manifest import FileRecord, Manifest, ShardRecord
 from .mapped import MappedFiles
-from .zarr_shards import ShardFileWriter, ShardFormat, crc32c, file_chunks_digest
+from .zarr_shards import ShardFileWriter, ShardFormat, chunks_digest, crc32c, file_chunks_digest, index_ends
 
 ARRAYS = ("logits", "labels", "keys")
 COMPRESSORS = {
@@ -372,9 +372,7 @@ class ZarrStore(TargetStore):
             if len(blob) != f.bytes:
                 raise StoreError(f"{self._file_url(f.path)}: {len(blob)} bytes, the manifest says {f.bytes}")
             if file_chunks_digest(blob, shard_format.chunks_per_shard) != f.chunks_sha256:
-                raise ChecksumError(f"{self._file_url(f.path)}: chunk checksums or shard index do not match the "
-                                    f"manifest (corrupt or altered file)", path=self._file_url(f.path),
-                                    shard=shard_id, expected=f.chunks_sha256)
+                self._refuse_chunks_digest(shard_id, f)
             todo = np.ones(shard_format.chunks_per_shard, dtype=bool)
             if self.verify_mode != "lazy":
                 self._check_chunk_ids(f.path, shard_format, shard_id, blob, list(range(len(todo))), todo)
@@ -510,6 +508,54 @@ class ZarrStore(TargetStore):
             for name in names:
                 wanted += self._chunk_ranges(name, sid, a - start, b - start)[1]
         self._fetched(wanted)
+
+    def _check_group(self, shard_ids: list[int]) -> None:
+        """A remote store too big to hold (more than half of ``remote_cache_bytes``), checked lazily: the format-2
+        files of shards ``shard_ids`` are checked by their chunk index and crc32c trailers alone (fetched in two
+        rounds of requests: the indexes, then the trailers), not fetched whole; their chunks are fetched as
+        reads need them, each checked against its trailer. Otherwise (and for other files) as every layout."""
+        m = self.manifest
+        by_chunk = self._remote is not None and self.verify_mode == "lazy" and \
+            sum(f.bytes for s in m.shards for f in s.files) > self.remote_cache_bytes // 2
+        ranged = [s for s in shard_ids if by_chunk and all(self._checkable_by_chunk(f) for f in m.shards[s].files)]
+        rest = [s for s in shard_ids if s not in set(ranged)]
+        if ranged:
+            self._check_by_chunk(ranged)
+        if rest:
+            super()._check_group(rest)
+
+    def _checkable_by_chunk(self, f: FileRecord) -> bool:
+        shard_format = self._formats.get(f.path.split("/", 1)[0])
+        return f.chunks_sha256 is not None and shard_format is not None and shard_format.crc
+
+    def _check_by_chunk(self, shard_ids: list[int]) -> None:
+        """Check the files of remote shards ``shard_ids`` against the manifest's ``chunks_sha256`` from their
+        indexes and chunk trailers only; keep where their chunks lie and the trailers (:meth:`_learn`)."""
+        files = [(sid, f, self._formats[f.path.split("/", 1)[0]]) for sid in shard_ids
+                 for f in self.manifest.shards[sid].files]
+        indexes = self._fetched([(sid, f.path, f.bytes - fmt.index_bytes, f.bytes) for sid, f, fmt in files])
+        ends = []
+        for (sid, f, fmt), index in zip(files, indexes, strict=True):
+            found = index_ends(index, fmt.chunks_per_shard)
+            if found is None or any(e > f.bytes - fmt.index_bytes for e in found):
+                self._refuse_chunks_digest(sid, f)
+            ends.append(found)
+        trailers = self._fetched([(sid, f.path, e - 4, e) for (sid, f, _), found in zip(files, ends, strict=True)
+                                  for e in found])
+        at = 0
+        for (sid, f, fmt), index, found in zip(files, indexes, ends, strict=True):
+            mine = [t.tobytes() for t in trailers[at:at + len(found)]]
+            at += len(found)
+            spans = fmt.index_spans(index, f.bytes, self.manifest.shards[sid].rows)
+            if chunks_digest(mine, index) != f.chunks_sha256 or spans is None:
+                self._refuse_chunks_digest(sid, f)
+            self._spans[f.path] = (spans, mine[:len(spans)])
+        self._verified.update(shard_ids)
+
+    def _refuse_chunks_digest(self, shard_id: int, f: FileRecord) -> NoReturn:
+        raise ChecksumError(f"{self._file_url(f.path)}: chunk checksums or shard index do not match the manifest "
+                            f"(corrupt or altered file)", path=self._file_url(f.path), shard=shard_id,
+                            expected=f.chunks_sha256)
 
     def _unlearnt(self, shard_id: int) -> bool:
         return any(rel not in self._spans for rel in self._files(shard_id).values())

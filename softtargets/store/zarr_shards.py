@@ -149,15 +149,24 @@ class ShardFormat:
     def spans(self, buf: np.ndarray, rows: int) -> np.ndarray | None:
         """``[chunks, 2]`` (offset, size) of the inner chunks holding the first ``rows`` rows, or None
         where the index is damaged, a chunk is missing, or a chunk lies outside the file."""
-        index_bytes = 16 * self.chunks_per_shard + 4
+        index_bytes = self.index_bytes
         if len(buf) < index_bytes:
             return None
+        return self.index_spans(buf[len(buf) - index_bytes:], len(buf), rows)
+
+    @property
+    def index_bytes(self) -> int:
+        """Bytes of a shard file's index (its entries and their crc32c), at the file's end."""
+        return 16 * self.chunks_per_shard + 4
+
+    def index_spans(self, index: Any, file_bytes: int, rows: int) -> np.ndarray | None:
+        """:meth:`spans` from a shard file's index alone (its last :attr:`index_bytes` bytes) and size."""
         try:
-            index = _CRC32C.decode(buf[len(buf) - index_bytes:])
+            decoded = _CRC32C.decode(index)
         except RuntimeError:
             return None
-        chunks = np.frombuffer(index, "<u8").reshape(-1, 2)[: -(-rows // self.chunk_rows)]
-        if (chunks == EMPTY_CHUNK).any() or (chunks.sum(axis=1) > len(buf) - index_bytes).any():
+        chunks = np.frombuffer(decoded, "<u8").reshape(-1, 2)[: -(-rows // self.chunk_rows)]
+        if (chunks == EMPTY_CHUNK).any() or (chunks.sum(axis=1) > file_bytes - self.index_bytes).any():
             return None
         return chunks
 

@@ -11,6 +11,7 @@ import torch
 import softtargets as st
 from softtargets.store.remote import RemoteFiles
 from softtargets.store.zarr_layout import ZarrStore
+from softtargets.store.zarr_shards import crc32c
 from tests.http_server import Requests, serve_directory
 from tests.store_data import LAYOUTS, bits, flip_data_byte, keys, store_path, suffix, teacher_logits, write_store
 
@@ -50,27 +51,73 @@ def test_an_epoch_downloads_each_object_once_and_equals_a_local_read(tmp_path, l
     assert sorted(k for b in got for k in b["key"]) == keys(N)
 
 
-def test_zarr_chunks_read_again_by_range_are_checked_against_the_first_read(tmp_path, monkeypatch):
-    """A reader that holds little fetches only the inner chunks it needs once a file was read whole and checked:
-    one request per run of adjacent chunks, each chunk checked against the crc32c the checked file gave."""
-    monkeypatch.setattr(ZarrStore, "remote_cache_bytes", 2048)  # a logits shard file here: 4 x 8 x 3 x 10 x 4 B
+def _chunk(path, i: int, change: bool, rehash: bool) -> None:
+    """Inner chunk ``i`` of an uncompressed float32 logits shard file of 8 rows x 3 x 10 per chunk: a byte of its
+    data changed (``change``) and its crc32c trailer written again to match (``rehash``)."""
+    size = 8 * 3 * 10 * 4
+    blob = bytearray(path.read_bytes())
+    at = i * (size + 4)
+    if change:
+        blob[at + 5] ^= 0x40
+    if rehash:
+        blob[at + size:at + size + 4] = crc32c(np.frombuffer(bytes(blob[at:at + size]), np.uint8))
+    path.write_bytes(bytes(blob))
+
+
+def test_a_zarr_store_too_big_to_hold_is_checked_by_chunk_index_and_trailers(tmp_path, monkeypatch):
+    """A reader that cannot hold the store checks each shard file by its index and crc32c trailers (the manifest's
+    chunks_sha256), never fetching it whole, then fetches only the inner chunks it reads, each checked."""
+    monkeypatch.setattr(ZarrStore, "remote_cache_bytes", 4096)  # the store: ~30 kB
     m = _write(tmp_path, "zarr", dtype="float32")
     local = st.open_targets(store_path(tmp_path, "zarr"))
+    rel = m.shards[0].files[0].path
+    requests = Requests()
+    with serve_directory(tmp_path, requests=requests) as base:
+        store = st.open_targets(f"{base}/t.zarr")
+        got = store[8:24]
+        assert torch.equal(got["logits"], local[8:24]["logits"]) and got["key"] == keys(24)[8:]
+        size = m.shards[0].files[0].bytes
+        asked = requests.ranges(f"/t.zarr/{rel}")
+        # The index; then the four trailers, merged into one range (chunks this small lie within the 1 MiB gap),
+        # which holds chunks 1-2 too: never the whole file.
+        assert asked == [f"bytes={size - 68}-{size - 1}", f"bytes=960-{size - 69}"]
+        assert got_epoch_equals_local(store, local)
+
+        _chunk(store_path(tmp_path, "zarr") / rel, 0, change=True, rehash=False)  # a flipped bit: its crc32c
+        with pytest.raises(st.ChecksumError, match="inner chunk 0 .*crc32c") as e:
+            st.open_targets(f"{base}/t.zarr")[0:8]
+        assert f"{base}/t.zarr/{rel}" in str(e.value)
+        _chunk(store_path(tmp_path, "zarr") / rel, 0, change=False, rehash=True)  # and its crc32c rewritten
+        with pytest.raises(st.ChecksumError, match="chunk checksums or shard index do not match the manifest"):
+            st.open_targets(f"{base}/t.zarr")[20:24]  # caught before any row of the file is read
+
+
+def got_epoch_equals_local(remote: st.TargetStore, local: st.TargetStore) -> bool:
+    a, b = _epoch(remote), _epoch(local)
+    return all(x["key"] == y["key"] and torch.equal(x["teacher_logits"], y["teacher_logits"]) for x, y in
+               zip(a, b, strict=True))
+
+
+def test_zarr_chunks_read_again_by_range_are_checked_against_the_first_read(tmp_path, monkeypatch):
+    """A store that can be held is fetched whole, a file at a time, once checked; a file let go (here: held bytes
+    too few for two) is read again by inner chunk, each checked against the crc32c kept from the checked file."""
+    m = _write(tmp_path, "zarr", dtype="float32")
+    local = st.open_targets(store_path(tmp_path, "zarr"))
+    rel = m.shards[0].files[0].path
     requests = Requests()
     with serve_directory(tmp_path, requests=requests) as base:
         store = st.open_targets(f"{base}/t.zarr")
         assert torch.equal(store[0:32]["logits"], local[0:32]["logits"])
-        logits = f"/t.zarr/{m.shards[0].files[0].path}"
-        # Whole and checked (with its shard's keys and labels, which push it out), then its 4 chunks in one range.
-        assert requests.by_path("GET")[logits] == 2
+        assert requests.ranges(f"/t.zarr/{rel}") == [f"bytes=0-{m.shards[0].files[0].bytes - 1}"]  # whole, once
+        store._remote.capacity = 3000  # now it holds less than a logits file: reads go by chunk
         assert torch.equal(store[32:64]["logits"], local[32:64]["logits"])  # shard 1: shard 0 is let go
         requests.clear()
         assert torch.equal(store[8:24]["logits"], local[8:24]["logits"])  # chunks 1 and 2: adjacent, one range
-        assert requests.by_path("GET").get(logits) == 1
-        flip_data_byte(store_path(tmp_path, "zarr") / m.shards[0].files[0].path)  # changed behind the reader
+        assert requests.ranges(f"/t.zarr/{rel}") == [f"bytes={964}-{3 * 964 - 1}"]
+        _chunk(store_path(tmp_path, "zarr") / rel, 0, change=True, rehash=True)  # changed behind the reader
         with pytest.raises(st.ChecksumError, match="inner chunk 0 .*crc32c") as e:
             store[0:8]
-        assert f"{base}/t.zarr/{m.shards[0].files[0].path}" in str(e.value)
+        assert f"{base}/t.zarr/{rel}" in str(e.value)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
