@@ -168,8 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delay", type=float, default=0.02, help="seconds the server waits before each answer")
     parser.add_argument("--layouts", default="zarr,wds")
     parser.add_argument("--teachers", default="1,5", help="K values to run")
+    parser.add_argument("--hold-mb", type=float, help="bytes a reader holds (TargetStore.remote_cache_bytes), in "
+                                                       "MB; below twice a store's size, zarr files are checked by "
+                                                       "their chunk index and trailers and read by chunk")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
+    if args.hold_mb is not None:
+        st.TargetStore.remote_cache_bytes = int(args.hold_mb * 1e6)
     os.environ[VERIFY_CACHE_ENV] = "off"  # the local reader hashes what it reads, as the remote one does
     sizes = {1: 8192, 5: 2048} if args.quick else {1: 65536, 5: 16384}
     sizes = {k: n for k, n in sizes.items() if str(k) in args.teachers.split(",")}
@@ -198,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
           f"GETs per epoch <= objects: {'met' if once else 'NOT met'}")
     report = {
         "benchmark": "remote", "batch_size": BATCH, "classes": C, "dtype": "float16", "delay_s": args.delay,
+        "remote_cache_bytes": st.TargetStore.remote_cache_bytes,
         "seconds_total": time.perf_counter() - started, "goals": {"ratio_ge_0.5": met, "gets_le_objects": once},
         "results": results,
     }

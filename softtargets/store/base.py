@@ -803,8 +803,7 @@ class TargetStore(ABC):
         todo = sorted({int(s) for s in shard_ids} - self._verified) if self.verify_mode != "none" else []
         mine, others = self._claim(todo)
         try:
-            for group in self._fetch_groups(mine):
-                self._check_group(group)
+            self._check_group(mine)
         finally:
             self._release(mine)
         for done in others:  # a failed check is met again by the read (the shard is not marked checked)
@@ -812,16 +811,17 @@ class TargetStore(ABC):
 
     def _check_group(self, shard_ids: list[int]) -> None:
         """:meth:`check_shard` of each of ``shard_ids`` (none checked yet, none being checked by another thread),
-        hashed on parallel threads."""
-        # Maps are made here, on one thread; remote files are fetched in one round of requests.
-        held = {s: self._held_files(s) for s in shard_ids} if self._remote is None else self.fetch_shards(shard_ids)
-        if len(shard_ids) <= 1:
-            for s in shard_ids:
-                self.check_shard(s, held[s])
-            return
-        with ThreadPoolExecutor(min(len(shard_ids), os.cpu_count() or 1), thread_name_prefix="softtargets-sha256") \
-                as pool:
-            list(pool.map(self.check_shard, shard_ids, [held[s] for s in shard_ids]))
+        hashed on parallel threads; remote files fetched whole, as many at once as can be held."""
+        for group in self._fetch_groups(shard_ids):
+            # Maps are made here, on one thread; remote files are fetched in one round of requests.
+            held = {s: self._held_files(s) for s in group} if self._remote is None else self.fetch_shards(group)
+            if len(group) <= 1:
+                for s in group:
+                    self.check_shard(s, held[s])
+                continue
+            with ThreadPoolExecutor(min(len(group), os.cpu_count() or 1), thread_name_prefix="softtargets-sha256") \
+                    as pool:
+                list(pool.map(self.check_shard, group, [held[s] for s in group]))
 
     def _claim(self, shard_ids: list[int]) -> tuple[list[int], list[threading.Event]]:
         """Shards ``shard_ids`` this thread checks (no other thread is checking them), and the events of those

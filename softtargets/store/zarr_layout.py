@@ -504,9 +504,10 @@ class ZarrStore(TargetStore):
         wanted = []
         for sid, a, b in pieces:
             start = self.manifest.shards[sid].start
-            names = ("logits",) if sid in self._meta else ARRAYS
-            for name in names:
-                wanted += self._chunk_ranges(name, sid, a - start, b - start)[1]
+            wanted += self._chunk_ranges("logits", sid, a - start, b - start)[1]
+        for sid in {sid for sid, _, _ in pieces} - self._meta.keys():  # keys and labels: whole shards (_shard_meta)
+            rows = self.manifest.shards[sid].rows
+            wanted += [r for name in ("keys", "labels") for r in self._chunk_ranges(name, sid, 0, rows)[1]]
         self._fetched(wanted)
 
     def _check_group(self, shard_ids: list[int]) -> None:

@@ -350,7 +350,8 @@ class TargetStream(IterableDataset):
         ``(plan, window)`` s to be read, in order; from a remote store, the bytes of the ``FETCH_AHEAD`` after the
         window being read are fetched meanwhile, on a thread of their own (the store holds them until read)."""
         last: dict[tuple[int, int], tuple[Window, np.ndarray | None]] = {}
-        following = {(p.epoch, k): windows[i + 1:i + 1 + FETCH_AHEAD] for i, (p, k) in enumerate(windows)}
+        following = {(p.epoch, k): self._fetch_ahead(windows[i + 1:i + 1 + FETCH_AHEAD])
+                     for i, (p, k) in enumerate(windows)}
 
         def arrange(item: tuple[EpochPlan, np.ndarray]) -> Arranged:
             p, group = item
@@ -367,6 +368,18 @@ class TargetStream(IterableDataset):
             return window.arrange(perm, self._logits_dtype, buffers, a, min(a + self.slab_rows, hi - lo))
 
         return arrange
+
+    def _fetch_ahead(self, windows: Sequence[tuple[EpochPlan, int]]) -> Sequence[tuple[EpochPlan, int]]:
+        """The first of ``windows`` whose rows a remote store can hold at once (half its ``remote_cache_bytes``;
+        at least one window): bytes fetched ahead and let go before they are read would be fetched again."""
+        budget, out = self.store.remote_cache_bytes // 2, 0
+        for p, k in windows:
+            lo, hi = p.window_range(k)
+            budget -= (hi - lo) * self.row_bytes
+            if out and budget < 0:
+                break
+            out += 1
+        return windows[:out]
 
     def _prefetch(self, windows: Sequence[tuple[EpochPlan, int]]) -> None:
         """Fetch the bytes of ``(plan, window)`` s from a remote store in one round of requests, to be held until
