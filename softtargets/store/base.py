@@ -64,6 +64,7 @@ from .manifest import MANIFEST_NAME, FileRecord, Manifest, ManifestError, ShardR
 from .remote import CACHE_BYTES, RemoteFiles, ShortRead
 from .verified import is_verified, record_verified
 
+ShardRange = tuple[int, str, int, int]  # bytes [start, end) of a store's file: (shard id, relative path, start, end)
 PENDING_NAME = ".softtargets-pending.json"
 MARKER_DIR = ".softtargets-shards"
 CARD_NAME = "README.md"
@@ -871,7 +872,7 @@ class TargetStore(ABC):
             out[sid][rel] = data
         return out
 
-    def _fetched(self, wanted: Sequence[tuple[int, str, int, int]]) -> list[np.ndarray]:
+    def _fetched(self, wanted: Sequence[ShardRange]) -> list[np.ndarray]:
         """A remote store's bytes ``[a, b)`` of each file ``(shard id, relative path, a, b)``; a missing or short
         file refused (:class:`StoreError` naming it and its shard)."""
         assert self._remote is not None  # remote stores only

@@ -22,10 +22,12 @@ file's ``chunks_sha256``, so a reader checks a chunk when it reads it (see ``sto
 Reading a local store: shard files are memory-mapped and decoded by :mod:`.zarr_shards`
 (uncompressed logits, the default, are viewed in place: no read at all); keys and labels are
 decoded once per shard and kept. A remote store (:mod:`.remote`) is decoded the same way from
-bytes fetched: a shard's files whole when it is first read (checked as a local lazy reader checks
-its maps, and their chunk index and crc32c trailers kept), then only the inner chunks a read needs
-(ranges merged per file, fetched concurrently), each checked against its kept crc32c. Arrays
-in codec chains :mod:`.zarr_shards` does not decode (blosc) are read through zarr.
+bytes fetched. One that a reader can hold has a shard's files fetched whole when first read (checked
+as a local lazy reader checks its maps); a bigger one has each file's index and crc32c trailers
+fetched and checked against ``chunks_sha256`` instead. Either way the chunk index and trailers are
+kept, and a file not held is then read by the inner chunks a read needs (ranges merged per file,
+fetched concurrently), each checked against its trailer. Arrays in codec chains :mod:`.zarr_shards`
+does not decode (blosc) are read through zarr.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from zarr.core.metadata import ArrayV3Metadata
 
 from ..choices import VerifyMode
 from ..errors import ChecksumError, StoreError
-from .base import ShardStream, TargetStore, TargetWriter
+from .base import ShardRange, ShardStream, TargetStore, TargetWriter
 from .card import dask_recipe, zarr_recipe
 from .files import atomic_write, file_record, flush_and_close, is_local, join
 from .manifest import FileRecord, Manifest, ShardRecord
@@ -275,8 +277,8 @@ class ZarrStore(TargetStore):
         self._maps = MappedFiles()
         # Files checked by chunks_sha256 (lazy, format 2): relative path -> chunks not yet checked (bool [chunks]).
         self._unchecked: dict[str, np.ndarray] = {}
-        # Remote files read once whole: relative path -> (offset, bytes) of each inner chunk [chunks, 2], and
-        # their crc32c trailers where checked against the manifest (None: not checked, or no trailers).
+        # Remote files: relative path -> (offset, bytes) of each inner chunk [chunks, 2], and their crc32c
+        # trailers where checked against the manifest (None: not checked, or no trailers).
         self._spans: dict[str, tuple[np.ndarray, list[bytes] | None]] = {}
         super().__init__(url, manifest, fs, root, verify)
 
@@ -414,7 +416,7 @@ class ZarrStore(TargetStore):
         if not todo[:-(-rows // shard_format.chunk_rows)].any():  # every chunk of the file checked: remember it
             self._remember(next(f for f in self.manifest.shards[shard_id].files if f.path == rel))
 
-    def _refuse_chunk(self, rel: str, shard_format: ShardFormat, shard_id: int, chunk: int) -> None:
+    def _refuse_chunk(self, rel: str, shard_format: ShardFormat, shard_id: int, chunk: int) -> NoReturn:
         """Raise the :class:`ChecksumError` of inner chunk ``chunk`` of file ``rel`` (shard ``shard_id``)."""
         a = chunk * shard_format.chunk_rows
         b = min(self.manifest.shards[shard_id].rows, a + shard_format.chunk_rows)
@@ -445,6 +447,8 @@ class ZarrStore(TargetStore):
         cost = s.rows * META_BYTES_PER_ROW
         if self._meta_bytes + cost > self.meta_cache_bytes:
             return None
+        keys: np.ndarray | None
+        labels: np.ndarray | None
         if self._remote is not None:
             keys, labels = self._remote_rows("keys", shard_id, 0, s.rows), self._remote_rows("labels", shard_id, 0,
                                                                                               s.rows)
@@ -493,8 +497,8 @@ class ZarrStore(TargetStore):
     # -- remote stores ----------------------------------------------------------------------------
 
     def prefetch(self, pieces: Sequence[tuple[int, int, int]]) -> None:
-        """Checks the pieces' shards (a remote shard's files fetched whole the first time), then fetches the inner
-        chunks the pieces need that are not held, all in one round of requests."""
+        """Checks the pieces' shards (:meth:`_check_group`), then fetches the inner chunks the pieces need (and the
+        whole shards' keys and labels) that are not held, all in one round of requests."""
         super().prefetch(pieces)
         if self._remote is None:
             return
@@ -529,11 +533,16 @@ class ZarrStore(TargetStore):
         shard_format = self._formats.get(f.path.split("/", 1)[0])
         return f.chunks_sha256 is not None and shard_format is not None and shard_format.crc
 
+    def _format_of(self, f: FileRecord) -> ShardFormat:
+        """The format of file ``f``'s array (one :meth:`_checkable_by_chunk` accepted)."""
+        shard_format = self._formats.get(f.path.split("/", 1)[0])
+        assert shard_format is not None  # checkable by chunk
+        return shard_format
+
     def _check_by_chunk(self, shard_ids: list[int]) -> None:
         """Check the files of remote shards ``shard_ids`` against the manifest's ``chunks_sha256`` from their
         indexes and chunk trailers only; keep where their chunks lie and the trailers (:meth:`_learn`)."""
-        files = [(sid, f, self._formats[f.path.split("/", 1)[0]]) for sid in shard_ids
-                 for f in self.manifest.shards[sid].files]
+        files = [(sid, f, self._format_of(f)) for sid in shard_ids for f in self.manifest.shards[sid].files]
         indexes = self._fetched([(sid, f.path, f.bytes - fmt.index_bytes, f.bytes) for sid, f, fmt in files])
         ends = []
         for (sid, f, fmt), index in zip(files, indexes, strict=True):
@@ -578,8 +587,7 @@ class ZarrStore(TargetStore):
             keys, labels = self._remote_rows("keys", shard_id, lo, hi), self._remote_rows("labels", shard_id, lo, hi)
         return {"key": keys, "logits": self._remote_rows("logits", shard_id, lo, hi), "label": labels}
 
-    def _chunk_ranges(self, name: str, shard_id: int, lo: int, hi: int) -> tuple[list[int], list[tuple[int, str, int,
-                                                                                                       int]]]:
+    def _chunk_ranges(self, name: str, shard_id: int, lo: int, hi: int) -> tuple[list[int], list[ShardRange]]:
         """The inner chunks of array ``name``'s shard ``shard_id`` file holding rows ``[lo, hi)``, and their byte
         ranges ``(shard id, relative path, start, end)``; none where the file's chunks are not known here."""
         rel = shard_file(name, self.arrays[name], shard_id)
