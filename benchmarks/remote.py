@@ -21,8 +21,9 @@ call and nothing else (what this machine's HTTP client and server can move; no c
 Goal stated by the issue: remote >= 50 % of local rows/s, and one GET per object or range group,
 never two.
 
-    python benchmarks/remote.py            # ~1-2 min on 2 cores
-    python benchmarks/remote.py --quick    # seconds
+    python benchmarks/remote.py                                  # ~30 s on 2 cores
+    python benchmarks/remote.py --quick                          # seconds
+    python benchmarks/remote.py --layouts zarr --hold-mb 100     # stores bigger than a reader holds
 """
 
 from __future__ import annotations

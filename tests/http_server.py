@@ -8,6 +8,7 @@ delay to every request (object storage's latency) and counts the requests by met
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import threading
@@ -106,6 +107,8 @@ class RangeRequestHandler(SimpleHTTPRequestHandler):
     def copyfile(self, source, outputfile) -> None:  # type: ignore[override]
         """The file's bytes from where ``send_head`` left it (the whole file, or the range), sent by the kernel."""
         remaining, self._remaining = self._remaining, None
+        if isinstance(source, io.BytesIO):  # a folder's listing, made in memory
+            return super().copyfile(source, outputfile)
         offset = source.tell()
         if remaining is None:
             remaining = os.fstat(source.fileno()).st_size - offset
