@@ -797,22 +797,27 @@ class TargetStore(ABC):
             )
         self._remember(f)
 
-    def check_shards(self, shard_ids: Iterable[int]) -> None:
+    def check_shards(self, shard_ids: Iterable[int], pieces: Sequence[tuple[int, int, int]] = ()) -> None:
         """:meth:`check_shard` for several shards at once, hashed on parallel threads (hashlib releases
         the GIL): what a shuffle window that starts in many shards waits for, divided by the cores. A
-        remote store fetches the shards' files first, together (:meth:`fetch_shards`)."""
+        remote store fetches the shards' files first, together (:meth:`fetch_shards`); ``pieces``: what
+        will be read of them next (as for :meth:`prefetch`), which a layout may fetch along with the check."""
         todo = sorted({int(s) for s in shard_ids} - self._verified) if self.verify_mode != "none" else []
         mine, others = self._claim(todo)
         try:
-            self._check_group(mine)
+            self._check_group(mine, pieces)
         finally:
             self._release(mine)
-        for done in others:  # a failed check is met again by the read (the shard is not marked checked)
+        for done in others:
             done.wait()
+        failed = [s for s in todo if s not in self._verified]
+        if others and failed:  # another thread's check failed: checked again here, to raise the same
+            self.check_shards(failed, pieces)
 
-    def _check_group(self, shard_ids: list[int]) -> None:
+    def _check_group(self, shard_ids: list[int], pieces: Sequence[tuple[int, int, int]] = ()) -> None:
         """:meth:`check_shard` of each of ``shard_ids`` (none checked yet, none being checked by another thread),
-        hashed on parallel threads; remote files fetched whole, as many at once as can be held."""
+        hashed on parallel threads; remote files fetched whole, as many at once as can be held. ``pieces``: see
+        :meth:`check_shards`."""
         for group in self._fetch_groups(shard_ids):
             # Maps are made here, on one thread; remote files are fetched in one round of requests.
             held = {s: self._held_files(s) for s in group} if self._remote is None else self.fetch_shards(group)
@@ -845,7 +850,7 @@ class TargetStore(ABC):
         """Make ready to read pieces ``(shard id, a, b)`` (store rows ``[a, b)`` of that shard): their shards are
         checked, all at once (:meth:`check_shards`); a remote store also fetches the bytes they need that it
         does not hold, in one round of concurrent requests. Reading works without it, a request at a time."""
-        self.check_shards(sid for sid, _, _ in pieces)
+        self.check_shards((sid for sid, _, _ in pieces), pieces)
 
     def _fetch_groups(self, shard_ids: list[int]) -> list[list[int]]:
         """``shard_ids`` cut into runs whose files a remote reader can hold at once (half its capacity); one run

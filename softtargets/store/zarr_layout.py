@@ -505,27 +505,34 @@ class ZarrStore(TargetStore):
         fresh = sorted({sid for sid, _, _ in pieces if self._unlearnt(sid)})  # not checked: verify="none"
         for sid, files in self.fetch_shards(fresh).items():
             self._learn_shard(sid, files)
+        self._fetched(self._piece_ranges(pieces))
+
+    def _piece_ranges(self, pieces: Sequence[tuple[int, int, int]], spans: dict[str, np.ndarray] | None = None
+                      ) -> list[ShardRange]:
+        """The byte ranges of the inner chunks holding ``pieces`` (shard id, store rows ``[a, b)``), and of the whole
+        shards' keys and labels not kept yet (:meth:`_shard_meta`), for files whose chunks are known here (or in
+        ``spans``: relative path -> chunk spans)."""
         wanted = []
         for sid, a, b in pieces:
             start = self.manifest.shards[sid].start
-            wanted += self._chunk_ranges("logits", sid, a - start, b - start)[1]
-        for sid in {sid for sid, _, _ in pieces} - self._meta.keys():  # keys and labels: whole shards (_shard_meta)
+            wanted += self._chunk_ranges("logits", sid, a - start, b - start, spans)[1]
+        for sid in {sid for sid, _, _ in pieces} - self._meta.keys():
             rows = self.manifest.shards[sid].rows
-            wanted += [r for name in ("keys", "labels") for r in self._chunk_ranges(name, sid, 0, rows)[1]]
-        self._fetched(wanted)
+            wanted += [r for name in ("keys", "labels") for r in self._chunk_ranges(name, sid, 0, rows, spans)[1]]
+        return wanted
 
-    def _check_group(self, shard_ids: list[int]) -> None:
+    def _check_group(self, shard_ids: list[int], pieces: Sequence[tuple[int, int, int]] = ()) -> None:
         """A remote store too big to hold (more than half of ``remote_cache_bytes``), checked lazily: the format-2
         files of shards ``shard_ids`` are checked by their chunk index and crc32c trailers alone (fetched in two
-        rounds of requests: the indexes, then the trailers), not fetched whole; their chunks are fetched as
-        reads need them, each checked against its trailer. Otherwise (and for other files) as every layout."""
+        rounds of requests: the indexes, then the trailers with the inner chunks ``pieces`` need), not fetched
+        whole. Otherwise (and for other files) as every layout."""
         m = self.manifest
         by_chunk = self._remote is not None and self.verify_mode == "lazy" and \
             sum(f.bytes for s in m.shards for f in s.files) > self.remote_cache_bytes // 2
         ranged = [s for s in shard_ids if by_chunk and all(self._checkable_by_chunk(f) for f in m.shards[s].files)]
         rest = [s for s in shard_ids if s not in set(ranged)]
         if ranged:
-            self._check_by_chunk(ranged)
+            self._check_by_chunk(ranged, [p for p in pieces if p[0] in set(ranged)])
         if rest:
             super()._check_group(rest)
 
@@ -539,27 +546,30 @@ class ZarrStore(TargetStore):
         assert shard_format is not None  # checkable by chunk
         return shard_format
 
-    def _check_by_chunk(self, shard_ids: list[int]) -> None:
+    def _check_by_chunk(self, shard_ids: list[int], pieces: Sequence[tuple[int, int, int]] = ()) -> None:
         """Check the files of remote shards ``shard_ids`` against the manifest's ``chunks_sha256`` from their
-        indexes and chunk trailers only; keep where their chunks lie and the trailers (:meth:`_learn`)."""
+        indexes and chunk trailers only; keep where their chunks lie and the trailers. The inner chunks
+        ``pieces`` need come with the trailers (their rows are used only once the check has passed)."""
         files = [(sid, f, self._format_of(f)) for sid in shard_ids for f in self.manifest.shards[sid].files]
         indexes = self._fetched([(sid, f.path, f.bytes - fmt.index_bytes, f.bytes) for sid, f, fmt in files])
-        ends = []
+        ends, spans = [], []
         for (sid, f, fmt), index in zip(files, indexes, strict=True):
             found = index_ends(index, fmt.chunks_per_shard)
-            if found is None or any(e > f.bytes - fmt.index_bytes for e in found):
+            where = fmt.index_spans(index, f.bytes, self.manifest.shards[sid].rows)
+            if found is None or where is None or any(e > f.bytes - fmt.index_bytes for e in found):
                 self._refuse_chunks_digest(sid, f)
             ends.append(found)
+            spans.append(where)
+        where_of = {f.path: where for (_, f, _), where in zip(files, spans, strict=True)}
         trailers = self._fetched([(sid, f.path, e - 4, e) for (sid, f, _), found in zip(files, ends, strict=True)
-                                  for e in found])
+                                  for e in found] + self._piece_ranges(pieces, where_of))
         at = 0
-        for (sid, f, fmt), index, found in zip(files, indexes, ends, strict=True):
+        for (sid, f, _), index, found, where in zip(files, indexes, ends, spans, strict=True):
             mine = [t.tobytes() for t in trailers[at:at + len(found)]]
             at += len(found)
-            spans = fmt.index_spans(index, f.bytes, self.manifest.shards[sid].rows)
-            if chunks_digest(mine, index) != f.chunks_sha256 or spans is None:
+            if chunks_digest(mine, index) != f.chunks_sha256:
                 self._refuse_chunks_digest(sid, f)
-            self._spans[f.path] = (spans, mine[:len(spans)])
+            self._spans[f.path] = (where, mine[:len(where)])
         self._verified.update(shard_ids)
 
     def _refuse_chunks_digest(self, shard_id: int, f: FileRecord) -> NoReturn:
@@ -587,16 +597,20 @@ class ZarrStore(TargetStore):
             keys, labels = self._remote_rows("keys", shard_id, lo, hi), self._remote_rows("labels", shard_id, lo, hi)
         return {"key": keys, "logits": self._remote_rows("logits", shard_id, lo, hi), "label": labels}
 
-    def _chunk_ranges(self, name: str, shard_id: int, lo: int, hi: int) -> tuple[list[int], list[ShardRange]]:
+    def _chunk_ranges(self, name: str, shard_id: int, lo: int, hi: int, spans: dict[str, np.ndarray] | None = None
+                      ) -> tuple[list[int], list[ShardRange]]:
         """The inner chunks of array ``name``'s shard ``shard_id`` file holding rows ``[lo, hi)``, and their byte
-        ranges ``(shard id, relative path, start, end)``; none where the file's chunks are not known here."""
+        ranges ``(shard id, relative path, start, end)``; none where the file's chunks are not known here (or in
+        ``spans``)."""
         rel = shard_file(name, self.arrays[name], shard_id)
-        known = self._spans.get(rel)
+        known = (spans or {}).get(rel)
+        if known is None and rel in self._spans:
+            known = self._spans[rel][0]
         shard_format = self._formats.get(name)
         if known is None or shard_format is None or lo >= hi:
             return [], []
         ids = list(shard_format.chunks_of(lo, hi))
-        return ids, [(shard_id, rel, int(o), int(o + n)) for o, n in known[0][ids].tolist()]
+        return ids, [(shard_id, rel, int(o), int(o + n)) for o, n in known[ids].tolist()]
 
     def _remote_rows(self, name: str, shard_id: int, lo: int, hi: int) -> np.ndarray:
         """Rows ``[lo, hi)`` of array ``name`` in shard ``shard_id`` of a remote store: the inner chunks holding
