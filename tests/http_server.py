@@ -1,14 +1,19 @@
 """A loopback HTTP file server that honours ``Range: bytes=a-b`` (206 Partial Content).
 
 Python's ``http.server`` ignores Range, and zarr's sharded reads over ``http://`` then get
-whole files where they asked for byte ranges. Tests use :func:`serve_directory`.
+whole files where they asked for byte ranges. Tests use :func:`serve_directory`; it can add a
+delay to every request (object storage's latency) and counts the requests by method and path
+(``benchmarks/remote.py`` uses both).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import threading
+import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -19,10 +24,51 @@ from pathlib import Path
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)$")
 
 
+class Requests:
+    """What a server was asked: ``(method, path)`` -> count (threads share it)."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[tuple[str, str]] = Counter()
+        self._ranges: dict[str, list[str | None]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, method: str, path: str, byte_range: str | None = None) -> None:
+        with self._lock:
+            self._counts[(method, path)] += 1
+            self._ranges.setdefault(path, []).append(byte_range)
+
+    def ranges(self, path: str) -> list[str | None]:
+        """The ``Range`` header of each request for ``path`` (None: the whole file), in order."""
+        with self._lock:
+            return list(self._ranges.get(path, []))
+
+    def count(self, method: str = "GET", under: str = "") -> int:
+        """Requests of ``method`` for paths starting with ``under``."""
+        with self._lock:
+            return sum(n for (m, p), n in self._counts.items() if m == method and p.startswith(under))
+
+    def by_path(self, method: str = "GET", under: str = "") -> dict[str, int]:
+        with self._lock:
+            return {p: n for (m, p), n in self._counts.items() if m == method and p.startswith(under)}
+
+    def clear(self) -> None:
+        with self._lock:
+            self._counts.clear()
+            self._ranges.clear()
+
+
 class RangeRequestHandler(SimpleHTTPRequestHandler):
-    """Serves files under ``directory``; a single byte range per request, as zarr and fsspec send."""
+    """Serves files under ``directory``; a single byte range per request, as zarr and fsspec send. Each request
+    waits ``delay`` seconds first and is counted in ``requests``."""
+
+    delay = 0.0
+    requests: Requests | None = None
 
     def send_head(self):  # type: ignore[override]
+        if self.requests is not None:
+            self.requests.add(self.command, self.path, self.headers.get("Range"))
+        if self.delay:
+            time.sleep(self.delay)
         self._remaining: int | None = None
         header = self.headers.get("Range")
         path = self.translate_path(self.path)
@@ -59,26 +105,36 @@ class RangeRequestHandler(SimpleHTTPRequestHandler):
         super().end_headers()
 
     def copyfile(self, source, outputfile) -> None:  # type: ignore[override]
+        """The file's bytes from where ``send_head`` left it (the whole file, or the range), sent by the kernel."""
         remaining, self._remaining = self._remaining, None
-        if remaining is None:
+        if isinstance(source, io.BytesIO):  # a folder's listing, made in memory
             return super().copyfile(source, outputfile)
+        offset = source.tell()
+        if remaining is None:
+            remaining = os.fstat(source.fileno()).st_size - offset
+        outputfile.flush()
         while remaining > 0:
-            chunk = source.read(min(remaining, 1 << 16))
-            if not chunk:
+            sent = self.connection.sendfile(source, offset, remaining)
+            if not sent:
                 break
-            outputfile.write(chunk)
-            remaining -= len(chunk)
+            offset, remaining = offset + sent, remaining - sent
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - quiet in tests
         pass
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # many concurrent range requests connect at once
+
+
 @contextmanager
-def serve_directory(directory: str | Path) -> Iterator[str]:
-    """Serve ``directory`` on 127.0.0.1 (a free port) in a thread; yields the base URL ``http://127.0.0.1:PORT``."""
-    handler = partial(RangeRequestHandler, directory=str(directory))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
+def serve_directory(directory: str | Path, delay: float = 0.0, requests: Requests | None = None) -> Iterator[str]:
+    """Serve ``directory`` on 127.0.0.1 (a free port) in a thread; yields the base URL ``http://127.0.0.1:PORT``.
+    Every request waits ``delay`` seconds and is counted in ``requests`` (where given)."""
+    handler_class = type("Handler", (RangeRequestHandler,), {"delay": delay, "requests": requests})
+    handler = partial(handler_class, directory=str(directory))
+    server = _Server(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, name="range-http-server", daemon=True)
     thread.start()
     try:

@@ -26,6 +26,7 @@ import os
 import posixpath
 import shutil
 import sys
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,6 +39,7 @@ import torch
 from .._version import __version__
 from ..choices import Rule, VerifyMode, WriteMode, parse_choice
 from ..errors import ChecksumError, StoreError
+from ..forksafe import ForkSafeLock
 from ..math.compact import decode_hidden, head_logits
 from ..math.temperature import ensemble_log_probs
 from .compact_rows import compact_records, read_head, unpack_rows
@@ -59,8 +61,10 @@ from .files import (
     url_to_fs,
 )
 from .manifest import MANIFEST_NAME, FileRecord, Manifest, ManifestError, ShardRecord, provenance, utc_now
+from .remote import CACHE_BYTES, RemoteFiles, ShortRead
 from .verified import is_verified, record_verified
 
+ShardRange = tuple[int, str, int, int]  # bytes [start, end) of a store's file: (shard id, relative path, start, end)
 PENDING_NAME = ".softtargets-pending.json"
 MARKER_DIR = ".softtargets-shards"
 CARD_NAME = "README.md"
@@ -610,10 +614,15 @@ class TargetStore(ABC):
     targets), ``compresses`` (a compressor is recorded in the manifest's ``extra``), ``checker`` (the class
     ``softtargets verify`` checks the layout's files with; filled in by the sharing part), and the
     classmethods below.
+
+    A store on a remote filesystem (object storage, http: :attr:`remote`) fetches the bytes it reads with
+    ``cat_ranges`` (many ranges per round trip, concurrently), checks them as a local reader checks its files,
+    and holds up to ``remote_cache_bytes`` of them (:mod:`.remote`), so each range is downloaded once.
     """
 
     grouped_units: ClassVar[bool] = False
     packs_inputs: ClassVar[bool] = False
+    remote_cache_bytes: ClassVar[int] = CACHE_BYTES  # bytes of a remote store a reader holds (store/remote.py)
     compresses: ClassVar[bool] = False
     checker: ClassVar[type | None] = None
 
@@ -648,16 +657,27 @@ class TargetStore(ABC):
         parse_choice("verify mode", verify, VerifyMode)
         self.url, self.manifest, self.fs, self.root, self.verify_mode = url, manifest, fs, root, verify
         self._verified: set[int] = set()
+        self._checking: dict[int, threading.Event] = {}  # shards a thread is checking (check_shards)
+        self._checking_lock, self._checking_pid = ForkSafeLock(), os.getpid()
         self._key_index: dict[str, int] | None = None
         self._head: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._starts = np.array([s.start for s in manifest.shards], dtype=np.int64)
+        # Remote filesystems: the bytes fetched, each range once (concurrently), and kept while they fit.
+        self._remote = None if is_local(fs) else RemoteFiles(fs, root, self.remote_cache_bytes)
         self._check_rows()
         self._check_metadata_paths()
         self._open_layout()
         self._check_files()
-        if verify == "full":
+        if verify == "full" and self._remote is not None:
+            self.check_shards(s.id for s in manifest.shards)  # fetched together, a group at a time
+        elif verify == "full":
             for s in manifest.shards:
                 self.check_shard(s.id, self._held_files(s.id))
+
+    @property
+    def remote(self) -> bool:
+        """Whether the store is read from a remote filesystem (not a local one): reads then fetch bytes."""
+        return self._remote is not None
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickle as "open again" (for DataLoader workers): no caches, zarr handles or file handles travel."""
@@ -760,6 +780,8 @@ class TargetStore(ABC):
     def _check_file(self, shard_id: int, f: FileRecord, blob: Any) -> None:
         """File ``f`` of shard ``shard_id`` has its recorded size and sha256 (``blob``: its bytes, or None
         to read them)."""
+        if blob is None and self._remote is not None:
+            blob = self._fetched([(shard_id, f.path, 0, f.bytes)])[0]
         if blob is None:
             try:
                 blob = self.fs.cat_file(join(self.root, f.path))
@@ -775,17 +797,101 @@ class TargetStore(ABC):
             )
         self._remember(f)
 
-    def check_shards(self, shard_ids: Iterable[int]) -> None:
+    def check_shards(self, shard_ids: Iterable[int], pieces: Sequence[tuple[int, int, int]] = ()) -> None:
         """:meth:`check_shard` for several shards at once, hashed on parallel threads (hashlib releases
-        the GIL): what a shuffle window that starts in many shards waits for, divided by the cores."""
+        the GIL): what a shuffle window that starts in many shards waits for, divided by the cores. A
+        remote store fetches the shards' files first, together (:meth:`fetch_shards`); ``pieces``: what
+        will be read of them next (as for :meth:`prefetch`), which a layout may fetch along with the check."""
         todo = sorted({int(s) for s in shard_ids} - self._verified) if self.verify_mode != "none" else []
-        held = {s: self._held_files(s) for s in todo}  # maps are made here, on one thread
-        if len(todo) <= 1:
-            for s in todo:
-                self.check_shard(s, held[s])
-            return
-        with ThreadPoolExecutor(min(len(todo), os.cpu_count() or 1), thread_name_prefix="softtargets-sha256") as pool:
-            list(pool.map(lambda s: self.check_shard(s, held[s]), todo))
+        mine, others = self._claim(todo)
+        try:
+            self._check_group(mine, pieces)
+        finally:
+            self._release(mine)
+        for done in others:
+            done.wait()
+        failed = [s for s in todo if s not in self._verified]
+        if others and failed:  # another thread's check failed: checked again here, to raise the same
+            self.check_shards(failed, pieces)
+
+    def _check_group(self, shard_ids: list[int], pieces: Sequence[tuple[int, int, int]] = ()) -> None:
+        """:meth:`check_shard` of each of ``shard_ids`` (none checked yet, none being checked by another thread),
+        hashed on parallel threads; remote files fetched whole, as many at once as can be held. ``pieces``: see
+        :meth:`check_shards`."""
+        for group in self._fetch_groups(shard_ids):
+            # Maps are made here, on one thread; remote files are fetched in one round of requests.
+            held = {s: self._held_files(s) for s in group} if self._remote is None else self.fetch_shards(group)
+            if len(group) <= 1:
+                for s in group:
+                    self.check_shard(s, held[s])
+                continue
+            with ThreadPoolExecutor(min(len(group), os.cpu_count() or 1), thread_name_prefix="softtargets-sha256") \
+                    as pool:
+                list(pool.map(self.check_shard, group, [held[s] for s in group]))
+
+    def _claim(self, shard_ids: list[int]) -> tuple[list[int], list[threading.Event]]:
+        """Shards ``shard_ids`` this thread checks (no other thread is checking them), and the events of those
+        another thread is checking (a read-ahead thread's window): each shard is hashed once."""
+        with self._checking_lock:
+            if self._checking_pid != os.getpid():  # a forked child: the parent's threads are not here
+                self._checking, self._checking_pid = {}, os.getpid()
+            mine = [s for s in shard_ids if s not in self._checking]
+            others = [self._checking[s] for s in shard_ids if s in self._checking]
+            for s in mine:
+                self._checking[s] = threading.Event()
+        return mine, others
+
+    def _release(self, shard_ids: list[int]) -> None:
+        with self._checking_lock:
+            for s in shard_ids:
+                self._checking.pop(s).set()
+
+    def prefetch(self, pieces: Sequence[tuple[int, int, int]]) -> None:
+        """Make ready to read pieces ``(shard id, a, b)`` (store rows ``[a, b)`` of that shard): their shards are
+        checked, all at once (:meth:`check_shards`); a remote store also fetches the bytes they need that it
+        does not hold, in one round of concurrent requests. Reading works without it, a request at a time."""
+        self.check_shards((sid for sid, _, _ in pieces), pieces)
+
+    def _fetch_groups(self, shard_ids: list[int]) -> list[list[int]]:
+        """``shard_ids`` cut into runs whose files a remote reader can hold at once (half its capacity); one run
+        for a local store."""
+        if self._remote is None or not shard_ids:
+            return [shard_ids] if shard_ids else []
+        groups: list[list[int]] = [[]]
+        size = 0
+        for sid in shard_ids:
+            nbytes = sum(f.bytes for f in self.manifest.shards[sid].files)
+            if groups[-1] and size + nbytes > self._remote.capacity // 2:
+                groups.append([])
+                size = 0
+            groups[-1].append(sid)
+            size += nbytes
+        return groups
+
+    def fetch_shards(self, shard_ids: Sequence[int]) -> dict[int, dict[str, np.ndarray]]:
+        """Remote stores: the whole files of shards ``shard_ids``, by shard id and relative path (``uint8``),
+        fetched in one round of concurrent requests (those held already are not fetched again)."""
+        wanted = [(sid, f.path, 0, f.bytes) for sid in shard_ids for f in self.manifest.shards[sid].files]
+        out: dict[int, dict[str, np.ndarray]] = {int(sid): {} for sid in shard_ids}
+        for (sid, rel, _, _), data in zip(wanted, self._fetched(wanted), strict=True):
+            out[sid][rel] = data
+        return out
+
+    def _fetched(self, wanted: Sequence[ShardRange]) -> list[np.ndarray]:
+        """A remote store's bytes ``[a, b)`` of each file ``(shard id, relative path, a, b)``; a missing or short
+        file refused (:class:`StoreError` naming it and its shard)."""
+        assert self._remote is not None  # remote stores only
+        shard_of = {rel: sid for sid, rel, _, _ in wanted}
+        try:
+            return self._remote.get([(rel, a, b) for _, rel, a, b in wanted])
+        except FileNotFoundError as e:
+            url = self._file_url(str(e.filename))
+            raise StoreError(f"{url}: missing (shard {shard_of.get(e.filename)})", path=url,
+                             shard=shard_of.get(e.filename)) from None
+        except ShortRead as e:
+            url = self._file_url(e.rel)
+            raise StoreError(f"{url}: asked for bytes {e.start}-{e.end - 1}, got {e.got}: shorter than the manifest "
+                             f"says (truncated or replaced)", path=url, shard=shard_of.get(e.rel)) from None
 
     # -- layout hooks -----------------------------------------------------------------------------
 

@@ -299,9 +299,10 @@ class WdsStore(TargetStore):
         try:
             if is_local(self.fs):  # mapped; tarfile reads the headers from the file
                 data, source = self._maps(path), {"name": path}
-            else:
-                raw = self.fs.cat_file(path)
-                data, source = np.frombuffer(raw, np.uint8), {"fileobj": io.BytesIO(raw)}
+            else:  # fetched once (held from the check of a window's shards, if that came first)
+                record = self.manifest.shards[shard_id].files[0]
+                data = self._fetched([(shard_id, rel, 0, record.bytes)])[0]
+                source = {"fileobj": io.BytesIO(data.tobytes())}
         except FileNotFoundError:
             raise StoreError(f"{self._file_url(rel)}: missing (shard {shard_id})") from None
         self.check_shard(shard_id, {rel: data})

@@ -21,16 +21,24 @@ file's ``chunks_sha256``, so a reader checks a chunk when it reads it (see ``sto
 
 Reading a local store: shard files are memory-mapped and decoded by :mod:`.zarr_shards`
 (uncompressed logits, the default, are viewed in place: no read at all); keys and labels are
-decoded once per shard and kept. Remote stores are read through zarr.
+decoded once per shard and kept. A remote store (:mod:`.remote`) is decoded the same way from
+bytes fetched. One that a reader can hold has a shard's files fetched whole when first read (checked
+as a local lazy reader checks its maps); a bigger one has each file's index and crc32c trailers
+fetched and checked against ``chunks_sha256`` instead. Either way the chunk index and trailers are
+kept, and a file not held is then read by the inner chunks a read needs (ranges merged per file,
+fetched concurrently), each checked against its trailer. Arrays in codec chains :mod:`.zarr_shards`
+does not decode (blosc) are read through zarr.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
-from collections.abc import Callable
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal, NoReturn
 
 import numpy as np
 import zarr
@@ -42,12 +50,12 @@ from zarr.core.metadata import ArrayV3Metadata
 
 from ..choices import VerifyMode
 from ..errors import ChecksumError, StoreError
-from .base import ShardStream, TargetStore, TargetWriter
+from .base import ShardRange, ShardStream, TargetStore, TargetWriter
 from .card import dask_recipe, zarr_recipe
 from .files import atomic_write, file_record, flush_and_close, is_local, join
 from .manifest import FileRecord, Manifest, ShardRecord
 from .mapped import MappedFiles
-from .zarr_shards import ShardFileWriter, ShardFormat, file_chunks_digest
+from .zarr_shards import ShardFileWriter, ShardFormat, chunks_digest, crc32c, file_chunks_digest, index_ends
 
 ARRAYS = ("logits", "labels", "keys")
 COMPRESSORS = {
@@ -270,6 +278,9 @@ class ZarrStore(TargetStore):
         self._maps = MappedFiles()
         # Files checked by chunks_sha256 (lazy, format 2): relative path -> chunks not yet checked (bool [chunks]).
         self._unchecked: dict[str, np.ndarray] = {}
+        # Remote files: relative path -> (offset, bytes) of each inner chunk [chunks, 2], and their crc32c
+        # trailers where checked against the manifest (None: not checked, or no trailers).
+        self._spans: dict[str, tuple[np.ndarray, list[bytes] | None]] = {}
         super().__init__(url, manifest, fs, root, verify)
 
     @property
@@ -278,18 +289,23 @@ class ZarrStore(TargetStore):
 
     def _open_layout(self) -> None:
         """The group's arrays, each checked against the manifest: shape, dtype, shard and inner chunk rows."""
-        _refuse_ignored_ranges(self.fs, self.root, self._file_url("zarr.json"))
-        group = zarr.open_group(_zarr_store(self.fs, self.root, read_only=True), mode="r")
-        try:
-            self.arrays = {name: _array(group, name) for name in ARRAYS}
-        except KeyError as e:
-            raise StoreError(f"{self._file_url('zarr.json')}: the group lacks array {e}; not a softtargets store?") \
-                from None
+        # Remote, each metadata read is a round trip: the Range probe beside the group, the arrays side by side.
+        with ThreadPoolExecutor(len(ARRAYS), thread_name_prefix="softtargets-open") as pool:
+            probe = pool.submit(_refuse_ignored_ranges, self.fs, self.root, self._file_url("zarr.json"))
+            # zarr v3, never consolidated: no requests for format-2 or consolidated metadata
+            group = zarr.open_group(_zarr_store(self.fs, self.root, read_only=True), mode="r", zarr_format=3,
+                                    use_consolidated=False)
+            probe.result()
+            try:
+                self.arrays = dict(zip(ARRAYS, pool.map(functools.partial(_array, group), ARRAYS), strict=True))
+            except KeyError as e:
+                raise StoreError(f"{self._file_url('zarr.json')}: the group lacks array {e}; not a softtargets "
+                                 "store?") from None
         for name, arr in self.arrays.items():
             self._check_array(name, arr)
         self._layouts = {name: ShardFormat.of(arr) for name, arr in self.arrays.items()}
-        # Local stores: shard files mapped and decoded here; None where zarr must decode an array.
-        self._formats = self._layouts if is_local(self.fs) else {}
+        # Shard files decoded here (local: mapped; remote: fetched); None where zarr must decode an array.
+        self._formats = self._layouts
 
     def _check_array(self, name: str, arr: zarr.Array) -> None:
         """Array ``name``'s metadata agrees with the manifest (one :class:`StoreError` naming both)."""
@@ -345,26 +361,38 @@ class ZarrStore(TargetStore):
     def _check_file(self, shard_id: int, f: FileRecord, blob: Any) -> None:
         """Lazily, a mapped format-2 file is checked by its chunk checksums and index here, and its chunks as
         they are read (:meth:`_check_chunks`); otherwise by its sha256, and (``full``, format 2) by its chunk
-        checksums, index and every inner chunk's crc32c too: ``full`` checks all that ``lazy`` does."""
+        checksums, index and every inner chunk's crc32c too: ``full`` checks all that ``lazy`` does. A remote
+        file is checked from the bytes fetched, which then tell where its chunks are (:meth:`_learn`)."""
         name = f.path.split("/", 1)[0]
         shard_format = self._formats.get(name)
+        if blob is None and self._remote is not None:
+            blob = self._fetched([(shard_id, f.path, 0, f.bytes)])[0]
         chunked = blob is not None and f.chunks_sha256 is not None and shard_format is not None and shard_format.crc
         if not chunked or self.verify_mode != "lazy":
             super()._check_file(shard_id, f, blob)
-        if not chunked:
-            return
-        assert shard_format is not None  # chunked
-        if len(blob) != f.bytes:
-            raise StoreError(f"{self._file_url(f.path)}: {len(blob)} bytes, the manifest says {f.bytes}")
-        if file_chunks_digest(blob, shard_format.chunks_per_shard) != f.chunks_sha256:
-            raise ChecksumError(f"{self._file_url(f.path)}: chunk checksums or shard index do not match the manifest "
-                                f"(corrupt or altered file)", path=self._file_url(f.path), shard=shard_id,
-                                expected=f.chunks_sha256)
-        todo = np.ones(shard_format.chunks_per_shard, dtype=bool)
-        if self.verify_mode == "lazy":
-            self._unchecked[f.path] = todo
-        else:
-            self._check_chunk_ids(f.path, shard_format, shard_id, blob, list(range(len(todo))), todo)
+        if chunked:
+            assert shard_format is not None  # chunked
+            if len(blob) != f.bytes:
+                raise StoreError(f"{self._file_url(f.path)}: {len(blob)} bytes, the manifest says {f.bytes}")
+            if file_chunks_digest(blob, shard_format.chunks_per_shard) != f.chunks_sha256:
+                self._refuse_chunks_digest(shard_id, f)
+            todo = np.ones(shard_format.chunks_per_shard, dtype=bool)
+            if self.verify_mode != "lazy":
+                self._check_chunk_ids(f.path, shard_format, shard_id, blob, list(range(len(todo))), todo)
+            elif self._remote is None:
+                self._unchecked[f.path] = todo
+        if self._remote is not None and shard_format is not None:
+            self._learn(f.path, shard_format, shard_id, blob, checked=True)
+
+    def _learn(self, rel: str, shard_format: ShardFormat, shard_id: int, blob: np.ndarray, checked: bool) -> None:
+        """Keep where remote file ``rel``'s inner chunks lie, from its bytes ``blob``, and (``checked``: ``blob``
+        matched the manifest) their crc32c trailers, against which later reads of single chunks are checked."""
+        spans = shard_format.spans(blob, self.manifest.shards[shard_id].rows)
+        if spans is None:
+            return  # a damaged index: zarr reads the file, and reports it
+        trailers = [blob[o + n - 4:o + n].tobytes() for o, n in spans.tolist()] if checked and shard_format.crc \
+            else None
+        self._spans[rel] = (spans, trailers)
 
     def _check_chunks(self, name: str, shard_id: int, buf: np.ndarray, lo: int, hi: int) -> None:
         """The inner chunks of array ``name`` holding rows ``[lo, hi)`` of shard ``shard_id`` (file bytes
@@ -384,13 +412,17 @@ class ZarrStore(TargetStore):
         ids = [i for i in ids if i < -(-rows // shard_format.chunk_rows) and todo[i]]
         bad = shard_format.bad_chunks(buf, rows, ids) if ids else []
         if bad:
-            a = bad[0] * shard_format.chunk_rows
-            b = min(rows, a + shard_format.chunk_rows)
-            raise ChecksumError(f"{self._file_url(rel)}: inner chunk {bad[0]} (rows {a}-{b - 1} of shard {shard_id}) "
-                                f"does not match its crc32c (corrupt file)", path=self._file_url(rel), shard=shard_id)
+            self._refuse_chunk(rel, shard_format, shard_id, bad[0])
         todo[ids] = False
         if not todo[:-(-rows // shard_format.chunk_rows)].any():  # every chunk of the file checked: remember it
             self._remember(next(f for f in self.manifest.shards[shard_id].files if f.path == rel))
+
+    def _refuse_chunk(self, rel: str, shard_format: ShardFormat, shard_id: int, chunk: int) -> NoReturn:
+        """Raise the :class:`ChecksumError` of inner chunk ``chunk`` of file ``rel`` (shard ``shard_id``)."""
+        a = chunk * shard_format.chunk_rows
+        b = min(self.manifest.shards[shard_id].rows, a + shard_format.chunk_rows)
+        raise ChecksumError(f"{self._file_url(rel)}: inner chunk {chunk} (rows {a}-{b - 1} of shard {shard_id}) "
+                            f"does not match its crc32c (corrupt file)", path=self._file_url(rel), shard=shard_id)
 
     def _mapped(self, shard_id: int) -> dict[str, np.ndarray]:
         """Array name -> the bytes of its shard ``shard_id`` file, memory-mapped (arrays with a decoder only);
@@ -416,10 +448,16 @@ class ZarrStore(TargetStore):
         cost = s.rows * META_BYTES_PER_ROW
         if self._meta_bytes + cost > self.meta_cache_bytes:
             return None
-        maps = self._mapped(shard_id)
-        for name in maps.keys() & {"keys", "labels"}:
-            self._check_chunks(name, shard_id, maps[name], 0, s.rows)
-        keys, labels = self._decoded("keys", shard_id, maps), self._decoded("labels", shard_id, maps)
+        keys: np.ndarray | None
+        labels: np.ndarray | None
+        if self._remote is not None:
+            keys, labels = self._remote_rows("keys", shard_id, 0, s.rows), self._remote_rows("labels", shard_id, 0,
+                                                                                              s.rows)
+        else:
+            maps = self._mapped(shard_id)
+            for name in maps.keys() & {"keys", "labels"}:
+                self._check_chunks(name, shard_id, maps[name], 0, s.rows)
+            keys, labels = self._decoded("keys", shard_id, maps), self._decoded("labels", shard_id, maps)
         meta = (
             np.asarray(self.arrays["keys"][s.start:s.stop]).astype(object) if keys is None else keys,
             np.asarray(self.arrays["labels"][s.start:s.stop]) if labels is None else labels,
@@ -429,6 +467,8 @@ class ZarrStore(TargetStore):
         return meta
 
     def read_block(self, shard_id: int, lo: int, hi: int) -> dict[str, np.ndarray]:
+        if self._remote is not None:
+            return self._read_remote(shard_id, lo, hi)
         maps = self._mapped(shard_id)
         self.check_shard(shard_id)
         start = self.manifest.shards[shard_id].start
@@ -454,3 +494,146 @@ class ZarrStore(TargetStore):
         if meta is not None:
             return meta[0].tolist()
         return self.read_block(shard_id, 0, self.manifest.shards[shard_id].rows)["key"].tolist()
+
+    # -- remote stores ----------------------------------------------------------------------------
+
+    def prefetch(self, pieces: Sequence[tuple[int, int, int]]) -> None:
+        """Checks the pieces' shards (:meth:`_check_group`), then fetches the inner chunks the pieces need (and the
+        whole shards' keys and labels) that are not held, all in one round of requests."""
+        super().prefetch(pieces)
+        if self._remote is None:
+            return
+        fresh = sorted({sid for sid, _, _ in pieces if self._unlearnt(sid)})  # not checked: verify="none"
+        for sid, files in self.fetch_shards(fresh).items():
+            self._learn_shard(sid, files)
+        self._fetched(self._piece_ranges(pieces))
+
+    def _piece_ranges(self, pieces: Sequence[tuple[int, int, int]], spans: dict[str, np.ndarray] | None = None
+                      ) -> list[ShardRange]:
+        """The byte ranges of the inner chunks holding ``pieces`` (shard id, store rows ``[a, b)``), and of the whole
+        shards' keys and labels not kept yet (:meth:`_shard_meta`), for files whose chunks are known here (or in
+        ``spans``: relative path -> chunk spans)."""
+        wanted = []
+        for sid, a, b in pieces:
+            start = self.manifest.shards[sid].start
+            wanted += self._chunk_ranges("logits", sid, a - start, b - start, spans)[1]
+        for sid in {sid for sid, _, _ in pieces} - self._meta.keys():
+            rows = self.manifest.shards[sid].rows
+            wanted += [r for name in ("keys", "labels") for r in self._chunk_ranges(name, sid, 0, rows, spans)[1]]
+        return wanted
+
+    def _check_group(self, shard_ids: list[int], pieces: Sequence[tuple[int, int, int]] = ()) -> None:
+        """A remote store too big to hold (more than half of ``remote_cache_bytes``), checked lazily: the format-2
+        files of shards ``shard_ids`` are checked by their chunk index and crc32c trailers alone (fetched in two
+        rounds of requests: the indexes, then the trailers with the inner chunks ``pieces`` need), not fetched
+        whole. Otherwise (and for other files) as every layout."""
+        m = self.manifest
+        by_chunk = self._remote is not None and self.verify_mode == "lazy" and \
+            sum(f.bytes for s in m.shards for f in s.files) > self.remote_cache_bytes // 2
+        ranged = [s for s in shard_ids if by_chunk and all(self._checkable_by_chunk(f) for f in m.shards[s].files)]
+        rest = [s for s in shard_ids if s not in set(ranged)]
+        if ranged:
+            self._check_by_chunk(ranged, [p for p in pieces if p[0] in set(ranged)])
+        if rest:
+            super()._check_group(rest)
+
+    def _checkable_by_chunk(self, f: FileRecord) -> bool:
+        shard_format = self._formats.get(f.path.split("/", 1)[0])
+        return f.chunks_sha256 is not None and shard_format is not None and shard_format.crc
+
+    def _format_of(self, f: FileRecord) -> ShardFormat:
+        """The format of file ``f``'s array (one :meth:`_checkable_by_chunk` accepted)."""
+        shard_format = self._formats.get(f.path.split("/", 1)[0])
+        assert shard_format is not None  # checkable by chunk
+        return shard_format
+
+    def _check_by_chunk(self, shard_ids: list[int], pieces: Sequence[tuple[int, int, int]] = ()) -> None:
+        """Check the files of remote shards ``shard_ids`` against the manifest's ``chunks_sha256`` from their
+        indexes and chunk trailers only; keep where their chunks lie and the trailers. The inner chunks
+        ``pieces`` need come with the trailers (their rows are used only once the check has passed)."""
+        files = [(sid, f, self._format_of(f)) for sid in shard_ids for f in self.manifest.shards[sid].files]
+        indexes = self._fetched([(sid, f.path, f.bytes - fmt.index_bytes, f.bytes) for sid, f, fmt in files])
+        ends, spans = [], []
+        for (sid, f, fmt), index in zip(files, indexes, strict=True):
+            found = index_ends(index, fmt.chunks_per_shard)
+            where = fmt.index_spans(index, f.bytes, self.manifest.shards[sid].rows)
+            if found is None or where is None or any(e > f.bytes - fmt.index_bytes for e in found):
+                self._refuse_chunks_digest(sid, f)
+            ends.append(found)
+            spans.append(where)
+        where_of = {f.path: where for (_, f, _), where in zip(files, spans, strict=True)}
+        trailers = self._fetched([(sid, f.path, e - 4, e) for (sid, f, _), found in zip(files, ends, strict=True)
+                                  for e in found] + self._piece_ranges(pieces, where_of))
+        at = 0
+        for (sid, f, _), index, found, where in zip(files, indexes, ends, spans, strict=True):
+            mine = [t.tobytes() for t in trailers[at:at + len(found)]]
+            at += len(found)
+            if chunks_digest(mine, index) != f.chunks_sha256:
+                self._refuse_chunks_digest(sid, f)
+            self._spans[f.path] = (where, mine[:len(where)])
+        self._verified.update(shard_ids)
+
+    def _refuse_chunks_digest(self, shard_id: int, f: FileRecord) -> NoReturn:
+        raise ChecksumError(f"{self._file_url(f.path)}: chunk checksums or shard index do not match the manifest "
+                            f"(corrupt or altered file)", path=self._file_url(f.path), shard=shard_id,
+                            expected=f.chunks_sha256)
+
+    def _unlearnt(self, shard_id: int) -> bool:
+        return any(rel not in self._spans for rel in self._files(shard_id).values())
+
+    def _learn_shard(self, shard_id: int, files: dict[str, np.ndarray]) -> None:
+        for name, rel in self._files(shard_id).items():
+            if rel not in self._spans:
+                fmt = self._formats[name]
+                assert fmt is not None  # self._files: arrays with a format only
+                self._learn(rel, fmt, shard_id, files[rel], checked=False)
+
+    def _read_remote(self, shard_id: int, lo: int, hi: int) -> dict[str, np.ndarray]:
+        """Rows ``[lo, hi)`` of shard ``shard_id`` of a remote store (see :meth:`read_block`)."""
+        self.check_shards([shard_id])
+        meta = self._shard_meta(shard_id)
+        if meta is not None:
+            keys, labels = meta[0][lo:hi], meta[1][lo:hi]
+        else:
+            keys, labels = self._remote_rows("keys", shard_id, lo, hi), self._remote_rows("labels", shard_id, lo, hi)
+        return {"key": keys, "logits": self._remote_rows("logits", shard_id, lo, hi), "label": labels}
+
+    def _chunk_ranges(self, name: str, shard_id: int, lo: int, hi: int, spans: dict[str, np.ndarray] | None = None
+                      ) -> tuple[list[int], list[ShardRange]]:
+        """The inner chunks of array ``name``'s shard ``shard_id`` file holding rows ``[lo, hi)``, and their byte
+        ranges ``(shard id, relative path, start, end)``; none where the file's chunks are not known here (or in
+        ``spans``)."""
+        rel = shard_file(name, self.arrays[name], shard_id)
+        known = (spans or {}).get(rel)
+        if known is None and rel in self._spans:
+            known = self._spans[rel][0]
+        shard_format = self._formats.get(name)
+        if known is None or shard_format is None or lo >= hi:
+            return [], []
+        ids = list(shard_format.chunks_of(lo, hi))
+        return ids, [(shard_id, rel, int(o), int(o + n)) for o, n in known[ids].tolist()]
+
+    def _remote_rows(self, name: str, shard_id: int, lo: int, hi: int) -> np.ndarray:
+        """Rows ``[lo, hi)`` of array ``name`` in shard ``shard_id`` of a remote store: the inner chunks holding
+        them (held, or fetched), each checked against its crc32c kept when the file was checked, decoded here;
+        through zarr where :mod:`.zarr_shards` does not decode the array or its file's chunks are not known."""
+        shard_format = self._formats.get(name)
+        if shard_format is not None and self._unlearnt(shard_id):
+            self._learn_shard(shard_id, self.fetch_shards([shard_id])[shard_id])
+        ids, wanted = self._chunk_ranges(name, shard_id, lo, hi)
+        out = None
+        if shard_format is not None and wanted:
+            blobs = self._fetched(wanted)
+            trailers = self._spans[wanted[0][1]][1]
+            if trailers is not None:
+                bad = [i for i, blob in zip(ids, blobs, strict=True) if crc32c(blob[:-4]) != trailers[i]]
+                if bad:
+                    self._refuse_chunk(wanted[0][1], shard_format, shard_id, bad[0])
+            out = shard_format.decode_chunks([blob[:len(blob) - 4 * shard_format.crc] for blob in blobs], ids[0],
+                                             lo, hi)
+        if out is None and lo < hi or shard_format is None:
+            start = self.manifest.shards[shard_id].start
+            out = np.asarray(self.arrays[name][start + lo:start + hi])
+        elif out is None:
+            out = np.zeros((0, *self.arrays[name].shape[1:]), self.arrays[name].dtype)
+        return out.astype(object) if name == "keys" and out.dtype != object else out

@@ -146,18 +146,27 @@ class ShardFormat:
     def _chunk_bytes(self) -> int:
         return self.chunk_rows * self.dtype.itemsize * int(np.prod(self.trailing, dtype=np.int64))
 
-    def _index(self, buf: np.ndarray, rows: int) -> np.ndarray | None:
+    def spans(self, buf: np.ndarray, rows: int) -> np.ndarray | None:
         """``[chunks, 2]`` (offset, size) of the inner chunks holding the first ``rows`` rows, or None
         where the index is damaged, a chunk is missing, or a chunk lies outside the file."""
-        index_bytes = 16 * self.chunks_per_shard + 4
+        index_bytes = self.index_bytes
         if len(buf) < index_bytes:
             return None
+        return self.index_spans(buf[len(buf) - index_bytes:], len(buf), rows)
+
+    @property
+    def index_bytes(self) -> int:
+        """Bytes of a shard file's index (its entries and their crc32c), at the file's end."""
+        return 16 * self.chunks_per_shard + 4
+
+    def index_spans(self, index: Any, file_bytes: int, rows: int) -> np.ndarray | None:
+        """:meth:`spans` from a shard file's index alone (its last :attr:`index_bytes` bytes) and size."""
         try:
-            index = _CRC32C.decode(buf[len(buf) - index_bytes:])
+            decoded = _CRC32C.decode(index)
         except RuntimeError:
             return None
-        chunks = np.frombuffer(index, "<u8").reshape(-1, 2)[: -(-rows // self.chunk_rows)]
-        if (chunks == EMPTY_CHUNK).any() or (chunks.sum(axis=1) > len(buf) - index_bytes).any():
+        chunks = np.frombuffer(decoded, "<u8").reshape(-1, 2)[: -(-rows // self.chunk_rows)]
+        if (chunks == EMPTY_CHUNK).any() or (chunks.sum(axis=1) > file_bytes - self.index_bytes).any():
             return None
         return chunks
 
@@ -187,13 +196,18 @@ class ShardFormat:
         whole = None if self.crc else self.view(buf, rows)
         if whole is not None:
             return whole[lo:hi]
-        chunks = self._index(buf, rows)
+        chunks = self.spans(buf, rows)
         if chunks is None:
             return None
         first = lo // self.chunk_rows
+        spans = chunks[first:-(-hi // self.chunk_rows)].tolist()
+        return self.decode_chunks([buf[offset:offset + size - 4 * self.crc] for offset, size in spans], first, lo, hi)
+
+    def decode_chunks(self, payloads: list[np.ndarray], first: int, lo: int, hi: int) -> np.ndarray | None:
+        """Rows ``[lo, hi)`` of a shard from the bytes (``uint8``, without crc32c trailers) of its inner chunks
+        ``first, first + 1, ...`` that hold them; None where a chunk is not what the format describes."""
         parts = []
-        for offset, size in chunks[first:-(-hi // self.chunk_rows)].tolist():
-            data = buf[offset:offset + size - 4 * self.crc]
+        for data in payloads:
             for codec in reversed(self.zstd):
                 data = np.frombuffer(codec.decode(data), np.uint8)
             if self.strings:
@@ -217,7 +231,7 @@ class ShardFormat:
     def bad_chunks(self, buf: np.ndarray, rows: int, ids: list[int]) -> list[int]:
         """Those of inner chunks ``ids`` (of a shard of ``rows`` rows, file bytes ``buf``) whose bytes do not
         match their crc32c trailer, or that the index does not place inside the file."""
-        chunks = self._index(buf, rows)
+        chunks = self.spans(buf, rows)
         if chunks is None or not self.crc:
             return list(ids)
         bad = []

@@ -16,13 +16,15 @@ shuffle still mixes a whole window: :attr:`TargetStream.memory_bound_bytes` stat
 while its current one is handed out (the main process also arranges the next epoch's first slab
 during an epoch's last). In the main process the batches themselves (slices of the slab, keys,
 joined inputs) are made on a helper thread too, two ahead of the training loop: ``next()`` takes a
-finished batch off a queue.
+finished batch off a queue. From a remote store, the next window's bytes are fetched while a window is
+read and handed out, on a thread of their own (one round of concurrent requests per window).
 
 Progress and resumption: see :meth:`TargetStream.state_dict`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
@@ -42,12 +44,13 @@ from .elastic import RestPlan, rest_of_epoch
 from .inputs import DatasetJoin, Decoder, collate_packed
 from .plan import EpochPlan, SplitConfig, Units, batches_per_rank, unit_rows_for
 from .progress import BatchSet
-from .window import Arranged, Buffers, Window
+from .window import Arranged, Buffers, Window, window_pieces
 
 STATE_FORMAT = "softtargets.stream/2"  # 2: windows ramp up at the start of an epoch
 DEFAULT_BUFFER_BYTES = 64 << 20
 SLAB_BYTES = 16 << 20  # a window is arranged in slabs of about this many bytes (whole batches, at least one)
 SLABS_ALIVE = 5  # see TargetStream.memory_bound_bytes
+FETCH_AHEAD = 2  # windows whose bytes a remote store fetches while one is read (one round of requests)
 ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -259,7 +262,8 @@ class TargetStream(IterableDataset):
         rows of ``row_bytes`` -- the one handed out, the next (read ahead), the next epoch's first, one a caller
         still holds a batch of, and one piece's rows in flight while arranging -- plus index, label and key
         references (24 B a row) of three windows of ``buffer_size`` rows. Not counted: the store's own caches
-        (a zarr store keeps whole shards' keys and labels, up to its ``meta_cache_bytes``), packed inputs or a
+        (a zarr store keeps whole shards' keys and labels, up to its ``meta_cache_bytes``; a remote store the bytes
+        it fetched, up to its ``remote_cache_bytes``), packed inputs or a
         joined dataset's items, and batches a caller keeps beyond one earlier slab's."""
         slab = min(self.slab_rows, self.config.window_rows)
         return SLABS_ALIVE * slab * self.row_bytes + 3 * self.config.window_rows * 24
@@ -315,7 +319,8 @@ class TargetStream(IterableDataset):
             else None
         run = ahead if self.read_ahead else in_order
 
-        arrange_next = self._arranger(buffers)
+        windows = [(p, int(p.window_of(int(group[0])))) for p, group in items]
+        arrange_next = self._arranger(buffers, [w for i, w in enumerate(windows) if i == 0 or w != windows[i - 1]])
 
         def arrange(item: tuple[EpochPlan, np.ndarray]) -> Arranged:
             if early is not None and item is items[0]:
@@ -338,10 +343,15 @@ class TargetStream(IterableDataset):
                     group.tolist(), functools.partial(self._batch, plan, arranged)):
                 yield batch
 
-    def _arranger(self, buffers: Buffers | None) -> Callable[[tuple[EpochPlan, np.ndarray]], Arranged]:
+    def _arranger(self, buffers: Buffers | None, windows: Sequence[tuple[EpochPlan, int]] = ()
+                  ) -> Callable[[tuple[EpochPlan, np.ndarray]], Arranged]:
         """A function of ``(plan, batch numbers of one slab)`` giving that slab arranged; it keeps the window it
-        read last, so the slabs of a window read it once (one such function per thread)."""
+        read last, so the slabs of a window read it once (one such function per thread). ``windows``: the
+        ``(plan, window)`` s to be read, in order; from a remote store, the bytes of the ``FETCH_AHEAD`` after the
+        window being read are fetched meanwhile, on a thread of their own (the store holds them until read)."""
         last: dict[tuple[int, int], tuple[Window, np.ndarray | None]] = {}
+        following = {(p.epoch, k): self._fetch_ahead(windows[i + 1:i + 1 + FETCH_AHEAD])
+                     for i, (p, k) in enumerate(windows)}
 
         def arrange(item: tuple[EpochPlan, np.ndarray]) -> Arranged:
             p, group = item
@@ -351,11 +361,32 @@ class TargetStream(IterableDataset):
                 last.clear()  # the window before is done with: its views of the store go
                 last[(p.epoch, k)] = (Window.read(self.store, p.segments(lo, hi), self.packed),
                                       p.window_permutation(k))
+                if self.store.remote and self.read_ahead and following.get((p.epoch, k)):
+                    in_background(self._prefetch, following[(p.epoch, k)], name="softtargets-fetch")
             window, perm = last[(p.epoch, k)]
             a = (int(group[0]) * p.cfg.batch_size - lo) // self.slab_rows * self.slab_rows
             return window.arrange(perm, self._logits_dtype, buffers, a, min(a + self.slab_rows, hi - lo))
 
         return arrange
+
+    def _fetch_ahead(self, windows: Sequence[tuple[EpochPlan, int]]) -> Sequence[tuple[EpochPlan, int]]:
+        """The first of ``windows`` whose rows a remote store can hold at once (half its ``remote_cache_bytes``;
+        at least one window): bytes fetched ahead and let go before they are read would be fetched again."""
+        budget, out = self.store.remote_cache_bytes // 2, 0
+        for p, k in windows:
+            lo, hi = p.window_range(k)
+            budget -= (hi - lo) * self.row_bytes
+            if out and budget < 0:
+                break
+            out += 1
+        return windows[:out]
+
+    def _prefetch(self, windows: Sequence[tuple[EpochPlan, int]]) -> None:
+        """Fetch the bytes of ``(plan, window)`` s from a remote store in one round of requests, to be held until
+        they are read (those held already are not fetched again). An error is left to the read, which meets it."""
+        with contextlib.suppress(Exception):
+            self.store.prefetch([piece for p, k in windows for piece in window_pieces(self.store,
+                                                                                     p.segments(*p.window_range(k)))])
 
     def _groups(self, plan: EpochPlan, share: np.ndarray) -> list[np.ndarray]:
         """``share`` (ascending batch numbers) cut where a new slab starts (a window is cut into slabs of

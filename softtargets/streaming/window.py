@@ -38,8 +38,8 @@ class Window:
         """Rows ``[a, b)`` of each segment, in order, as the store's read-only blocks (views of mapped
         files or of decoded wds shards where it can)."""
         logits, index, label, key, members = [], [], [], [], []
-        pieces = [piece for a, b in segments for piece in _pieces(store, a, b)]
-        store.check_shards(sid for sid, _, _ in pieces)  # all of the window's new shards at once
+        pieces = window_pieces(store, segments)
+        store.prefetch(pieces)  # the window's new shards checked at once; a remote store's bytes fetched at once
         for sid, lo, hi in pieces:
             base = store.shards[sid].start
             block = store.read_block(sid, lo - base, hi - base)
@@ -166,6 +166,11 @@ def _shared(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     storage = torch.UntypedStorage._new_shared(max(nbytes, 1))
     strides = tuple(int(s) for s in np.cumprod((1, *shape[:0:-1]))[::-1])
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape, strides)
+
+
+def window_pieces(store: TargetStore, segments: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """``(shard id, lo, hi)`` pieces of the store rows ``[a, b)`` of each segment, in order (see :func:`_pieces`)."""
+    return [piece for a, b in segments for piece in _pieces(store, a, b)]
 
 
 def _pieces(store: TargetStore, a: int, b: int) -> list[tuple[int, int, int]]:
