@@ -160,3 +160,20 @@ def test_views_precomputed_on_cuda_replay_to_the_stored_logits(tmp_path):
         ref = torch.stack([t.cpu()(x) for t in ts], dim=1)
     torch.testing.assert_close(store.take(rows)["logits"].float(), ref - ref.mean(-1, keepdim=True), atol=1e-2,
                                rtol=1e-3)
+
+
+def test_views_with_a_compact_content_hold_each_replayed_views_records(tmp_path):
+    ts, ds = teachers(), dataset()
+    spec = st.CompactSpec("topk", k=3, temperatures=(1.0, 2.0, 4.0))
+    m = st.precompute(ts, ds, tmp_path / "vc.zarr", views=V, augment=AUG, seed=5, content="geometric", compact=spec,
+                      shard_rows=32, progress=False, num_workers=0)
+    assert m.views["count"] == V and m.compact["kind"] == "topk" and st.verify_store(tmp_path / "vc.zarr").ok
+    store = st.open_targets(tmp_path / "vc.zarr")
+    rows = np.arange(m.num_samples)
+    x = AUG.replay(ds.tensors[0][rows % N], ViewParams(store).take(rows))
+    with torch.no_grad():
+        mean = torch.stack([t(x) for t in ts], 1).mean(1)
+    fields = store.compact_fields(rows)
+    assert torch.equal(fields["ids"], mean.topk(3, -1).indices)  # each view's own top ids
+    for t in (1.0, 4.0):
+        assert abs(float(st.topk_kd_loss(mean, fields, st.CompactSpec.from_dict(m.compact), t))) < 1e-4
