@@ -20,6 +20,8 @@ FULL: dict[str, Any] = {
     "temperature": 1.0,
     "alpha": 0.9,
     "eval_tokens": 40000,
+    "topk": [8, 32],            # a topk store per k (k=8: 104 B/token with the default 9-temperature tail grid)
+    "sampled": 8,               # draws per token of the sampled store (120 B/token)
 }
 
 QUICK: dict[str, Any] = {

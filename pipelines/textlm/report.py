@@ -21,15 +21,22 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"| teacher d={x['d']} L={x['layers']} seed {x['seed']} | {x['params']:,} | {x['ppl']:.1f} | "
                      f"{x['seconds']:.0f} |")
     lines.append(f"| ensemble (geometric mean) | | {r['ensemble_ppl']:.1f} | |")
-    lines += ["", "| student trained on | bytes/token | store MB | held-out perplexity | gap closed | train s |",
-              "|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "| student trained on | bytes/token | store MB | stage one s | held-out perplexity | gap closed | "
+              "train s |", "|---|---:|---:|---:|---:|---:|---:|"]
     stores = {s["name"]: s for s in r["stores"]}
     for s in r["students"]:
         store = stores.get(s["targets"])
         mb = f"{store['bytes'] / 1e6:.1f}" if store else "-"
+        made = f"{store['seconds']:.0f}" if store else "-"
         gap = "-" if s["gap_closed"] is None else f"{100 * s['gap_closed']:.0f} %"
-        lines.append(f"| {s['targets']} | {s['bytes_per_token']:.0f} | {mb} | {s['ppl']:.1f} | {gap} | "
+        lines.append(f"| {s['targets']} | {s['bytes_per_token']:.0f} | {mb} | {made} | {s['ppl']:.1f} | {gap} | "
                      f"{s['seconds']:.0f} |")
+    g = r["goal"]
+    verdict = "met" if g["met"] else "not met"
+    best = "no compact store within it" if g["best"] is None else \
+        f"best within it: {g['best']}, {100 * g['gap_closed']:.0f} %"
+    lines += ["", f"Goal (a student from <= {g['bytes_per_token_max']} B/token closes >= "
+              f"{100 * g['gap_closed_min']:.0f} % of the dense gain): **{verdict}** ({best})."]
     env = r["environment"]
     lines += ["", "Gap closed: the share of the dense student's gain over the hard-label student, in log perplexity. "
               f"Wall time {r['timings']['total_seconds']:.0f} s on {env['cpu_count']} CPUs "
