@@ -31,7 +31,6 @@ from softtargets.precompute.sequences import precompute_sequences
 from .data import encode_files, stdlib_corpus, stream_of, train_tokenizer, transfer_sequences
 from .models import CausalLM, hard_loss, perplexity, train, windows
 
-
 GOAL_BYTES = 128
 """The stored bytes per token within which a student should close 80 % of the dense student's gain."""
 
