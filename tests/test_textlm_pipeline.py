@@ -38,12 +38,13 @@ def test_results_files_and_fields(run):
     md = (out / "results.md").read_text()
     assert md.count("| dense |") == 1 and "Goal (a student from <= 128 B/token" in md
     assert (out / "ppl_vs_bytes.png").stat().st_size > 1000
-    names = ["dense", "topk k=8", "topk k=32", "sampled n=8", "hidden float16", "hidden int8"]
+    names = ["dense", "topk k=8", "topk k=32", "sampled n=12", "hidden float16", "hidden int8"]
     assert [s["targets"] for s in r["students"]] == ["hard labels", *names]
     assert [s["name"] for s in r["stores"]] == names
     d = 2 * config(quick=True)["teachers"][0]["d"]  # hidden: both teachers' states side by side
-    assert [s["bytes_per_token"] for s in r["stores"]] == [2 * r["text"]["vocab_size"], 4 * 8 + 72, 4 * 32 + 72,
-                                                         6 * 8 + 72, 2 * d, d + 4]
+    g = 8 * len(config(quick=True)["grid"])  # a float32 log-partition and its derivative per grid temperature
+    assert [s["bytes_per_token"] for s in r["stores"]] == [2 * r["text"]["vocab_size"], 4 * 8 + g, 4 * 32 + g,
+                                                         6 * 12 + g, 2 * d, d + 4]
     assert r["goal"]["bytes_per_token_max"] == 128 and isinstance(r["goal"]["met"], bool)
     for s in r["students"] + r["teachers"]:
         assert math.isfinite(s["ppl"]) and s["ppl"] > 1

@@ -181,12 +181,15 @@ def compact_goal(students: list[dict[str, Any]], budget: int = GOAL_BYTES) -> di
 
 def store_kinds(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The stores stage one writes: name -> ``precompute_sequences`` arguments. Dense float16 first (the
-    reference), then ``topk`` at each k of ``cfg["topk"]``, ``sampled`` with ``cfg["sampled"]`` draws, and
-    ``hidden`` (the teachers' last hidden states side by side, and their joined head) in float16 and int8."""
+    reference), then ``topk`` at each k of ``cfg["topk"]`` and ``sampled`` with ``cfg["sampled"]`` draws (their
+    log-partitions at the temperatures ``cfg["grid"]``), and ``hidden`` (the teachers' last hidden states side by
+    side, and their joined head) in float16 and int8."""
     kinds: dict[str, dict[str, Any]] = {"dense": {"content": "geometric", "dtype": "float16"}}
+    grid = tuple(cfg["grid"])
     for k in cfg["topk"]:
-        kinds[f"topk k={k}"] = {"compact": st.CompactSpec("topk", k=k)}
-    kinds[f"sampled n={cfg['sampled']}"] = {"compact": st.CompactSpec("sampled", k=cfg["sampled"], seed=1)}
+        kinds[f"topk k={k}"] = {"compact": st.CompactSpec("topk", k=k, temperatures=grid)}
+    kinds[f"sampled n={cfg['sampled']}"] = {"compact": st.CompactSpec("sampled", k=cfg["sampled"], temperatures=grid,
+                                                                      seed=1)}
     for q in ("float16", "int8"):
         kinds[f"hidden {q}"] = {"compact": st.CompactSpec("hidden", head="lm_head", quantization=q)}
     return kinds
