@@ -51,13 +51,16 @@ def plot(r: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for s in r["students"]:
+    for i, s in enumerate(r["students"]):
         if s["bytes_per_token"]:
             ax.scatter(s["bytes_per_token"], s["ppl"])
-            ax.annotate(s["targets"], (s["bytes_per_token"], s["ppl"]))
+            ax.annotate(s["targets"], (s["bytes_per_token"], s["ppl"]), xytext=(4, 6 if i % 2 else -10),
+                        textcoords="offset points", fontsize=8)
     hard = next(s for s in r["students"] if s["targets"] == "hard labels")
     ax.axhline(hard["ppl"], ls="--", c="gray", label="hard labels")
     ax.axhline(r["ensemble_ppl"], ls=":", c="black", label="teacher ensemble")
+    ax.axvline(r["goal"]["bytes_per_token_max"], ls="-.", c="tab:red", lw=0.8,
+               label=f"{r['goal']['bytes_per_token_max']} B/token")
     ax.set_xscale("log")
     ax.set_xlabel("stored bytes per token")
     ax.set_ylabel("student held-out perplexity")
