@@ -101,3 +101,19 @@ def test_compact_stores_hold_the_saved_teachers_targets(run):
     weight, bias = hid.head()
     h = st.unpack_rows(hid.manifest, rows["teacher_logits"])["hidden"].float()
     torch.testing.assert_close(h @ weight.T + bias, ref, atol=2e-2, rtol=1e-2)
+
+
+def test_students_retrained_with_other_seeds(run):
+    """``pipelines.textlm.seeds``: the run's own seed kept, another trained from the same stores."""
+    out, r = run
+    proc = subprocess.run([sys.executable, "-m", "pipelines.textlm.seeds", "--run", str(out), "--seeds", "3",
+                           "--targets", "sampled n=12"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((out / "student_seeds.json").read_text())
+    own = config(quick=True)["student"]["seed"]
+    assert s["seeds"] == [own, 3]
+    assert [x["targets"] for x in s["students"]["3"]] == ["hard labels", "dense", "sampled n=12"]
+    summary = s["summary"]["sampled n=12"]
+    assert summary["ppl"][0] == next(x["ppl"] for x in r["students"] if x["targets"] == "sampled n=12")
+    assert all(math.isfinite(p) and p > 1 for p in summary["ppl"])
+    assert all(g in (1.0, None) for g in s["summary"]["dense"]["gap_closed"])

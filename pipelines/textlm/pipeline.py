@@ -143,20 +143,11 @@ def run(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
     students = []
     first = stores[0]["url"]
     for source, url, alpha in [("hard labels", first, 0.0)] + [(s["name"], s["url"], cfg["alpha"]) for s in stores]:
-        spec = cfg["student"]
-        model = CausalLM(vocab, spec["d"], spec["layers"], spec["heads"], ctx, seed=spec["seed"])
-        stream = st.stream_sequences(url, batch_size=batch, seed=spec["seed"])
-        steps = cfg["student_epochs"] * stream.batches_per_epoch
-        loss = store_loss(stream.store if alpha else None, alpha, cfg["temperature"])
-        fit = train(model, _batches(stream), steps, cfg["lr"], loss)
-        ppl = perplexity(model, held, ctx)
-        students.append({"targets": source, "ppl": ppl, "seconds": fit["seconds"], "steps": steps})
-        print(f"student from {source}: held-out perplexity {ppl:.1f} ({fit['seconds']:.0f} s)", flush=True)
-    hard = students[0]["ppl"]
-    dense = next((s["ppl"] for s in students if s["targets"] == "dense"), None)
+        students.append({"targets": source, **train_student(cfg, vocab, url, alpha, cfg["student"]["seed"], held)})
+        print(f"student from {source}: held-out perplexity {students[-1]['ppl']:.1f} "
+              f"({students[-1]['seconds']:.0f} s)", flush=True)
+    gap_closed(students)
     for s in students:
-        gain = math.log(hard) - math.log(dense) if dense else 0.0
-        s["gap_closed"] = (math.log(hard) - math.log(s["ppl"])) / gain if gain > 0 else None
         store = next((x for x in stores if x["name"] == s["targets"]), None)
         s["bytes_per_token"] = store["bytes_per_token"] if store else 0.0
     return {
@@ -167,6 +158,30 @@ def run(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
                         "torch": torch.__version__, "softtargets": st.__version__,
                         "python": platform.python_version(), "platform": platform.platform()},
     }
+
+
+def train_student(cfg: dict[str, Any], vocab: int, url: str, alpha: float, seed: int, held: torch.Tensor
+                  ) -> dict[str, Any]:
+    """A student (``cfg["student"]``, initialised and shuffled by ``seed``) trained ``cfg["student_epochs"]``
+    epochs on store ``url`` (``alpha = 0``: its hard labels only); held-out perplexity of ``held`` (int64 token
+    ids), training seconds and steps."""
+    spec, ctx = cfg["student"], cfg["context"]
+    model = CausalLM(vocab, spec["d"], spec["layers"], spec["heads"], ctx, seed=seed)
+    stream = st.stream_sequences(url, batch_size=cfg["batch"], seed=seed)
+    steps = cfg["student_epochs"] * stream.batches_per_epoch
+    loss = store_loss(stream.store if alpha else None, alpha, cfg["temperature"])
+    fit = train(model, _batches(stream), steps, cfg["lr"], loss)
+    return {"ppl": perplexity(model, held, ctx), "seconds": fit["seconds"], "steps": steps}
+
+
+def gap_closed(students: list[dict[str, Any]]) -> None:
+    """Set each student's ``gap_closed``: its gain over the ``hard labels`` student as a share of the ``dense``
+    student's, in log perplexity (None without both, or when dense gains nothing)."""
+    hard = next((s["ppl"] for s in students if s["targets"] == "hard labels"), None)
+    dense = next((s["ppl"] for s in students if s["targets"] == "dense"), None)
+    gain = math.log(hard) - math.log(dense) if hard and dense else 0.0
+    for s in students:
+        s["gap_closed"] = (math.log(hard) - math.log(s["ppl"])) / gain if gain > 0 and hard else None
 
 
 def compact_goal(students: list[dict[str, Any]], budget: int = GOAL_BYTES) -> dict[str, Any]:
