@@ -11,15 +11,18 @@ FULL: dict[str, Any] = {
     "vocab_size": 8192,
     "context": 64,
     "teachers": [{"d": 96, "layers": 2, "heads": 4, "seed": 1}, {"d": 96, "layers": 2, "heads": 4, "seed": 2}],
-    "teacher_steps": 200,
+    "teacher_steps": 300,
     "batch": 16,
-    "lr": 3e-3,
-    "transfer_sequences": 800,  # x context tokens: the transfer set every student sees
+    "lr": 1e-2,
+    "transfer_sequences": 512,  # x context tokens: the transfer set every student sees
     "student": {"d": 64, "layers": 1, "heads": 2, "seed": 7},
-    "student_epochs": 3,
+    "student_epochs": 4,
     "temperature": 1.0,
     "alpha": 0.9,
     "eval_tokens": 40000,
+    "topk": [8, 32],            # a topk store per k: 4k + 8 * len(grid) B/token (k=8: 80 B)
+    "sampled": 12,              # draws per token of the sampled store: 6n + 8 * len(grid) B/token (120 B)
+    "grid": [0.5, 1.0, 2.0, 4.0, 8.0, 20.0],  # topk / sampled: the temperatures whose log-partitions are stored
 }
 
 QUICK: dict[str, Any] = {
