@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
-import torch
+from stream import BATCH, C, write_store
 from timing import write_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/http_server.py: the server
@@ -48,23 +48,7 @@ import softtargets as st  # noqa: E402
 from softtargets.store.verified import ENV as VERIFY_CACHE_ENV  # noqa: E402
 from tests.http_server import Requests, serve_directory  # noqa: E402
 
-C = 1000
-BATCH = 256
-SHARDS = 8
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "remote.json"
-
-
-def write_store(path: Path, layout: str, k: int, n: int) -> st.Manifest:
-    """``n`` rows of random normal logits (spread 3), float16, 8 shards."""
-    g = torch.Generator().manual_seed(0)
-    shard_rows = n // SHARDS
-    shape = (C,) if k == 1 else (k, C)
-    w = st.create_targets(path, num_classes=C, content="geometric" if k == 1 else "per_teacher", num_teachers=k,
-                          layout=layout, dtype="float16", num_samples=n, shard_rows=shard_rows)
-    for a in range(0, n, shard_rows):
-        w.write([f"s{i:09d}" for i in range(a, a + shard_rows)], torch.randn(shard_rows, *shape, generator=g) * 3)
-    w.close()
-    return st.open_targets(path, verify="none").manifest
 
 
 class Server:
@@ -107,7 +91,7 @@ def _serve(directory: str, delay: float, conn: Any) -> None:
 
 def bench_store(root: Path, server: Server, layout: str, k: int, n: int, repeats: int) -> dict[str, Any]:
     name = f"k{k}.{layout}"
-    m = write_store(root / name, layout, k, n)
+    m = write_store(root / name, layout, k, n).manifest
     url = f"{server.base}/{name}"
     local, remote, fetch = float("inf"), float("inf"), float("inf")
     gets: list[int] = []
