@@ -301,10 +301,9 @@ def encode_topk(logits: torch.Tensor, spec: CompactSpec, *, measure: bool = True
     top, ids = z.topk(spec.k, dim=-1)
     zs = z - top[..., :1]
     tail = zs.scatter(-1, ids, float("-inf"))
-    work = tail.double() if z.dtype == torch.float32 and z.device.type == "cpu" else tail
     betas = spec.betas(z.device)
-    logz, dlogz = log_partition(work, betas.to(work.dtype))
-    err = midpoint_error(work, betas, logz, dlogz) if measure and len(betas) > 1 else 0.0
+    logz, dlogz = log_partition(tail, betas.to(tail.dtype))
+    err = midpoint_error(tail, betas, logz, dlogz) if measure and len(betas) > 1 else 0.0
     return {"ids": ids, "values": (top - top[..., :1]).float(), "tail_logz": logz.float(),
             "tail_dlogz": dlogz.float()}, err
 
@@ -326,8 +325,7 @@ def encode_sampled(logits: torch.Tensor, spec: CompactSpec, generator: torch.Gen
     ids = torch.zeros_like(draws).scatter_(1, slot, draws)
     counts = torch.zeros_like(draws).scatter_add_(1, slot, torch.ones_like(draws))
     betas = spec.betas(z.device)
-    work = zs.double() if zs.device.type == "cpu" else zs
-    logz, dlogz = log_partition(work, betas.to(work.dtype))
+    logz, dlogz = log_partition(zs, betas.to(zs.dtype))
     shape = (*lead, spec.k)
     return {"ids": ids.reshape(shape), "counts": counts.reshape(shape),
             "values": zs.gather(1, ids).float().reshape(shape),
