@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from ..store import layout_class
 from ..store.base import MARKER_DIR, PENDING_NAME, read_manifest
 from ..store.compact_rows import HEAD_FILES
-from ..store.files import is_local, join, link_outside, list_sizes, local_tree, unsafe_path, url_to_fs
+from ..store.files import crc32c_extend, is_local, join, link_outside, list_sizes, local_tree, unsafe_path, url_to_fs
 from ..store.manifest import MANIFEST_NAME, FileRecord, Manifest, ManifestError, ShardRecord
 from ..store.sequences import KEYS_FILE, OFFSETS_FILE, TOKENS_FILE, offsets_problem
 from ..store.sidecars import sidecar_files, sidecar_path_problems
@@ -154,38 +154,47 @@ class _Checker:
         missing = isinstance(e, FileNotFoundError)
         self.problem(rel, "missing (listed in the manifest)" if missing else f"unreadable ({e})")
 
-    def _matches(self, rel: str, got: int, digest: str, size: int, sha256: str) -> bool:
+    def _matches(self, f: FileRecord, got: int, digest: str, crc: int) -> bool:
+        """Whether ``got`` bytes whose sha256 is ``digest`` and crc32c ``crc`` are what record ``f`` says."""
         self.report.files_checked += 1
         self.report.bytes_checked += got
-        if got != size:
-            self.problem(rel, f"{got} bytes, the manifest says {size} (truncated or replaced)")
+        if got != f.bytes:
+            self.problem(f.path, f"{got} bytes, the manifest says {f.bytes} (truncated or replaced)")
             return False
-        if digest != sha256:
-            self.problem(rel, "sha256 does not match the manifest (corrupt or altered file)")
+        if digest != f.sha256:
+            self.problem(f.path, "sha256 does not match the manifest (corrupt or altered file)")
+            return False
+        if f.crc32c is not None and f"{crc:08x}" != f.crc32c:  # what lazy readers check: it must agree
+            self.problem(f.path, "crc32c does not match the manifest (the file matches its sha256: the manifest's "
+                                 "crc32c is wrong)")
             return False
         return True
 
     def hash_file(self, f: FileRecord) -> bool:
-        """Whether file ``f`` exists with its recorded size and sha256, read in pieces (bounded memory)."""
-        hasher, got = hashlib.sha256(), 0
+        """Whether file ``f`` exists with its recorded size, sha256 (and crc32c), read in pieces (bounded
+        memory)."""
+        hasher, got, crc = hashlib.sha256(), 0, 0
         try:
             with self.fs.open(join(self.root, f.path), "rb") as fh:
                 while piece := fh.read(READ_BYTES):
                     hasher.update(piece)
+                    if f.crc32c is not None:
+                        crc = crc32c_extend(crc, piece)
                     got += len(piece)
         except OSError as e:
             self._missing(f.path, e)
             return False
-        return self._matches(f.path, got, hasher.hexdigest(), f.bytes, f.sha256)
+        return self._matches(f, got, hasher.hexdigest(), crc)
 
     def read_file(self, f: FileRecord) -> bytes | None:
-        """File ``f``'s bytes when it exists with its recorded size and sha256, else None."""
+        """File ``f``'s bytes when it exists with its recorded size, sha256 (and crc32c), else None."""
         try:
             data = self.fs.cat_file(join(self.root, f.path))
         except OSError as e:
             self._missing(f.path, e)
             return None
-        return data if self._matches(f.path, len(data), hashlib.sha256(data).hexdigest(), f.bytes, f.sha256) else None
+        crc = crc32c_extend(0, data) if f.crc32c is not None else 0
+        return data if self._matches(f, len(data), hashlib.sha256(data).hexdigest(), crc) else None
 
     def file_for(self, rec: ShardRecord, part: str) -> str:
         """The file of shard ``rec`` that holds ``part`` (keys, labels or logits)."""

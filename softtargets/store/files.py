@@ -12,6 +12,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import fsspec
+import google_crc32c
+import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from .manifest import FileRecord
@@ -149,11 +151,23 @@ def sha256_hex(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def file_record(fs: fsspec.AbstractFileSystem, root: str, rel: str, data: bytes | None = None) -> FileRecord:
-    """Size and sha256 of ``root/rel`` (hashing ``data`` when the caller has the bytes already)."""
+def crc32c_extend(crc: int, data: Any) -> int:
+    """The crc32c (Castagnoli) of bytes already hashed to ``crc`` followed by bytes-like ``data``."""
+    return int(google_crc32c.extend(crc, np.frombuffer(data, np.uint8)))  # takes arrays, not memoryviews
+
+
+def crc32c_hex(data: Any) -> str:
+    """The crc32c of bytes-like ``data`` as a manifest records it: 8 hex digits."""
+    return f"{crc32c_extend(0, data):08x}"
+
+
+def file_record(fs: fsspec.AbstractFileSystem, root: str, rel: str, data: bytes | None = None,
+                crc: bool = False) -> FileRecord:
+    """Size and sha256 of ``root/rel`` (hashing ``data`` when the caller has the bytes already); with ``crc``,
+    its crc32c too."""
     if data is None:
         data = fs.cat_file(join(root, rel))
-    return FileRecord(path=rel, bytes=len(data), sha256=sha256_hex(data))
+    return FileRecord(path=rel, bytes=len(data), sha256=sha256_hex(data), crc32c=crc32c_hex(data) if crc else None)
 
 
 def fsync_files(paths: Sequence[str]) -> None:

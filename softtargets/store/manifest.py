@@ -27,7 +27,8 @@ from ..errors import ManifestError
 
 # 2: zarr inner chunks end with a crc32c, and files record ``chunks_sha256``. 3: optional fields for new
 # features (``sequences``: rows grouped into token sequences; ``hints``, ``specialists``: arrays beside the
-# logits; ``views``: augmented views; ``compact``: packed compact rows). Readers read 1, 2 and 3.
+# logits; ``views``: augmented views; ``compact``: packed compact rows; ``crc32c`` of wds shard files).
+# Readers read 1, 2 and 3.
 FORMAT_VERSION = 3
 READS_FORMATS = (1, 2, 3)
 MANIFEST_NAME = "manifest.json"
@@ -42,12 +43,14 @@ class FileRecord:
     """One data file of a store: path relative to the root, size in bytes, sha256 hex; for zarr shard files
     of format 2, ``chunks_sha256``: sha256 hex of the file's inner-chunk crc32c trailers and its shard index
     (:func:`softtargets.store.zarr_shards.chunks_digest`), which lets a reader check the chunks it reads
-    without hashing the whole file."""
+    without hashing the whole file; for wds shard files, ``crc32c``: the whole file's crc32c (8 hex digits,
+    Castagnoli), which lazy readers check instead of the sha256 (about 4x faster to compute)."""
 
     path: str
     bytes: int
     sha256: str
     chunks_sha256: str | None = None
+    crc32c: str | None = None
 
 
 @dataclass

@@ -36,7 +36,7 @@ import webdataset as wds
 from ..choices import SampleLayout, VerifyMode, parse_choice
 from .base import ShardStream, StoreError, TargetStore, TargetWriter
 from .card import wds_recipe
-from .files import atomic_write, file_record, is_local, join
+from .files import atomic_write, crc32c_extend, file_record, is_local, join
 from .lru import Lru
 from .manifest import FileRecord, Manifest, ShardRecord
 from .mapped import MappedFiles
@@ -103,11 +103,12 @@ def _input_bytes(ext: str, value: Any) -> bytes:
 
 
 class _Hashed:
-    """A binary file that hashes and counts what is written to it, in pieces of at least ``piece`` bytes
-    (tarfile writes 10 KiB at a time: one write and one hash update each would cost more than the bytes)."""
+    """A binary file that hashes (sha256 and crc32c) and counts what is written to it, in pieces of at least
+    ``piece`` bytes (tarfile writes 10 KiB at a time: one write and one hash update each would cost more than
+    the bytes)."""
 
     def __init__(self, file: Any, piece: int = 1 << 20) -> None:
-        self.file, self.sha256, self.bytes, self.piece = file, hashlib.sha256(), 0, piece
+        self.file, self.sha256, self.crc32c, self.bytes, self.piece = file, hashlib.sha256(), 0, 0, piece
         self.pending = bytearray()
 
     def write(self, data: Any) -> int:
@@ -119,6 +120,7 @@ class _Hashed:
     def flush(self) -> None:
         self.file.write(self.pending)
         self.sha256.update(self.pending)
+        self.crc32c = crc32c_extend(self.crc32c, self.pending)
         self.bytes += len(self.pending)
         self.pending = bytearray()
 
@@ -164,12 +166,12 @@ class _TarStream(ShardStream):
         self.written += self.held_rows
         self.held, self.held_rows = [], 0
 
-    def _finish(self) -> list[tuple[int, str, str | None]]:
+    def _finish(self) -> list[tuple[int, str, str | None, str | None]]:
         if self.held_rows:
             self._flush()
         self.sink.close()
         self.hashed.flush()
-        return [(self.hashed.bytes, self.hashed.sha256.hexdigest(), None)]
+        return [(self.hashed.bytes, self.hashed.sha256.hexdigest(), None, f"{self.hashed.crc32c:08x}")]
 
     def discard(self) -> None:
         self.hashed.pending = bytearray()  # the tar's closing blocks stay in memory: the file is dropped
@@ -220,7 +222,7 @@ class WdsWriter(TargetWriter):
         data = buf.getvalue()
         rel = shard_name(shard_id)
         atomic_write(self.fs, join(self.root, rel), data, fsync=False)  # flushed by sync()
-        return [file_record(self.fs, self.root, rel, data)]
+        return [file_record(self.fs, self.root, rel, data, crc=True)]
 
     def _samples(
         self, start: int, keys: np.ndarray, logits: np.ndarray, labels: np.ndarray, inputs: list[dict] | None

@@ -150,8 +150,8 @@ class _ShardStream(ShardStream):
             self.files[0].flush()
             self.to_disk(os.dup(self.files[0].fileno()))
 
-    def _finish(self) -> list[tuple[int, str, str | None]]:
-        return [writer.finish() for writer in self.writers]
+    def _finish(self) -> list[tuple[int, str, str | None, str | None]]:
+        return [(*writer.finish(), None) for writer in self.writers]
 
 
 class ZarrWriter(TargetWriter):

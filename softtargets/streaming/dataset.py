@@ -14,10 +14,12 @@ views of the store's memory-mapped files, and arranged in batch order a *slab* a
 shuffle still mixes a whole window: :attr:`TargetStream.memory_bound_bytes` states the bound. With
 ``read_ahead`` (the default) each worker (or the main process) arranges the next slab in a thread
 while its current one is handed out (the main process also arranges the next epoch's first slab
-during an epoch's last). In the main process the batches themselves (slices of the slab, keys,
-joined inputs) are made on a helper thread too, two ahead of the training loop: ``next()`` takes a
-finished batch off a queue. From a remote store, the next window's bytes are fetched while a window is
-read and handed out, on a thread of their own (one round of concurrent requests per window).
+during an epoch's last). In the main process, batches that carry inputs (a joined dataset, packed
+inputs, arrays) are made on a helper thread too, two ahead of the training loop: ``next()`` takes a
+finished batch off a queue. A batch of targets alone (slices of the slab and its keys, ~20 us) is made
+as it is asked for: a hand-off between threads would cost as much. From a remote store, the next
+window's bytes are fetched while a window is read and handed out, on a thread of their own (one round
+of concurrent requests per window).
 
 Progress and resumption: see :meth:`TargetStream.state_dict`.
 """
@@ -293,7 +295,7 @@ class TargetStream(IterableDataset):
         info = get_worker_info()
         main = info is None  # the main process keeps window buffers, and the next epoch's first window
         batches = self._produce(info, bundle and not main and not self.has_extras)
-        if main and self.read_ahead:
+        if main and self.read_ahead and self.has_extras:
             batches = prefetched(batches, depth=2, name="softtargets-batches")
         for batch in batches:
             if mark and main:
@@ -394,7 +396,7 @@ class TargetStream(IterableDataset):
         if not len(share):
             return []
         windows = plan.window_of(share)
-        starts = {int(k): plan.window_range(int(k))[0] for k in np.unique(windows)}
+        starts = {k: plan.window_range(k)[0] for k in dict.fromkeys(windows.tolist())}
         offsets = share * plan.cfg.batch_size - np.array([starts[int(k)] for k in windows], dtype=np.int64)
         slabs = windows * (plan.cfg.window_rows // self.slab_rows + 2) + offsets // self.slab_rows
         return np.split(share, np.flatnonzero(np.diff(slabs)) + 1)
