@@ -6,11 +6,17 @@ slice of it. In a DataLoader worker that tensor is allocated in shared memory, s
 batch to the main process moves a handle, not the bytes (the main process maps each window
 once). numpy does the copying, on rows viewed as 8-byte words: fancy indexing of float16 items,
 and ``torch.index_select``, are slower (``benchmarks/stream.py`` measures the stream against a memory copy).
+numpy releases the GIL while it copies, so the pieces of a slab are copied on up to
+:func:`copy_threads` threads at once: one core does not reach the memory's bandwidth.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,17 +77,21 @@ class Window:
         out = _shared(shape, dtype) if buffers is None else buffers.tensor(shape, dtype)
         dst = _words((out.view(torch.int16) if dtype == torch.bfloat16 else out).numpy())
         order: Any
+        copies: list[tuple[int, Callable[[], None]]] = []  # (rows, copy) per piece; they write disjoint rows
         if perm is None:
             for q, part in enumerate(self.logits):
                 a, b = max(int(self.starts[q]), lo), min(int(self.starts[q + 1]), hi)
                 if a < b:
-                    dst[a - lo:b - lo] = _words(part)[a - int(self.starts[q]):b - int(self.starts[q])]
+                    s = int(self.starts[q])
+                    copies.append((b - a, functools.partial(_put, dst, slice(a - lo, b - lo), part,
+                                                            slice(a - s, b - s))))
             order = slice(lo, hi)
         elif lo == 0 and hi == n:
             where = np.empty(n, dtype=np.int64)
             where[perm] = np.arange(n, dtype=np.int64)  # position of each window row in batch order
             for q, part in enumerate(self.logits):
-                dst[where[self.starts[q]:self.starts[q + 1]]] = _words(part)
+                at = where[self.starts[q]:self.starts[q + 1]]
+                copies.append((len(at), functools.partial(_put, dst, at, part, slice(None))))
             order = perm
         else:
             order = perm[lo:hi]
@@ -91,7 +101,8 @@ class Window:
             for q, part in enumerate(self.logits):
                 if bounds[q] < bounds[q + 1]:
                     at = by_piece[bounds[q]:bounds[q + 1]]
-                    dst[at] = _words(part)[order[at] - self.starts[q]]
+                    copies.append((len(at), functools.partial(_put, dst, at, part, order[at] - self.starts[q])))
+        run_copies(copies, dst.shape[1] * dst.itemsize)
         members = None if self.members is None else (
             self.members[lo:hi] if perm is None else [self.members[i] for i in perm[lo:hi].tolist()]
         )
@@ -120,6 +131,56 @@ class Arranged:
         if self.members is not None:
             out["members"] = self.members[a:b]
         return out
+
+
+def _put(dst: np.ndarray, at: Any, part: np.ndarray, rows: Any) -> None:
+    """``dst[at] = part[rows]`` on rows viewed as words (:func:`_words`)."""
+    dst[at] = _words(part)[rows]
+
+
+MAX_COPY_THREADS = 4  # copies of one slab at once; memory bandwidth is shared beyond a few cores
+PARALLEL_BYTES = 4 << 20  # a slab smaller than this is copied on the calling thread
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): a forked child makes its own
+_pool_lock = ForkSafeLock()
+
+
+def copy_threads() -> int:
+    """Threads a slab's copies run on: ``torch.get_num_threads()`` (1 in a DataLoader worker; what the
+    user set with ``torch.set_num_threads``), at most :data:`MAX_COPY_THREADS`."""
+    return max(1, min(MAX_COPY_THREADS, torch.get_num_threads()))
+
+
+def run_copies(copies: list[tuple[int, Callable[[], None]]], row_bytes: int) -> None:
+    """Run ``(rows, copy)`` s, which write disjoint rows of ``row_bytes`` each, spread over :func:`copy_threads`
+    threads by rows (the calling thread takes a share); errors are raised here."""
+    global _pool
+    threads = min(copy_threads(), len(copies))
+    if threads <= 1 or sum(r for r, _ in copies) * row_bytes < PARALLEL_BYTES:
+        for _, copy in copies:
+            copy()
+        return
+    shares: list[list[Callable[[], None]]] = [[] for _ in range(threads)]
+    load = [0] * threads
+    for rows, copy in sorted(copies, key=lambda c: -c[0]):
+        i = load.index(min(load))
+        shares[i].append(copy)
+        load[i] += rows
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid():
+            _pool = (os.getpid(), ThreadPoolExecutor(MAX_COPY_THREADS - 1, thread_name_prefix="softtargets-copy"))
+        pool = _pool[1]
+    futures = [pool.submit(_run_all, share) for share in shares[1:]]
+    try:
+        _run_all(shares[0])
+    finally:
+        wait(futures)  # no copy is left writing once this returns or raises
+    for f in futures:
+        f.result()
+
+
+def _run_all(fns: list[Callable[[], None]]) -> None:
+    for fn in fns:
+        fn()
 
 
 def _words(a: np.ndarray) -> np.ndarray:

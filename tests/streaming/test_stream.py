@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import softtargets as st
-from softtargets.streaming import stream
+from softtargets.streaming import stream, window
 from softtargets.streaming.plan import EpochPlan, SplitConfig, Units
 from tests.store_data import LAYOUTS
 
@@ -396,3 +396,43 @@ def test_slabs_hand_out_the_same_batches_as_whole_windows(stores, layout):
             assert torch.equal(x["teacher_logits"].view(torch.int16), y["teacher_logits"].view(torch.int16))
             check_rows(store, y)
     assert slabs.memory_bound_bytes < whole.memory_bound_bytes
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_copies_on_several_threads_give_the_batches_of_one(stores, layout, monkeypatch):
+    """A slab's pieces copied on 3 threads (every slab, however small) give the batches, bit for bit, of one
+    thread: whole windows and slabs, shuffled and not."""
+    store = st.open_targets(stores[layout])
+    threads = torch.get_num_threads()
+
+    def run(n: int, shuffle: bool, slab_rows: int | None) -> list[dict]:
+        torch.set_num_threads(n)
+        try:
+            ds = stream(store, batch_size=10, seed=4, buffer_size=60, shuffle=shuffle)
+            if slab_rows:
+                ds.slab_rows = slab_rows
+            return epoch_batches(ds, 0)
+        finally:
+            torch.set_num_threads(threads)
+
+    monkeypatch.setattr(window, "PARALLEL_BYTES", 0)
+    for shuffle, slab_rows in ((True, None), (True, 20), (False, None)):
+        serial, parallel = run(1, shuffle, slab_rows), run(3, shuffle, slab_rows)
+        assert indices(serial) == indices(parallel) and sorted(indices(parallel)) == list(range(N))
+        for x, y in zip(serial, parallel, strict=True):
+            assert torch.equal(x["teacher_logits"].view(torch.int16), y["teacher_logits"].view(torch.int16))
+            check_rows(store, y)
+
+
+def test_run_copies_raises_what_a_copy_on_another_thread_raised(monkeypatch):
+    monkeypatch.setattr(window, "PARALLEL_BYTES", 0)
+    monkeypatch.setattr(window, "copy_threads", lambda: 3)
+    done: list[int] = []
+
+    def fail() -> None:
+        raise ValueError("copy failed")
+
+    copies = [(5, lambda: done.append(1)), (4, fail), (3, lambda: done.append(3))]
+    with pytest.raises(ValueError, match="copy failed"):
+        window.run_copies(copies, 8)
+    assert sorted(done) == [1, 3]  # the others ran
