@@ -24,7 +24,10 @@ One epoch, batch 256, shuffled, reading each batch's last logit:
   shuffle=True)`` (its memory includes the data set itself);
 * ``page-cache``: ``readinto`` of every file of the zarr store into one reused buffer (the floor a
   reader of those files cannot beat);
-* ``memcpy``: ``np.copyto`` of the whole logits array into another (the limit).
+* ``memcpy``: ``np.copyto`` of the whole logits array into another (the limit);
+* ``workers``: ``DataLoader(num_workers=2)`` over an ``IterableDataset`` that yields the batches'
+  row numbers and no logits: the memory two forked workers hold of their own (their copies of the
+  parent's pages), beside which the ``w=2`` rows' memory reads.
 
 The slow per-sample systems (``mosaic``, ``wds/sample``) read the first ``--slow-rows`` rows
 only (rows/s stays comparable; the table says how many rows each read). Memory: peak RSS and peak
@@ -55,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "peers.json"
@@ -213,6 +217,20 @@ def _stub_torchvision() -> None:
 # -- one measurement (a child process) ---------------------------------------------------------
 
 
+class _RowNumbers(torch.utils.data.IterableDataset):
+    """Batches of row numbers only, split over DataLoader workers: what workers cost with no data."""
+
+    def __init__(self, n: int, workers: int):
+        super().__init__()
+        self.n, self.workers = n, workers
+
+    def __iter__(self) -> Any:
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
+        for a in range(wid * BATCH, self.n, nw * BATCH):
+            yield torch.arange(a, min(a + BATCH, self.n))
+
+
 def child(case: dict[str, Any]) -> dict[str, Any]:
     """One epoch of one system; runs in its own process."""
     import torch
@@ -266,6 +284,9 @@ def child(case: dict[str, Any]) -> dict[str, Any]:
             g = torch.Generator().manual_seed(case["repeat"])
             it = DataLoader(ds, batch_size=BATCH, shuffle=True, num_workers=case["workers"], generator=g)
             get = lambda b: (b[0], b[1])  # noqa: E731
+        elif system == "workers":
+            it = DataLoader(_RowNumbers(n, case["workers"]), batch_size=None, num_workers=case["workers"])
+            get = lambda b: (b, b)  # noqa: E731
         elif system == "page-cache":
             files = sorted(p for p in (root / "store.zarr").rglob("*") if p.is_file())
             buf = bytearray(max(p.stat().st_size for p in files))
@@ -331,7 +352,8 @@ def cases_for(config: str, skipped: dict[str, str]) -> list[dict[str, Any]]:
         if system not in skipped:
             out.append({"system": system, "workers": 0, "label": system})
     out += [{"system": "page-cache", "workers": 0, "label": "page-cache copy (floor)"},
-            {"system": "memcpy", "workers": 0, "label": "memcpy (limit)"}]
+            {"system": "memcpy", "workers": 0, "label": "memcpy (limit)"},
+            {"system": "workers", "workers": 2, "label": "empty IterableDataset w=2 (memory reference)"}]
     return [{**c, "config": config} for c in out]
 
 
