@@ -41,6 +41,15 @@ def _flip(path: Path, at: int) -> None:
     path.write_bytes(bytes(data))
 
 
+def _refused_by_full_and_verify(root: Path, rel: str, why: str) -> None:
+    """``verify="full"`` refuses the store naming ``rel`` and ``why``; ``softtargets verify`` finds that one problem."""
+    with pytest.raises(st.ChecksumError, match=f"{rel}: {why}"):
+        st.open_targets(root, verify="full")
+    report = st.verify_store(root)
+    assert [p.path for p in report.problems] == [f"{root}/{rel}"]
+    assert why in report.problems[0].message
+
+
 @pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
 def test_each_tar_records_the_crc32c_of_its_bytes(tmp_path, streamed):
     root = _store(tmp_path, streamed)
@@ -58,11 +67,7 @@ def test_lazy_checks_the_crc32c_not_the_sha256(tmp_path):
     _edit(root, 1, sha256="0" * 64)  # a wrong sha256, the right crc32c
     store = st.open_targets(root, verify="lazy")
     assert store[40]["key"] == "sample-00040"  # lazy: crc32c only
-    with pytest.raises(st.ChecksumError, match="shard-000001.tar: sha256 does not match"):
-        st.open_targets(root, verify="full")
-    report = st.verify_store(root)
-    assert [p.path for p in report.problems] == [f"{root}/shard-000001.tar"]
-    assert "sha256 does not match" in report.problems[0].message
+    _refused_by_full_and_verify(root, "shard-000001.tar", "sha256 does not match")
 
 
 def test_a_wrong_crc32c_is_refused_by_every_check(tmp_path):
@@ -73,11 +78,7 @@ def test_a_wrong_crc32c_is_refused_by_every_check(tmp_path):
     with pytest.raises(st.ChecksumError, match="shard-000002.tar: crc32c does not match") as e:
         store[70]
     assert e.value.expected == "00000000"
-    with pytest.raises(st.ChecksumError, match="crc32c does not match"):
-        st.open_targets(root, verify="full")
-    report = st.verify_store(root)
-    assert [p.path for p in report.problems] == [f"{root}/shard-000002.tar"]
-    assert "crc32c does not match" in report.problems[0].message
+    _refused_by_full_and_verify(root, "shard-000002.tar", "crc32c does not match")
 
 
 def test_a_flipped_byte_is_caught_by_the_crc32c(tmp_path):
