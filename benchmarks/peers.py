@@ -144,8 +144,6 @@ def make_logits(k: int, c: int, n: int) -> np.ndarray:
 def write_all(root: Path, k: int, c: int, n: int, slow_rows: int) -> dict[str, Any]:
     """Every system's copy of the same rows under ``root``; returns what the children need and what could not be
     written (system -> why)."""
-    import torch
-
     import softtargets as st
 
     logits = make_logits(k, c, n)
@@ -220,9 +218,9 @@ def _stub_torchvision() -> None:
 class _RowNumbers(torch.utils.data.IterableDataset):
     """Batches of row numbers only, split over DataLoader workers: what workers cost with no data."""
 
-    def __init__(self, n: int, workers: int):
+    def __init__(self, n: int):
         super().__init__()
-        self.n, self.workers = n, workers
+        self.n = n
 
     def __iter__(self) -> Any:
         info = torch.utils.data.get_worker_info()
@@ -233,7 +231,6 @@ class _RowNumbers(torch.utils.data.IterableDataset):
 
 def child(case: dict[str, Any]) -> dict[str, Any]:
     """One epoch of one system; runs in its own process."""
-    import torch
     from torch.utils.data import DataLoader
 
     system, root, n = case["system"], Path(case["root"]), case["rows"]
@@ -285,7 +282,7 @@ def child(case: dict[str, Any]) -> dict[str, Any]:
             it = DataLoader(ds, batch_size=BATCH, shuffle=True, num_workers=case["workers"], generator=g)
             get = lambda b: (b[0], b[1])  # noqa: E731
         elif system == "workers":
-            it = DataLoader(_RowNumbers(n, case["workers"]), batch_size=None, num_workers=case["workers"])
+            it = DataLoader(_RowNumbers(n), batch_size=None, num_workers=case["workers"])
             get = lambda b: (b, b)  # noqa: E731
         elif system == "page-cache":
             files = sorted(p for p in (root / "store.zarr").rglob("*") if p.is_file())

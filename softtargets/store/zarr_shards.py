@@ -23,7 +23,6 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-import google_crc32c
 import numcodecs
 import numpy as np
 import zarr
@@ -38,6 +37,8 @@ from zarr.codecs import (
 )
 from zarr.core.chunk_grids import RegularChunkGrid
 from zarr.core.metadata import ArrayV3Metadata
+
+from .files import crc32c_extend
 
 EMPTY_CHUNK = 2**64 - 1
 _CRC32C = numcodecs.CRC32C(location="end")
@@ -248,7 +249,7 @@ class ShardFormat:
 
 def crc32c(data: Any) -> bytes:
     """The crc32c of bytes-like ``data`` as zarr's ``crc32c`` codec stores it (4 bytes, little-endian)."""
-    return int(google_crc32c.value(np.frombuffer(data, np.uint8))).to_bytes(4, "little")  # takes arrays, not views
+    return crc32c_extend(0, data).to_bytes(4, "little")
 
 
 def chunks_digest(trailers: Any, index: Any) -> str:
@@ -360,7 +361,7 @@ class ShardFileWriter:
         self._write(data)
         self._chunk_bytes += data.nbytes
         if self.fmt.crc:
-            self._crc = google_crc32c.extend(self._crc, np.frombuffer(data, np.uint8))
+            self._crc = crc32c_extend(self._crc, data)
 
     def _write(self, data: Any) -> None:
         self.file.write(data)

@@ -80,9 +80,9 @@ class Window:
         copies: list[tuple[int, Callable[[], None]]] = []  # (rows, copy) per piece; they write disjoint rows
         if perm is None:
             for q, part in enumerate(self.logits):
-                a, b = max(int(self.starts[q]), lo), min(int(self.starts[q + 1]), hi)
+                s = int(self.starts[q])
+                a, b = max(s, lo), min(int(self.starts[q + 1]), hi)
                 if a < b:
-                    s = int(self.starts[q])
                     copies.append((b - a, functools.partial(_put, dst, slice(a - lo, b - lo), part,
                                                             slice(a - s, b - s))))
             order = slice(lo, hi)
